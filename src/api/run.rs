@@ -1,0 +1,272 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::conditions::conditions_schema;
+use super::workflow::WorkflowSpec;
+
+/// A WorkflowRun: one execution of a Workflow with its parameters.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "volt.dev",
+    version = "v1alpha1",
+    kind = "WorkflowRun",
+    namespaced,
+    doc = "A WorkflowRun: one execution of a Workflow.",
+    status = "WorkflowRunStatus",
+    shortname = "wfr",
+    category = "volt",
+    printcolumn = r#"{"name":"Workflow","type":"string","jsonPath":".status.workflowName"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Started","type":"date","jsonPath":".status.startedAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.message"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [
+    {"required": ["workflowRef"]},
+    {"required": ["workflow"]}
+]))]
+pub struct WorkflowRunSpec {
+    /// The Workflow to run, in the run's namespace. Exactly one of `workflowRef` and `workflow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_ref: Option<WorkflowRef>,
+
+    /// An inline Workflow spec. Exactly one of `workflowRef` and `workflow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<WorkflowSpec>,
+
+    /// Parameter values (any JSON values), read by templates as `params.<name>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "super::any_json_map")]
+    pub params: BTreeMap<String, serde_json::Value>,
+
+    /// Queued runs with a higher priority start first.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+
+    /// Timeout of the whole run, in seconds (defaults to the operator's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2592000))]
+    pub timeout_seconds: Option<u32>,
+
+    /// True pauses the scheduling of new steps; running steps finish. False resumes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+
+    /// True cancels the run: running pods are deleted, in-process calls aborted, `finally`
+    /// steps still run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
+
+    /// Seconds after the run finishes when it is deleted, with its pods and ConfigMaps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<u32>,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// A reference to a Workflow in the same namespace.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct WorkflowRef {
+    /// Name of the Workflow.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Phase of a run.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum RunPhase {
+    /// Accepted, not yet started.
+    #[default]
+    Pending,
+    /// Waiting for a concurrency slot.
+    Queued,
+    /// Steps are running.
+    Running,
+    /// Paused by `spec.suspend`.
+    Suspended,
+    /// Every step succeeded (or failed with `continueOnError`).
+    Succeeded,
+    /// A step failed, the run timed out, or the spec is invalid.
+    Failed,
+    /// Cancelled by `spec.cancel`.
+    Cancelled,
+}
+
+impl RunPhase {
+    pub fn is_finished(self) -> bool {
+        matches!(self, RunPhase::Succeeded | RunPhase::Failed | RunPhase::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunPhase::Pending => "Pending",
+            RunPhase::Queued => "Queued",
+            RunPhase::Running => "Running",
+            RunPhase::Suspended => "Suspended",
+            RunPhase::Succeeded => "Succeeded",
+            RunPhase::Failed => "Failed",
+            RunPhase::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// Phase of a step (or of one `forEach` child).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum StepPhase {
+    /// Not started.
+    #[default]
+    Pending,
+    /// Running (a pod exists, or an in-process task is under way).
+    Running,
+    /// Failed an attempt; waiting for its backoff before the next.
+    Retrying,
+    /// Finished with an output.
+    Succeeded,
+    /// Failed for good.
+    Failed,
+    /// Not run: its `when` was false, or a dependency failed or was skipped.
+    Skipped,
+    /// Stopped by cancellation or a run timeout.
+    Cancelled,
+}
+
+impl StepPhase {
+    pub fn is_finished(self) -> bool {
+        matches!(self, StepPhase::Succeeded | StepPhase::Failed | StepPhase::Skipped | StepPhase::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepPhase::Pending => "Pending",
+            StepPhase::Running => "Running",
+            StepPhase::Retrying => "Retrying",
+            StepPhase::Succeeded => "Succeeded",
+            StepPhase::Failed => "Failed",
+            StepPhase::Skipped => "Skipped",
+            StepPhase::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// Observed state of a run.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowRunStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Phase of the run.
+    #[serde(default)]
+    pub phase: RunPhase,
+    /// kstatus conditions: Ready (Succeeded), Reconciling (in progress), Stalled (Failed).
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// Finished steps over all steps, as `finished/total`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub progress: String,
+    /// When the first step started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the run finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// A human-readable summary: why the run failed, what it waits for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Name of the Workflow (empty for an inline spec).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workflow_name: String,
+    /// Hash of the Workflow spec the run started with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workflow_spec_hash: String,
+    /// The Workflow spec the run started with; later edits of the Workflow do not change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<WorkflowSpec>,
+    /// Parameters after defaults were applied.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "super::any_json_map")]
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// One row per step, and per `forEach` child (`step[index]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub steps: BTreeMap<String, StepStatus>,
+}
+
+/// Observed state of a step.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepStatus {
+    /// Phase of the step.
+    pub phase: StepPhase,
+    /// Attempts started so far.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub attempts: u32,
+    /// When the first attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the step finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// When the next attempt may start (phase Retrying).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Time>,
+    /// Agent that served the call (agent steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Replica that served the call (agent steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// Pod of the current attempt (container steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// True when the result came from the cache and the step did not run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
+    /// Token usage (agent steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenUsage>,
+    /// Number of `forEach` children (fan-out steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<u32>,
+    /// The output, when it fits inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Where the output is stored when it is too large to keep inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_ref: Option<OutputRef>,
+    /// Why the step failed, was skipped or is waiting.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+/// Token usage of an LLM call.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct TokenUsage {
+    /// Prompt tokens.
+    pub prompt: u64,
+    /// Completion tokens.
+    pub completion: u64,
+}
+
+/// A ConfigMap key holding a step's output.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputRef {
+    /// ConfigMap name, owned by the run.
+    pub config_map: String,
+    /// Key in the ConfigMap.
+    pub key: String,
+    /// Size of the output in bytes.
+    pub size: u64,
+}

@@ -1,0 +1,410 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::agent::{CapabilitySelector, Strategy};
+use super::conditions::conditions_schema;
+
+/// Pattern every step id must match: a DNS label, so it can name pods and label values.
+pub const STEP_ID_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// Longest step id accepted.
+pub const STEP_ID_MAX_LEN: usize = 48;
+
+/// A Workflow: a reusable template of parameters and a DAG of steps. Start it with a
+/// WorkflowRun.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "volt.dev",
+    version = "v1alpha1",
+    kind = "Workflow",
+    namespaced,
+    doc = "A Workflow: parameters and a DAG of steps, started by WorkflowRuns.",
+    status = "WorkflowStatus",
+    shortname = "vwf",
+    category = "volt",
+    printcolumn = r#"{"name":"Steps","type":"integer","jsonPath":".status.stepCount"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowSpec {
+    /// What the workflow does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+
+    /// Parameters a run passes in; templates read them as `params.<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<ParamSpec>,
+
+    /// Defaults applied to every step that does not set its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<StepDefaults>,
+
+    /// How many runs of this workflow may be active at once, and what happens to more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+
+    /// The steps, a DAG through `dependsOn`.
+    #[schemars(length(min = 1, max = 10000))]
+    pub steps: Vec<Step>,
+
+    /// Steps that always run after the DAG ends, whatever happened. They may depend on each
+    /// other, and may read the outputs of any DAG step and `run.phase`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub finally: Vec<Step>,
+}
+
+/// A parameter of a Workflow.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ParamSpec {
+    /// Name, used as `params.<name>` in templates.
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"), length(max = 128))]
+    pub name: String,
+    /// Whether a run must give this parameter.
+    #[serde(default)]
+    pub required: bool,
+    /// Value used when a run does not give one (any JSON value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "super::any_json")]
+    pub default: Option<serde_json::Value>,
+    /// What the parameter is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Step defaults.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepDefaults {
+    /// Default timeout of one step attempt, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub timeout_seconds: Option<u32>,
+    /// Default retry policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// Concurrency control of a Workflow's runs.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Concurrency {
+    /// Most runs of this workflow active at once.
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_runs: u32,
+    /// What happens to a run over the limit.
+    #[serde(default)]
+    pub policy: ConcurrencyPolicy,
+}
+
+/// What happens to a run over a workflow's `maxRuns`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum ConcurrencyPolicy {
+    /// Wait (phase Queued) until a slot frees; higher `priority` first, then oldest.
+    #[default]
+    Queue,
+    /// Fail the run at once.
+    Forbid,
+    /// Ignore the limit.
+    Allow,
+}
+
+/// Retry policy of a step.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    #[schemars(range(min = 0, max = 100))]
+    pub limit: u32,
+    /// Exponential backoff between attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+}
+
+/// Exponential backoff: initialSeconds x factor^(attempt-1), capped at maxSeconds.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Backoff {
+    /// Delay before the first retry, in seconds.
+    #[serde(default = "default_initial_backoff")]
+    #[schemars(range(min = 0.0, max = 86400.0))]
+    pub initial_seconds: f64,
+    /// Multiplier applied to the delay after each retry.
+    #[serde(default = "default_backoff_factor")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub factor: f64,
+    /// Longest delay, in seconds.
+    #[serde(default = "default_max_backoff")]
+    #[schemars(range(min = 0.0, max = 86400.0))]
+    pub max_seconds: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { initial_seconds: default_initial_backoff(), factor: default_backoff_factor(), max_seconds: default_max_backoff() }
+    }
+}
+
+fn default_initial_backoff() -> f64 {
+    1.0
+}
+fn default_backoff_factor() -> f64 {
+    2.0
+}
+fn default_max_backoff() -> f64 {
+    60.0
+}
+
+/// A step of a Workflow. Exactly one of `agent`, `container`, `http` and `template`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    /// Unique id: a DNS label (lower-case letters, digits and '-'), at most 48 characters.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 48))]
+    pub id: String,
+
+    /// Steps that must finish before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+
+    /// Condition (a template expression such as `steps.test.phase == 'Succeeded'`); the step is
+    /// Skipped when it is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+
+    /// Fan-out: a template rendering to a JSON list; one child runs per item, with `item` set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+
+    /// Most children of a `forEach` running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_parallel: Option<u32>,
+
+    /// Retry policy (defaults to the workflow's `defaults.retry`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+
+    /// Timeout of one attempt, in seconds (defaults to `defaults.timeoutSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub timeout_seconds: Option<u32>,
+
+    /// When true, a failure of this step does not fail the run; dependents still run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continue_on_error: bool,
+
+    /// Memoization of this step's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+
+    /// An LLM call to an Agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStep>,
+
+    /// A container run as a pod owned by the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerStep>,
+
+    /// An HTTP request made by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpStep>,
+
+    /// A template rendered by the operator; the output is the rendered text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+}
+
+/// The kind of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StepKind {
+    Agent,
+    Container,
+    Http,
+    Template,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Agent => "agent",
+            StepKind::Container => "container",
+            StepKind::Http => "http",
+            StepKind::Template => "template",
+        }
+    }
+}
+
+impl Step {
+    /// The kinds this step sets (a valid step sets exactly one).
+    pub fn kinds(&self) -> Vec<StepKind> {
+        let mut kinds = Vec::new();
+        if self.agent.is_some() {
+            kinds.push(StepKind::Agent);
+        }
+        if self.container.is_some() {
+            kinds.push(StepKind::Container);
+        }
+        if self.http.is_some() {
+            kinds.push(StepKind::Http);
+        }
+        if self.template.is_some() {
+            kinds.push(StepKind::Template);
+        }
+        kinds
+    }
+
+    /// The single kind of a valid step.
+    pub fn kind(&self) -> Option<StepKind> {
+        match self.kinds().as_slice() {
+            [k] => Some(*k),
+            _ => None,
+        }
+    }
+}
+
+/// Step memoization.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// Whether results are memoized.
+    #[serde(default)]
+    pub enabled: bool,
+    /// How long a result stays valid, in seconds (defaults to the operator's cache TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31536000))]
+    pub ttl_seconds: Option<u32>,
+}
+
+/// An LLM call.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStep {
+    /// Name of the Agent, in the run's namespace.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub ref_: Option<String>,
+    /// Selects agents by capability, across all that match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<CapabilitySelector>,
+    /// Load-balancing strategy for this step (defaults to the operator's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// The user message, a template.
+    pub prompt: String,
+}
+
+/// A container run as a pod.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStep {
+    /// Container image.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Entrypoint (templates allowed in each element).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Arguments (templates allowed in each element).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables (templates allowed in `value`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "env_schema")]
+    pub env: Vec<EnvVar>,
+    /// Compute resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "super::opaque_object")]
+    pub resources: Option<ResourceRequirements>,
+    /// Working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Service account of the pod (defaults to the namespace's `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+}
+
+fn env_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "description": "Variable name."},
+                "value": {"type": "string", "description": "Value (a template)."},
+                "valueFrom": {"type": "object", "x-kubernetes-preserve-unknown-fields": true,
+                               "description": "Source of the value (secretKeyRef, configMapKeyRef, fieldRef...)."}
+            }
+        }
+    })
+}
+
+/// An HTTP request.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpStep {
+    /// URL (a template).
+    #[schemars(length(min = 1))]
+    pub url: String,
+    /// Method.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// Request headers (values are templates).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Request body (a template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Status codes that count as success (default: any 2xx).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub success_codes: Vec<u16>,
+}
+
+/// HTTP method.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    #[default]
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Head,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Get => "GET",
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Patch => "PATCH",
+            HttpMethod::Delete => "DELETE",
+            HttpMethod::Head => "HEAD",
+        }
+    }
+}
+
+/// Observed state of a Workflow.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready=True when the spec is valid; Ready=False with reason InvalidSpec and a message
+    /// naming the step otherwise.
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// Number of steps, `finally` included.
+    #[serde(default)]
+    pub step_count: u32,
+}

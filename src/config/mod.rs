@@ -1,0 +1,193 @@
+//! Command line and environment configuration. Every flag also reads an environment variable
+//! (`VOLT_*`), and the Helm chart sets them from its values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::Strategy;
+
+/// volt-operator: orchestrates AI-agent workflows on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "volt-operator", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controllers against the cluster from KUBECONFIG or the in-cluster service account.
+    Run(Box<RunArgs>),
+    /// Print every CustomResourceDefinition as YAML (or write one file per CRD with --out-dir).
+    Crd(CrdArgs),
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log level or tracing filter (for example `info` or `volt_operator=debug,kube=info`).
+    #[arg(long, env = "VOLT_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "VOLT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `crd` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct CrdArgs {
+    /// Write one `<plural>.yaml` per CRD into this directory instead of printing.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+}
+
+/// `run` arguments: everything the controllers need.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address of the HTTP server (/healthz, /readyz, /metrics, /api/v1/...).
+    #[arg(long, env = "VOLT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Elect a leader with a coordination.k8s.io Lease; only the leader reconciles.
+    #[arg(long, env = "VOLT_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: bool,
+
+    /// Namespace of the leader-election Lease (defaults to the pod's namespace, else `default`).
+    #[arg(long, env = "VOLT_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// Namespaces to watch, comma-separated; empty watches all namespaces.
+    #[arg(long, env = "VOLT_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+
+    /// Interval of agent and component health checks, in seconds.
+    #[arg(long, env = "VOLT_HEALTH_CHECK_INTERVAL", default_value = "10", value_parser = parse_secs)]
+    pub health_check_interval: Duration,
+
+    /// Interval at which live load and gauges are refreshed, in seconds.
+    #[arg(long, env = "VOLT_METRICS_INTERVAL", default_value = "5", value_parser = parse_secs)]
+    pub metrics_interval: Duration,
+
+    /// Timeout of a run that sets none, in seconds.
+    #[arg(long, env = "VOLT_DEFAULT_WORKFLOW_TIMEOUT", default_value = "3600", value_parser = parse_secs)]
+    pub default_workflow_timeout: Duration,
+
+    /// Most runs active at once across the operator (0: no limit); more wait as Queued.
+    #[arg(long, env = "VOLT_MAX_CONCURRENT_RUNS", default_value_t = 100)]
+    pub max_concurrent_runs: u32,
+
+    /// Most in-process step tasks (agent, http, template) running at once.
+    #[arg(long, env = "VOLT_MAX_INPROCESS_TASKS", default_value_t = 256)]
+    pub max_inprocess_tasks: usize,
+
+    /// Default load-balancing strategy: round_robin, least_connections, weighted, performance_based.
+    #[arg(long, env = "VOLT_LB_STRATEGY", default_value = "round_robin")]
+    pub lb_strategy: Strategy,
+
+    /// Default retries of a step that sets no retry policy.
+    #[arg(long, env = "VOLT_RETRY_LIMIT", default_value_t = 0)]
+    pub retry_limit: u32,
+
+    /// Default initial retry backoff, in seconds.
+    #[arg(long, env = "VOLT_RETRY_BACKOFF", default_value = "1", value_parser = parse_secs)]
+    pub retry_backoff: Duration,
+
+    /// Step outputs larger than this many bytes go to a ConfigMap instead of the run's status.
+    #[arg(long, env = "VOLT_INLINE_OUTPUT_LIMIT", default_value_t = 4096)]
+    pub inline_output_limit: usize,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+
+    /// Export metrics and telemetry (the /metrics endpoint stays, but no collection happens when off).
+    #[arg(long, env = "VOLT_TELEMETRY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub telemetry: bool,
+}
+
+/// Step-result cache settings.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Eviction strategy of the step cache.
+    #[arg(long = "cache-strategy", env = "VOLT_CACHE_STRATEGY", value_enum, default_value_t = CacheStrategy::Lru)]
+    pub strategy: CacheStrategy,
+    /// Default time to live of a cached result, in seconds.
+    #[arg(long = "cache-ttl", env = "VOLT_CACHE_TTL", default_value = "3600", value_parser = parse_secs)]
+    pub ttl: Duration,
+    /// Most cached results kept.
+    #[arg(long = "cache-max-entries", env = "VOLT_CACHE_MAX_ENTRIES", default_value_t = 10_000)]
+    pub max_entries: usize,
+    /// Most bytes of cached results kept.
+    #[arg(long = "cache-max-bytes", env = "VOLT_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheStrategy {
+    Lru,
+    Lfu,
+    Fifo,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("{s:?} must be a non-negative number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl RunArgs {
+    /// Defaults suitable for tests and embedding: everything as with no flags.
+    pub fn defaults() -> Self {
+        match Cli::try_parse_from(["volt-operator", "run"]) {
+            Ok(Cli { command: Command::Run(args), .. }) => *args,
+            _ => unreachable!("`run` with no flags always parses"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_and_defaults_parse() {
+        let cli = Cli::try_parse_from([
+            "volt-operator",
+            "run",
+            "--namespaces",
+            "a,b",
+            "--lb-strategy",
+            "least_connections",
+            "--leader-elect",
+            "--cache-ttl",
+            "30",
+        ])
+        .expect("parses");
+        let Command::Run(args) = cli.command else { panic!("run expected") };
+        assert_eq!(args.namespaces, vec!["a", "b"]);
+        assert_eq!(args.lb_strategy, Strategy::LeastConnections);
+        assert!(args.leader_elect);
+        assert_eq!(args.cache.ttl, Duration::from_secs(30));
+        assert_eq!(RunArgs::defaults().http_addr.port(), 8080);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = Cli::try_parse_from(["volt-operator", "run", "--lb-strategy", "fastest"]).unwrap_err();
+        assert!(err.to_string().contains("--lb-strategy"), "{err}");
+        let err = Cli::try_parse_from(["volt-operator", "run", "--cache-ttl=-3"]).unwrap_err();
+        assert!(err.to_string().contains("--cache-ttl"), "{err}");
+    }
+}

@@ -1,0 +1,154 @@
+//! The controllers: thin reconcilers that read, decide (with [`crate::engine`]), apply and write
+//! status. [`run`] starts all three and the HTTP server's readiness follows them.
+
+pub mod agent;
+pub mod events;
+pub mod run;
+pub mod workflow;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kube::runtime::controller::{self, Action};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource};
+use tracing::{info, warn};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RunArgs;
+use crate::executors::AgentCaller;
+use crate::metrics::Metrics;
+
+/// Errors of a reconciliation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serialization: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Json(_) => "json",
+            Error::Other(_) => "other",
+        }
+    }
+}
+
+/// Health the HTTP server reports.
+#[derive(Default)]
+pub struct Health {
+    /// Every controller's caches have synced.
+    pub synced: AtomicBool,
+    /// This replica holds the lease (or leader election is off).
+    pub leader: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) && self.leader.load(Ordering::Relaxed)
+    }
+}
+
+/// The scopes to watch: every namespace, or each listed one.
+pub fn scopes(args: &RunArgs) -> Vec<Option<String>> {
+    if args.namespaces.is_empty() { vec![None] } else { args.namespaces.iter().cloned().map(Some).collect() }
+}
+
+pub(crate) fn api_for<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Logs a controller's results instead of dropping them.
+pub(crate) async fn drain<K, E, E2>(
+    name: &'static str,
+    stream: impl Stream<Item = Result<(ObjectRef<K>, Action), controller::Error<E, E2>>>,
+) where
+    K: Resource,
+    E: std::error::Error + 'static,
+    E2: std::error::Error + 'static,
+{
+    stream
+        .for_each(|res| async move {
+            match res {
+                Ok(_) => {}
+                Err(controller::Error::ReconcilerFailed(err, obj)) => {
+                    warn!(controller = name, object = %obj, error = %err, "reconcile failed")
+                }
+                Err(controller::Error::ObjectNotFound(obj)) => {
+                    tracing::debug!(controller = name, object = %obj, "object gone before reconcile")
+                }
+                Err(err) => warn!(controller = name, error = ?err, "controller error"),
+            }
+        })
+        .await;
+}
+
+/// Builds a kube client whose requests are counted in `metrics` by verb.
+pub async fn client_with_metrics(config: kube::Config, metrics: &Metrics) -> Result<Client, kube::Error> {
+    let layer = crate::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
+    let client = kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build();
+    Ok(client)
+}
+
+/// Starts the Workflow, Agent and WorkflowRun controllers and runs them until `shutdown` is
+/// cancelled.
+pub async fn run(
+    client: Client,
+    args: RunArgs,
+    metrics: Metrics,
+    health: Arc<Health>,
+    agents: Option<Arc<dyn AgentCaller>>,
+    shutdown: CancellationToken,
+) {
+    let events = events::EventSink::start(client.clone(), metrics.clone());
+    let mut tasks = Vec::new();
+    for scope in scopes(&args) {
+        info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
+        tasks.push(tokio::spawn(workflow::controller(client.clone(), scope.clone(), metrics.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(agent::controller(
+            client.clone(),
+            scope.clone(),
+            metrics.clone(),
+            events.clone(),
+            args.health_check_interval,
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(run::controller(
+            client.clone(),
+            scope.clone(),
+            args.clone(),
+            metrics.clone(),
+            events.clone(),
+            agents.clone(),
+            health.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for t in tasks {
+        if let Err(e) = t.await {
+            warn!(error = %e, "controller task ended abnormally");
+        }
+    }
+}
+
+/// Requeue after an error: a transient API error retries soon, with jitter.
+pub(crate) fn error_requeue() -> Action {
+    use rand::Rng;
+    let ms = rand::rng().random_range(500..2500);
+    Action::requeue(Duration::from_millis(ms))
+}

@@ -1,0 +1,715 @@
+//! The WorkflowRun controller. Each pass reads the run and what happened to its tasks, asks
+//! the engine what to do, carries the actions out (pods, in-process tasks), and writes the
+//! whole status once with server-side apply.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::api::{
+    ConcurrencyPolicy, FIELD_MANAGER, KState, OutputRef, RetryPolicy, RunPhase, StepKind, StepPhase, Workflow,
+    WorkflowRun, WorkflowRunStatus, WorkflowSpec, set_kstatus,
+};
+use crate::config::RunArgs;
+use crate::engine::{self, Action as EngineAction, Dag, Event, RunInfo, Settings, Work};
+use crate::executors::http::HttpExecutor;
+use crate::executors::pod::{PodState, build_pod, pod_state};
+use crate::executors::pool::{RunRef, TaskPool};
+use crate::executors::{AgentCaller, InProcessRunner};
+use crate::metrics::Metrics;
+use crate::naming;
+
+use super::events::EventSink;
+use super::{Error, Health, api_for, drain, error_requeue};
+
+/// How long a created pod may be missing from the watch cache before we look for it.
+const POD_EXPECTATION: Duration = Duration::from_secs(30);
+
+pub struct Ctx {
+    client: Client,
+    metrics: Metrics,
+    events: EventSink,
+    pool: TaskPool,
+    pods: Store<Pod>,
+    workflows: Store<Workflow>,
+    runs: Store<WorkflowRun>,
+    settings: Settings,
+    default_timeout: Duration,
+    max_concurrent_runs: u32,
+    inline_output_limit: usize,
+    /// Runs admitted by this process (uid -> workflow name), until they finish.
+    admitted: Mutex<HashMap<String, String>>,
+    /// Pods created recently (name -> when), so a lagging cache is not taken for a deletion.
+    expectations: Mutex<HashMap<String, Instant>>,
+    /// Validated DAGs by (run uid, spec hash).
+    dags: Mutex<HashMap<String, (String, Arc<Dag>)>>,
+    /// Large outputs stored in ConfigMaps, by (run uid, key).
+    outputs: Mutex<HashMap<(String, String), String>>,
+    wake: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn hash_spec(spec: &WorkflowSpec) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..16])
+}
+
+enum Admission {
+    Admit,
+    Queue(String),
+    Forbid(String),
+}
+
+impl Ctx {
+    fn workflow_key(run: &WorkflowRun) -> String {
+        run.spec.workflow_ref.as_ref().map(|r| format!("{}/{}", run.namespace().unwrap_or_default(), r.name)).unwrap_or_default()
+    }
+
+    /// Concurrency: the Workflow's `maxRuns` and the operator-wide limit; queued runs start by
+    /// priority, then age.
+    fn admit(&self, run: &WorkflowRun, spec: &WorkflowSpec) -> Admission {
+        let uid = run.uid().unwrap_or_default();
+        let wf_key = Self::workflow_key(run);
+        let mut admitted = lock(&self.admitted);
+        if admitted.contains_key(&uid) {
+            return Admission::Admit;
+        }
+        let all = self.runs.state();
+        // Runs holding a slot: admitted here, or active in the cache (admitted before a restart).
+        let mut active: HashMap<String, String> = admitted.clone();
+        for r in &all {
+            let phase = r.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            if matches!(phase, RunPhase::Running | RunPhase::Suspended) {
+                active.insert(r.uid().unwrap_or_default(), Self::workflow_key(r));
+            }
+        }
+        let global_full = self.max_concurrent_runs > 0 && active.len() >= self.max_concurrent_runs as usize;
+        let limit = spec.concurrency.as_ref().filter(|c| c.policy != ConcurrencyPolicy::Allow && !wf_key.is_empty());
+        let wf_full = limit.is_some_and(|c| active.values().filter(|k| **k == wf_key).count() >= c.max_runs as usize);
+        if wf_full && limit.is_some_and(|c| c.policy == ConcurrencyPolicy::Forbid) {
+            return Admission::Forbid(format!(
+                "workflow already has {} active runs (concurrency.maxRuns) and its policy is Forbid",
+                limit.map(|c| c.max_runs).unwrap_or_default()
+            ));
+        }
+        if wf_full {
+            return Admission::Queue(format!("waiting: the workflow's concurrency.maxRuns ({}) is reached", limit.map(|c| c.max_runs).unwrap_or_default()));
+        }
+        if global_full {
+            return Admission::Queue(format!("waiting: the operator's limit of {} concurrent runs is reached", self.max_concurrent_runs));
+        }
+        // Fairness: a waiting run of higher priority (or older at equal priority) goes first.
+        let key = |r: &WorkflowRun| (-r.spec.priority, r.creation_timestamp().map(|t| t.0), r.name_any());
+        let mine = key(run);
+        let better_waiting = all.iter().any(|r| {
+            let phase = r.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            let competes = limit.is_some() && Self::workflow_key(r) == wf_key;
+            let waiting = phase == RunPhase::Queued && r.uid() != run.uid() && !admitted.contains_key(&r.uid().unwrap_or_default());
+            waiting && (competes || self.max_concurrent_runs > 0) && key(r) < mine
+        });
+        let slots_left_wf = limit.map_or(usize::MAX, |c| c.max_runs as usize - active.values().filter(|k| **k == wf_key).count());
+        if better_waiting && slots_left_wf <= 1 {
+            return Admission::Queue("waiting: runs with a higher priority are queued first".into());
+        }
+        admitted.insert(uid, wf_key);
+        Admission::Admit
+    }
+
+    /// Frees a run's slot and wakes the queued runs.
+    fn release(&self, uid: &str) {
+        let was = lock(&self.admitted).remove(uid).is_some();
+        lock(&self.dags).remove(uid);
+        lock(&self.outputs).retain(|(u, _), _| u != uid);
+        self.pool.forget_run(uid);
+        if was {
+            for r in self.runs.state() {
+                if r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Queued) {
+                    let _ = self.wake.send(ObjectRef::from_obj(&*r));
+                }
+            }
+        }
+    }
+
+    fn dag_for(&self, uid: &str, hash: &str, spec: &WorkflowSpec) -> Result<Arc<Dag>, engine::InvalidSpec> {
+        if let Some((h, dag)) = lock(&self.dags).get(uid)
+            && h == hash
+        {
+            return Ok(dag.clone());
+        }
+        let dag = Arc::new(engine::validate(spec)?);
+        lock(&self.dags).insert(uid.to_string(), (hash.to_string(), dag.clone()));
+        Ok(dag)
+    }
+}
+
+fn conditions_for(status: &mut WorkflowRunStatus, generation: Option<i64>, now: Timestamp) {
+    let (state, reason) = match status.phase {
+        RunPhase::Succeeded => (KState::Ready, "Succeeded"),
+        RunPhase::Failed => (KState::Stalled, "Failed"),
+        RunPhase::Cancelled => (KState::Stalled, "Cancelled"),
+        RunPhase::Pending => (KState::Reconciling, "Pending"),
+        RunPhase::Queued => (KState::Reconciling, "Queued"),
+        RunPhase::Running => (KState::Reconciling, "Running"),
+        RunPhase::Suspended => (KState::Reconciling, "Suspended"),
+    };
+    let message = if status.message.is_empty() { format!("run {}", status.phase.as_str().to_lowercase()) } else { status.message.clone() };
+    set_kstatus(&mut status.conditions, state, reason, &message, generation, now);
+    status.observed_generation = generation;
+}
+
+async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer("workflowrun");
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let uid = run.uid().unwrap_or_default();
+    let now = Timestamp::now();
+    if run.metadata.deletion_timestamp.is_some() {
+        ctx.release(&uid);
+        return Ok(Action::await_change());
+    }
+    let before = run.status.clone().unwrap_or_default();
+    let mut status = before.clone();
+    let generation = run.metadata.generation;
+
+    if status.phase.is_finished() {
+        ctx.release(&uid);
+        return finished(&run, &ctx, &status, now).await;
+    }
+
+    // Snapshot the Workflow spec at start.
+    if status.workflow.is_none() {
+        let spec = match (&run.spec.workflow, &run.spec.workflow_ref) {
+            (Some(inline), _) => inline.clone(),
+            (None, Some(r)) => {
+                let cached = ctx.workflows.get(&ObjectRef::new(&r.name).within(&ns));
+                let found = match cached {
+                    Some(wf) => Some(wf.spec.clone()),
+                    None => Api::<Workflow>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await?.map(|w| w.spec),
+                };
+                match found {
+                    Some(spec) => {
+                        status.workflow_name = r.name.clone();
+                        spec
+                    }
+                    None => {
+                        status.phase = RunPhase::Pending;
+                        status.message = format!("spec.workflowRef: Workflow {:?} not found in namespace {ns:?}; waiting for it", r.name);
+                        conditions_for(&mut status, generation, now);
+                        write_status(&run, &ctx, &before, &status).await?;
+                        return Ok(Action::requeue(Duration::from_secs(15)));
+                    }
+                }
+            }
+            (None, None) => {
+                return fail_run(&run, &ctx, &before, status, "spec: set workflowRef or workflow".into(), now).await;
+            }
+        };
+        let hash = hash_spec(&spec);
+        if let Err(e) = ctx.dag_for(&uid, &hash, &spec) {
+            return fail_run(&run, &ctx, &before, status, format!("invalid workflow: {e}"), now).await;
+        }
+        match engine::params::resolve(&spec, &run.spec.params) {
+            Ok(params) => status.params = params,
+            Err(e) => return fail_run(&run, &ctx, &before, status, e, now).await,
+        }
+        status.workflow_spec_hash = hash;
+        status.workflow = Some(spec);
+    }
+    let spec = status.workflow.clone().unwrap_or_default();
+
+    // Concurrency.
+    if matches!(status.phase, RunPhase::Pending | RunPhase::Queued) {
+        match ctx.admit(&run, &spec) {
+            Admission::Admit => {}
+            Admission::Queue(msg) => {
+                status.phase = RunPhase::Queued;
+                status.message = msg;
+                conditions_for(&mut status, generation, now);
+                write_status(&run, &ctx, &before, &status).await?;
+                return Ok(Action::requeue(Duration::from_secs(30)));
+            }
+            Admission::Forbid(msg) => return fail_run(&run, &ctx, &before, status, msg, now).await,
+        }
+    } else {
+        lock(&ctx.admitted).entry(uid.clone()).or_insert_with(|| Ctx::workflow_key(&run));
+    }
+
+    let dag = match ctx.dag_for(&uid, &status.workflow_spec_hash, &spec) {
+        Ok(d) => d,
+        Err(e) => return fail_run(&run, &ctx, &before, status, format!("invalid workflow: {e}"), now).await,
+    };
+
+    // Large outputs live in ConfigMaps; the engine reads them like inline ones.
+    hydrate_outputs(&ctx, &ns, &uid, &mut status).await?;
+
+    // What happened since the last pass.
+    let mut events = ctx.pool.drain(&uid);
+    let taken = events.clone();
+    let pod_events = observe_pods(&ctx, &run, &status, &spec, &dag).await;
+    let pod_events = match pod_events {
+        Ok(e) => e,
+        Err(e) => {
+            ctx.pool.restore(&uid, taken);
+            return Err(e);
+        }
+    };
+    events.extend(pod_events);
+    for (key, row) in &status.steps {
+        if row.phase == StepPhase::Running && row.items.is_none() && !is_container(&spec, &dag, key) && !ctx.pool.knows(&uid, key, row.attempts) && !events.iter().any(|e| event_key(e) == (key.as_str(), row.attempts)) {
+            events.push(Event::Lost { key: key.clone(), attempt: row.attempts });
+        }
+    }
+
+    let deadline_secs = run.spec.timeout_seconds.map(|s| Duration::from_secs(u64::from(s))).unwrap_or(ctx.default_timeout);
+    let started = status.started_at.as_ref().map(|t| t.0).unwrap_or(now);
+    let info = RunInfo { name: name.clone(), namespace: ns.clone(), uid: uid.clone() };
+    let params = status.params.clone();
+    let input = engine::Input {
+        spec: &spec,
+        dag: &dag,
+        run: &info,
+        params: &params,
+        now,
+        suspend: run.spec.suspend,
+        cancel: run.spec.cancel,
+        deadline: Some(started + deadline_secs),
+        settings: &ctx.settings,
+    };
+    let decision = engine::advance(input, &mut status, events);
+
+    // Carry the actions out.
+    let run_ref = RunRef { namespace: ns.clone(), name: name.clone(), uid: uid.clone() };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    for action in &decision.actions {
+        match action {
+            EngineAction::Start(task) => match &task.work {
+                Work::Container { .. } => {
+                    let owner = run.controller_owner_ref(&()).ok_or_else(|| Error::Other("run has no uid".into()))?;
+                    let Some(pod) = build_pod(&name, &ns, owner, task) else { continue };
+                    let pod_name = pod.name_any();
+                    match pods.create(&PostParams::default(), &pod).await {
+                        Ok(_) => {
+                            lock(&ctx.expectations).insert(pod_name.clone(), Instant::now());
+                        }
+                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 403 || e.code == 400 => {
+                            ctx.pool.restore(&uid, vec![Event::Failed {
+                                key: task.key.clone(),
+                                attempt: task.attempt,
+                                message: format!("cannot create pod {pod_name}: {}", e.message),
+                                retryable: false,
+                                info: Default::default(),
+                            }]);
+                            let _ = ctx.wake.send(ObjectRef::from_obj(&*run));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    if let Some(row) = status.steps.get_mut(&task.key) {
+                        row.pod = Some(pod_name);
+                    }
+                }
+                _ => ctx.pool.spawn(run_ref.clone(), task.clone()),
+            },
+            EngineAction::Abort { key, attempt, .. } => {
+                if let Some(pod_name) = status.steps.get(key).and_then(|r| r.pod.clone())
+                    && is_container(&spec, &dag, key)
+                {
+                    match pods.delete(&pod_name, &DeleteParams::background()).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(e)) if e.code == 404 => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                } else {
+                    ctx.pool.abort(&uid, key, *attempt);
+                }
+            }
+        }
+    }
+
+    externalize_outputs(&ctx, &run, &mut status).await?;
+    conditions_for(&mut status, generation, now);
+    record_transitions(&ctx, &run, &spec, &dag, &decision.transitions, &status);
+    write_status(&run, &ctx, &before, &status).await?;
+
+    if status.phase.is_finished() {
+        ctx.release(&uid);
+        return finished(&run, &ctx, &status, now).await;
+    }
+    Ok(match decision.requeue_after {
+        Some(d) => Action::requeue(d.max(Duration::from_millis(5))),
+        None => Action::requeue(Duration::from_secs(300)),
+    })
+}
+
+fn event_key(e: &Event) -> (&str, u32) {
+    match e {
+        Event::Succeeded { key, attempt, .. } | Event::Failed { key, attempt, .. } | Event::Lost { key, attempt } => (key.as_str(), *attempt),
+    }
+}
+
+fn step_kind(spec: &WorkflowSpec, dag: &Dag, key: &str) -> Option<StepKind> {
+    let id = key.split('[').next().unwrap_or(key);
+    dag.index_of(id).and_then(|i| engine::dag::step_at(spec, i).kind())
+}
+
+fn is_container(spec: &WorkflowSpec, dag: &Dag, key: &str) -> bool {
+    step_kind(spec, dag, key) == Some(StepKind::Container)
+}
+
+/// Pod outcomes of running container steps.
+async fn observe_pods(ctx: &Ctx, run: &WorkflowRun, status: &WorkflowRunStatus, spec: &WorkflowSpec, dag: &Dag) -> Result<Vec<Event>, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let mut events = Vec::new();
+    for (key, row) in &status.steps {
+        if row.phase != StepPhase::Running || row.items.is_some() || !is_container(spec, dag, key) {
+            continue;
+        }
+        let pod_name = naming::pod_name(&name, key, row.attempts);
+        let cached = ctx.pods.get(&ObjectRef::new(&pod_name).within(&ns));
+        let pod = match cached {
+            Some(p) => Some((*p).clone()),
+            None => {
+                let recent = lock(&ctx.expectations).get(&pod_name).is_some_and(|t| t.elapsed() < POD_EXPECTATION);
+                if recent {
+                    continue;
+                }
+                Api::<Pod>::namespaced(ctx.client.clone(), &ns).get_opt(&pod_name).await?
+            }
+        };
+        let Some(pod) = pod else {
+            events.push(Event::Failed {
+                key: key.clone(),
+                attempt: row.attempts,
+                message: format!("pod {pod_name} was deleted"),
+                retryable: true,
+                info: Default::default(),
+            });
+            continue;
+        };
+        // Only this run's pod counts (a same-named pod of a deleted, recreated run does not).
+        if !pod.owner_references().iter().any(|o| Some(&o.uid) == run.metadata.uid.as_ref()) {
+            continue;
+        }
+        match pod_state(&pod) {
+            PodState::Running if pod.metadata.deletion_timestamp.is_some() => events.push(Event::Failed {
+                key: key.clone(),
+                attempt: row.attempts,
+                message: format!("pod {pod_name} is being deleted"),
+                retryable: true,
+                info: Default::default(),
+            }),
+            PodState::Running => {}
+            PodState::Succeeded { output } => {
+                lock(&ctx.expectations).remove(&pod_name);
+                events.push(Event::Succeeded { key: key.clone(), attempt: row.attempts, output, info: Default::default() })
+            }
+            PodState::Failed { message } => {
+                lock(&ctx.expectations).remove(&pod_name);
+                events.push(Event::Failed { key: key.clone(), attempt: row.attempts, message, retryable: true, info: Default::default() })
+            }
+        }
+    }
+    Ok(events)
+}
+
+async fn hydrate_outputs(ctx: &Ctx, ns: &str, uid: &str, status: &mut WorkflowRunStatus) -> Result<(), Error> {
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    for (key, row) in status.steps.iter_mut() {
+        let Some(r) = &row.output_ref else { continue };
+        if row.output.is_some() {
+            continue;
+        }
+        let cached = lock(&ctx.outputs).get(&(uid.to_string(), key.clone())).cloned();
+        let text = match cached {
+            Some(t) => t,
+            None => {
+                let cm = cms.get_opt(&r.config_map).await?;
+                let t = cm.and_then(|c| c.data).and_then(|mut d| d.remove(&r.key));
+                match t {
+                    Some(t) => {
+                        lock(&ctx.outputs).insert((uid.to_string(), key.clone()), t.clone());
+                        t
+                    }
+                    None => {
+                        row.message = format!("output ConfigMap {} is missing", r.config_map);
+                        continue;
+                    }
+                }
+            }
+        };
+        row.output = Some(text);
+    }
+    Ok(())
+}
+
+/// Moves outputs over the inline bound into ConfigMaps owned by the run.
+async fn externalize_outputs(ctx: &Ctx, run: &WorkflowRun, status: &mut WorkflowRunStatus) -> Result<(), Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let uid = run.uid().unwrap_or_default();
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    for (key, row) in status.steps.iter_mut() {
+        let Some(out) = &row.output else { continue };
+        if out.len() <= ctx.inline_output_limit {
+            continue;
+        }
+        let k = (uid.clone(), key.clone());
+        let stored = lock(&ctx.outputs).get(&k).is_some_and(|s| s == out) && row.output_ref.is_some();
+        if !stored {
+            let cm_name = naming::output_config_map(&name, key);
+            let cm = ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(cm_name.clone()),
+                    namespace: Some(ns.clone()),
+                    labels: Some(naming::run_labels(&name)),
+                    owner_references: run.controller_owner_ref(&()).map(|o| vec![o]),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([("output".to_string(), out.clone())])),
+                ..Default::default()
+            };
+            let mut value = serde_json::to_value(&cm)?;
+            value["apiVersion"] = json!("v1");
+            value["kind"] = json!("ConfigMap");
+            cms.patch(&cm_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value)).await?;
+            row.output_ref = Some(OutputRef { config_map: cm_name, key: "output".into(), size: out.len() as u64 });
+            lock(&ctx.outputs).insert(k, out.clone());
+        }
+        row.output = None;
+    }
+    Ok(())
+}
+
+fn record_transitions(ctx: &Ctx, run: &WorkflowRun, spec: &WorkflowSpec, dag: &Dag, transitions: &[engine::Transition], status: &WorkflowRunStatus) {
+    if transitions.is_empty() {
+        return;
+    }
+    let mut notes = Vec::new();
+    let mut warning = false;
+    let mut reason = "StepsProgressed";
+    for t in transitions {
+        match &t.key {
+            Some(key) => {
+                let kind = step_kind(spec, dag, key).map(|k| k.as_str()).unwrap_or("unknown");
+                ctx.metrics.steps.with_label_values(&[kind, &t.phase]).inc();
+                if let Some(row) = status.steps.get(key)
+                    && matches!(t.phase.as_str(), "Succeeded" | "Failed")
+                    && let (Some(s), Some(f)) = (&row.started_at, &row.finished_at)
+                {
+                    let secs = (f.0.as_millisecond() - s.0.as_millisecond()).max(0) as f64 / 1000.0;
+                    ctx.metrics.step_duration.with_label_values(&[kind, &t.phase]).observe(secs);
+                }
+                warning |= t.phase == "Failed";
+                let msg = if t.message.is_empty() { String::new() } else { format!(" ({})", t.message) };
+                notes.push(format!("step {key} {}{msg}", t.phase.to_lowercase()));
+            }
+            None => {
+                ctx.metrics.runs.with_label_values(&[&t.phase]).inc();
+                reason = match t.phase.as_str() {
+                    "Running" => "RunStarted",
+                    "Succeeded" => "RunSucceeded",
+                    "Failed" => "RunFailed",
+                    "Cancelled" => "RunCancelled",
+                    "Suspended" => "RunSuspended",
+                    _ => "RunProgressed",
+                };
+                warning |= t.phase == "Failed";
+                let msg = if t.message.is_empty() { String::new() } else { format!(": {}", t.message) };
+                notes.push(format!("run {}{msg}", t.phase.to_lowercase()));
+            }
+        }
+    }
+    debug!(run = %run.name_any(), transitions = notes.len(), "transitions");
+    // One aggregated event per pass, with the run UID as correlation (the event's regarding).
+    let mut note = notes.join("; ");
+    if note.len() > 900 {
+        let mut end = 900;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    ctx.events.publish(run.object_ref(&()), warning, reason, "Reconcile", note);
+}
+
+async fn write_status(run: &WorkflowRun, ctx: &Ctx, before: &WorkflowRunStatus, status: &WorkflowRunStatus) -> Result<(), Error> {
+    if before == status {
+        return Ok(());
+    }
+    let api: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": status});
+    api.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
+    Ok(())
+}
+
+async fn fail_run(run: &WorkflowRun, ctx: &Ctx, before: &WorkflowRunStatus, mut status: WorkflowRunStatus, message: String, now: Timestamp) -> Result<Action, Error> {
+    info!(run = %run.name_any(), %message, "run failed before starting");
+    status.phase = RunPhase::Failed;
+    status.message = message.clone();
+    status.finished_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+    conditions_for(&mut status, run.metadata.generation, now);
+    if before.phase != RunPhase::Failed {
+        ctx.metrics.runs.with_label_values(&["Failed"]).inc();
+        ctx.events.publish(run.object_ref(&()), true, "RunFailed", "Reconcile", message);
+    }
+    write_status(run, ctx, before, &status).await?;
+    finished(run, ctx, &status, now).await
+}
+
+/// A finished run: deleted once its TTL passes.
+async fn finished(run: &WorkflowRun, ctx: &Ctx, status: &WorkflowRunStatus, now: Timestamp) -> Result<Action, Error> {
+    let Some(ttl) = run.spec.ttl_seconds_after_finished else { return Ok(Action::await_change()) };
+    let done = status.finished_at.as_ref().map(|t| t.0).unwrap_or(now);
+    let due = done + Duration::from_secs(u64::from(ttl));
+    if now >= due {
+        let api: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+        let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+        match api.delete(&run.name_any(), &dp).await {
+            Ok(_) => info!(run = %run.name_any(), "deleted after ttlSecondsAfterFinished"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(Action::await_change());
+    }
+    let wait = (due.as_millisecond() - now.as_millisecond()).max(0) as u64;
+    Ok(Action::requeue(Duration::from_millis(wait)))
+}
+
+fn error_policy(_run: Arc<WorkflowRun>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics.reconcile_errors.with_label_values(&["workflowrun", err.metric_label()]).inc();
+    error_requeue()
+}
+
+/// Settings of the run controller taken from the command line.
+pub fn settings(args: &RunArgs) -> Settings {
+    Settings {
+        default_retry: RetryPolicy {
+            limit: args.retry_limit,
+            backoff: Some(crate::api::Backoff { initial_seconds: args.retry_backoff.as_secs_f64(), ..Default::default() }),
+        },
+        ..Default::default()
+    }
+}
+
+/// The WorkflowRun controller for one scope.
+#[allow(clippy::too_many_arguments)]
+pub async fn controller(
+    client: Client,
+    scope: Option<String>,
+    args: RunArgs,
+    metrics: Metrics,
+    events: EventSink,
+    agents: Option<Arc<dyn AgentCaller>>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let runs_api: Api<WorkflowRun> = api_for(&client, &scope);
+    let pods_api: Api<Pod> = api_for(&client, &scope);
+    let wf_api: Api<Workflow> = api_for(&client, &scope);
+
+    let (pod_reader, pod_writer) = reflector::store();
+    let pod_stream = watcher(pods_api, watcher::Config::default().labels(naming::LABEL_RUN).any_semantic())
+        .default_backoff()
+        .reflect(pod_writer)
+        .touched_objects();
+    let (wf_reader, wf_writer) = reflector::store();
+    let wf_stream = watcher(wf_api, watcher::Config::default().any_semantic()).default_backoff().reflect(wf_writer).touched_objects();
+
+    let controller = Controller::new(runs_api, watcher::Config::default().any_semantic());
+    let runs = controller.store();
+    let (wake_tx, wake_rx) = mpsc::unbounded_channel::<ObjectRef<WorkflowRun>>();
+    let notify_tx = wake_tx.clone();
+    let notify: crate::executors::pool::Notify = Arc::new(move |ns: &str, name: &str| {
+        let _ = notify_tx.send(ObjectRef::new(name).within(ns));
+    });
+    let runner = Arc::new(InProcessRunner::new(HttpExecutor::new(), agents));
+    let pool = TaskPool::new(args.max_inprocess_tasks, runner, notify);
+    let ctx = Arc::new(Ctx {
+        client,
+        metrics: metrics.clone(),
+        events,
+        pool,
+        pods: pod_reader.clone(),
+        workflows: wf_reader.clone(),
+        runs: runs.clone(),
+        settings: settings(&args),
+        default_timeout: args.default_workflow_timeout,
+        max_concurrent_runs: args.max_concurrent_runs,
+        inline_output_limit: args.inline_output_limit,
+        admitted: Default::default(),
+        expectations: Default::default(),
+        dags: Default::default(),
+        outputs: Default::default(),
+        wake: wake_tx,
+    });
+
+    // Workflows only feed the store; a changed Workflow never changes a started run.
+    let wf_task = tokio::spawn(wf_stream.for_each(|_| async {}));
+
+    // Readiness: every cache synced.
+    let synced = {
+        let (runs, pods, wfs, health) = (runs.clone(), pod_reader.clone(), wf_reader.clone(), health.clone());
+        async move {
+            let _ = runs.wait_until_ready().await;
+            let _ = pods.wait_until_ready().await;
+            let _ = wfs.wait_until_ready().await;
+            health.synced.store(true, std::sync::atomic::Ordering::Relaxed);
+            info!("WorkflowRun controller caches synced");
+        }
+    };
+    tokio::spawn(synced);
+
+    // Gauges refreshed on an interval.
+    let gauges = {
+        let (runs, metrics, ctx2) = (runs.clone(), metrics.clone(), ctx.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let mut by_phase: HashMap<RunPhase, i64> = HashMap::new();
+                for r in runs.state() {
+                    *by_phase.entry(r.status.as_ref().map(|s| s.phase).unwrap_or_default()).or_default() += 1;
+                }
+                for p in [RunPhase::Pending, RunPhase::Queued, RunPhase::Running, RunPhase::Suspended, RunPhase::Succeeded, RunPhase::Failed, RunPhase::Cancelled] {
+                    metrics.runs_active.with_label_values(&[p.as_str()]).set(*by_phase.get(&p).unwrap_or(&0));
+                }
+                metrics.queue_depth.set(*by_phase.get(&RunPhase::Queued).unwrap_or(&0));
+                metrics.inprocess_tasks.set(ctx2.pool.running() as i64);
+            }
+        }
+    };
+    let gauges = tokio::spawn(gauges);
+
+    let stream = controller
+        .owns_stream(pod_stream)
+        .reconcile_on(tokio_stream_from(wake_rx))
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, ctx.clone());
+    drain("workflowrun", stream).await;
+    wf_task.abort();
+    gauges.abort();
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,525 @@
+//! Validation of a Workflow spec and its DAG, done the same way by the controller, by local
+//! mode's `validate` and by every run before it starts.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+
+use crate::api::{STEP_ID_MAX_LEN, Step, WorkflowSpec};
+
+use super::template::{self, ROOTS};
+
+/// One problem in a Workflow spec, naming the step and field it is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ValidationError {
+    /// The step's id, when the problem is in a step.
+    pub step: Option<String>,
+    /// The field, as a path (`steps[2].dependsOn`, `params`).
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.step {
+            Some(step) => write!(f, "step {step:?}: {}: {}", self.field, self.message),
+            None => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+/// All problems of a spec, in one message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidSpec(pub Vec<ValidationError>);
+
+impl fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 10;
+        for (i, e) in self.0.iter().take(SHOWN).enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        if self.0.len() > SHOWN {
+            write!(f, "; and {} more", self.0.len() - SHOWN)?;
+        }
+        Ok(())
+    }
+}
+
+/// A validated DAG: steps indexed in spec order (DAG steps, then `finally`), with edges.
+#[derive(Debug, Clone)]
+pub struct Dag {
+    ids: Vec<String>,
+    index: HashMap<String, usize>,
+    deps: Vec<Vec<usize>>,
+    dependents: Vec<Vec<usize>>,
+    finally_start: usize,
+    topo: Vec<usize>,
+}
+
+impl Dag {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+    pub fn id(&self, i: usize) -> &str {
+        &self.ids[i]
+    }
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+    pub fn deps(&self, i: usize) -> &[usize] {
+        &self.deps[i]
+    }
+    pub fn dependents(&self, i: usize) -> &[usize] {
+        &self.dependents[i]
+    }
+    pub fn is_finally(&self, i: usize) -> bool {
+        i >= self.finally_start
+    }
+    /// Steps in a topological order (dependencies first), DAG steps before `finally` steps.
+    pub fn topo_order(&self) -> &[usize] {
+        &self.topo
+    }
+    /// The DAG steps (not `finally`).
+    pub fn dag_steps(&self) -> std::ops::Range<usize> {
+        0..self.finally_start
+    }
+    /// The `finally` steps.
+    pub fn finally_steps(&self) -> std::ops::Range<usize> {
+        self.finally_start..self.ids.len()
+    }
+}
+
+/// The step at DAG index `i`.
+pub fn step_at(spec: &WorkflowSpec, i: usize) -> &Step {
+    if i < spec.steps.len() { &spec.steps[i] } else { &spec.finally[i - spec.steps.len()] }
+}
+
+fn field_of(spec: &WorkflowSpec, i: usize) -> String {
+    if i < spec.steps.len() { format!("steps[{i}]") } else { format!("finally[{}]", i - spec.steps.len()) }
+}
+
+/// Validates a spec: ids, kinds, dependencies, cycles, templates and the names they read.
+pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
+    let mut errors = Vec::new();
+    let err = |errors: &mut Vec<ValidationError>, step: Option<&str>, field: String, message: String| {
+        errors.push(ValidationError { step: step.map(str::to_string), field, message });
+    };
+
+    let n = spec.steps.len() + spec.finally.len();
+    if spec.steps.is_empty() {
+        err(&mut errors, None, "steps".into(), "a workflow needs at least one step".into());
+    }
+
+    // Parameters.
+    let mut param_names = BTreeSet::new();
+    for (i, p) in spec.params.iter().enumerate() {
+        if !param_names.insert(p.name.as_str()) {
+            err(&mut errors, None, format!("params[{i}].name"), format!("duplicate parameter {:?}", p.name));
+        }
+        if p.required && p.default.is_some() {
+            err(&mut errors, None, format!("params[{i}]"), format!("parameter {:?} is required and also has a default", p.name));
+        }
+    }
+
+    // Ids and kinds.
+    let mut ids = Vec::with_capacity(n);
+    let mut index = HashMap::with_capacity(n);
+    for i in 0..n {
+        let step = step_at(spec, i);
+        let field = field_of(spec, i);
+        let id = step.id.as_str();
+        if !valid_step_id(id) {
+            err(
+                &mut errors,
+                Some(id),
+                format!("{field}.id"),
+                format!("must be a DNS label (lower-case letters, digits, '-'), 1 to {STEP_ID_MAX_LEN} characters"),
+            );
+        }
+        if index.insert(id.to_string(), i).is_some() {
+            err(&mut errors, Some(id), format!("{field}.id"), "duplicate step id".into());
+        }
+        ids.push(id.to_string());
+        match step.kinds().len() {
+            1 => {}
+            0 => err(&mut errors, Some(id), field.clone(), "no kind: set exactly one of agent, container, http, template".into()),
+            _ => err(
+                &mut errors,
+                Some(id),
+                field.clone(),
+                format!(
+                    "several kinds ({}): set exactly one of agent, container, http, template",
+                    step.kinds().iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ),
+        }
+        check_kind_fields(step, &field, &mut errors);
+        if step.max_parallel.is_some() && step.for_each.is_none() {
+            err(&mut errors, Some(id), format!("{field}.maxParallel"), "maxParallel needs forEach".into());
+        }
+    }
+
+    // Edges.
+    let finally_start = spec.steps.len();
+    let mut deps = vec![Vec::new(); n];
+    let mut dependents = vec![Vec::new(); n];
+    for i in 0..n {
+        let step = step_at(spec, i);
+        let field = field_of(spec, i);
+        let mut seen = BTreeSet::new();
+        for d in &step.depends_on {
+            if !seen.insert(d.as_str()) {
+                err(&mut errors, Some(&step.id), format!("{field}.dependsOn"), format!("{d:?} is listed twice"));
+                continue;
+            }
+            match index.get(d.as_str()) {
+                None => err(&mut errors, Some(&step.id), format!("{field}.dependsOn"), format!("unknown step {d:?}")),
+                Some(&j) if i < finally_start && j >= finally_start => err(
+                    &mut errors,
+                    Some(&step.id),
+                    format!("{field}.dependsOn"),
+                    format!("{d:?} is a finally step; DAG steps cannot depend on finally steps"),
+                ),
+                Some(&j) if i >= finally_start && j < finally_start => err(
+                    &mut errors,
+                    Some(&step.id),
+                    format!("{field}.dependsOn"),
+                    format!("{d:?} is a DAG step; finally steps run after the whole DAG and may depend only on other finally steps"),
+                ),
+                Some(&j) => {
+                    deps[i].push(j);
+                    dependents[j].push(i);
+                }
+            }
+        }
+    }
+
+    // Cycles.
+    let topo = match topo_sort(&deps) {
+        Ok(order) => order,
+        Err(cycle) => {
+            let names: Vec<&str> = cycle.iter().map(|&i| ids[i].as_str()).collect();
+            err(
+                &mut errors,
+                Some(names[0]),
+                format!("{}.dependsOn", field_of(spec, cycle[0])),
+                format!("dependency cycle: {}", names.join(" -> ")),
+            );
+            Vec::new()
+        }
+    };
+
+    // Templates, and the names they read (needs the DAG to know what is upstream).
+    if errors.is_empty() {
+        let ancestors = ancestors(&deps, &topo);
+        for i in 0..n {
+            check_templates(spec, i, &index, &ancestors[i], finally_start, &param_names, &mut errors);
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(Dag { ids, index, deps, dependents, finally_start, topo })
+    } else {
+        errors.sort();
+        errors.dedup();
+        Err(InvalidSpec(errors))
+    }
+}
+
+/// Whether `id` is a valid step id.
+pub fn valid_step_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= STEP_ID_MAX_LEN
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+fn check_kind_fields(step: &Step, field: &str, errors: &mut Vec<ValidationError>) {
+    let mut push = |f: String, m: &str| errors.push(ValidationError { step: Some(step.id.clone()), field: f, message: m.into() });
+    if let Some(a) = &step.agent {
+        match (&a.ref_, &a.selector) {
+            (None, None) => push(format!("{field}.agent"), "set ref or selector"),
+            (Some(_), Some(_)) => push(format!("{field}.agent"), "set ref or selector, not both"),
+            (Some(r), None) if r.is_empty() => push(format!("{field}.agent.ref"), "must not be empty"),
+            (None, Some(s)) if s.capabilities.is_empty() => push(format!("{field}.agent.selector.capabilities"), "must list at least one capability"),
+            _ => {}
+        }
+        if a.prompt.trim().is_empty() {
+            push(format!("{field}.agent.prompt"), "must not be empty");
+        }
+    }
+    if let Some(c) = &step.container
+        && c.image.trim().is_empty()
+    {
+        push(format!("{field}.container.image"), "must not be empty");
+    }
+    if let Some(h) = &step.http
+        && h.url.trim().is_empty()
+    {
+        push(format!("{field}.http.url"), "must not be empty");
+    }
+}
+
+/// The templated fields of a step, as (field path, source, is an expression).
+pub fn templated_fields(step: &Step, field: &str) -> Vec<(String, String, bool)> {
+    let mut out = Vec::new();
+    if let Some(w) = &step.when {
+        out.push((format!("{field}.when"), w.clone(), true));
+    }
+    if let Some(f) = &step.for_each {
+        out.push((format!("{field}.forEach"), f.clone(), false));
+    }
+    if let Some(a) = &step.agent {
+        out.push((format!("{field}.agent.prompt"), a.prompt.clone(), false));
+    }
+    if let Some(t) = &step.template {
+        out.push((format!("{field}.template"), t.clone(), false));
+    }
+    if let Some(h) = &step.http {
+        out.push((format!("{field}.http.url"), h.url.clone(), false));
+        if let Some(b) = &h.body {
+            out.push((format!("{field}.http.body"), b.clone(), false));
+        }
+        for (k, v) in &h.headers {
+            out.push((format!("{field}.http.headers.{k}"), v.clone(), false));
+        }
+    }
+    if let Some(c) = &step.container {
+        for (j, s) in c.command.iter().enumerate() {
+            out.push((format!("{field}.container.command[{j}]"), s.clone(), false));
+        }
+        for (j, s) in c.args.iter().enumerate() {
+            out.push((format!("{field}.container.args[{j}]"), s.clone(), false));
+        }
+        for (j, e) in c.env.iter().enumerate() {
+            if let Some(v) = &e.value {
+                out.push((format!("{field}.container.env[{j}].value"), v.clone(), false));
+            }
+        }
+    }
+    out
+}
+
+fn check_templates(
+    spec: &WorkflowSpec,
+    i: usize,
+    index: &HashMap<String, usize>,
+    upstream: &BTreeSet<usize>,
+    finally_start: usize,
+    params: &BTreeSet<&str>,
+    errors: &mut Vec<ValidationError>,
+) {
+    let step = step_at(spec, i);
+    let field = field_of(spec, i);
+    for (path, source, is_expr) in templated_fields(step, &field) {
+        let parsed = if is_expr { template::parse_expression(&source) } else { template::parse_template(&source) };
+        let names = match parsed {
+            Ok(names) => names,
+            Err(e) => {
+                errors.push(ValidationError { step: Some(step.id.clone()), field: path, message: format!("template does not parse: {e}") });
+                continue;
+            }
+        };
+        let in_for_each = step.for_each.is_some() && !path.ends_with(".forEach");
+        for name in names {
+            let mut parts = name.split('.');
+            let root = parts.next().unwrap_or_default();
+            let problem = match root {
+                _ if !ROOTS.contains(&root) => Some(format!(
+                    "unknown name {root:?} (templates can read {})",
+                    ROOTS.join(", ")
+                )),
+                "item" | "index" if !in_for_each => Some(format!("{root:?} is only defined inside a forEach step")),
+                "params" => match parts.next() {
+                    Some(p) if !params.contains(p) => Some(format!("unknown parameter {p:?}")),
+                    _ => None,
+                },
+                "steps" => match parts.next() {
+                    Some(s) => match index.get(s) {
+                        None => Some(format!("unknown step {s:?}")),
+                        Some(&j) if j == i => Some(format!("a step cannot read its own output (steps.{s})")),
+                        // finally steps may read every DAG step and their upstream finally steps.
+                        Some(&j) if i >= finally_start && j < finally_start => None,
+                        Some(&j) if !upstream.contains(&j) => Some(format!(
+                            "steps.{s} is not upstream of this step: add {s:?} to dependsOn (directly or through another step)"
+                        )),
+                        Some(_) => match parts.next() {
+                            None | Some("output" | "json" | "phase") => None,
+                            Some(other) => Some(format!("steps.{s}.{other}: a step has output, json and phase")),
+                        },
+                    },
+                    None => None,
+                },
+                _ => None,
+            };
+            if let Some(message) = problem {
+                errors.push(ValidationError { step: Some(step.id.clone()), field: path.clone(), message });
+            }
+        }
+    }
+}
+
+/// Kahn's algorithm; on a cycle, returns one cycle as a path that ends where it starts.
+fn topo_sort(deps: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
+    let n = deps.len();
+    let mut indegree: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut dependents = vec![Vec::new(); n];
+    for (i, ds) in deps.iter().enumerate() {
+        for &d in ds {
+            dependents[d].push(i);
+        }
+    }
+    let mut ready: std::collections::VecDeque<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_front() {
+        order.push(i);
+        for &j in &dependents[i] {
+            indegree[j] -= 1;
+            if indegree[j] == 0 {
+                ready.push_back(j);
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Every step left has an unfinished dependency that is also left: walk them until one
+    // repeats, and that stretch of the walk is a cycle.
+    let left: BTreeSet<usize> = (0..n).filter(|i| indegree[*i] > 0).collect();
+    let start = *left.iter().next().unwrap_or(&0);
+    let mut path = vec![start];
+    let mut pos = HashMap::from([(start, 0usize)]);
+    let mut cur = start;
+    loop {
+        let next = deps[cur].iter().copied().find(|d| left.contains(d)).unwrap_or(start);
+        if let Some(&p) = pos.get(&next) {
+            let mut cycle: Vec<usize> = path[p..].to_vec();
+            // Present the cycle in dependency order: a -> b means b depends on a.
+            cycle.reverse();
+            cycle.push(cycle[0]);
+            return Err(cycle);
+        }
+        pos.insert(next, path.len());
+        path.push(next);
+        cur = next;
+    }
+}
+
+/// For each step, every step it transitively depends on.
+fn ancestors(deps: &[Vec<usize>], topo: &[usize]) -> Vec<BTreeSet<usize>> {
+    let mut out = vec![BTreeSet::new(); deps.len()];
+    for &i in topo {
+        let mut set = BTreeSet::new();
+        for &d in &deps[i] {
+            set.insert(d);
+            set.extend(out[d].iter().copied());
+        }
+        out[i] = set;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{AgentStep, ContainerStep, ParamSpec};
+
+    fn t(id: &str, deps: &[&str], template: &str) -> Step {
+        Step {
+            id: id.into(),
+            depends_on: deps.iter().map(|s| s.to_string()).collect(),
+            template: Some(template.into()),
+            ..Default::default()
+        }
+    }
+
+    fn spec(steps: Vec<Step>) -> WorkflowSpec {
+        WorkflowSpec { steps, ..Default::default() }
+    }
+
+    fn messages(spec: &WorkflowSpec) -> String {
+        validate(spec).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_valid_diamond() {
+        let s = spec(vec![
+            t("a", &[], "x"),
+            t("b", &["a"], "{{ steps.a.output }}"),
+            t("c", &["a"], "y"),
+            t("d", &["b", "c"], "{{ steps.a.output }}{{ steps.b.output }}"),
+        ]);
+        let dag = validate(&s).unwrap();
+        assert_eq!(dag.len(), 4);
+        let pos = |id: &str| dag.topo_order().iter().position(|&i| dag.id(i) == id).unwrap();
+        assert!(pos("a") < pos("b") && pos("b") < pos("d") && pos("c") < pos("d"));
+    }
+
+    #[test]
+    fn names_the_cycle() {
+        let s = spec(vec![t("a", &["c"], "x"), t("b", &["a"], "x"), t("c", &["b"], "x"), t("d", &[], "x")]);
+        let m = messages(&s);
+        assert!(m.contains("dependency cycle"), "{m}");
+        for id in ["a", "b", "c"] {
+            assert!(m.contains(id), "{m}");
+        }
+        assert!(!m.contains("\"d\""), "{m}");
+        let m = messages(&spec(vec![t("a", &["a"], "x")]));
+        assert!(m.contains("a -> a"), "{m}");
+    }
+
+    #[test]
+    fn duplicates_unknown_deps_and_kinds() {
+        let mut both = t("k", &[], "x");
+        both.container = Some(ContainerStep { image: "busybox".into(), ..Default::default() });
+        let none = Step { id: "z".into(), ..Default::default() };
+        let s = spec(vec![t("a", &[], "x"), t("a", &[], "y"), t("b", &["nope"], "x"), both, none]);
+        let m = messages(&s);
+        assert!(m.contains(r#"step "a": steps[1].id: duplicate step id"#), "{m}");
+        assert!(m.contains(r#"step "b": steps[2].dependsOn: unknown step "nope""#), "{m}");
+        assert!(m.contains(r#"step "k": steps[3]: several kinds (container, template)"#), "{m}");
+        assert!(m.contains(r#"step "z": steps[4]: no kind"#), "{m}");
+    }
+
+    #[test]
+    fn templates_must_parse_and_read_upstream_only() {
+        let s = spec(vec![t("a", &[], "x"), t("b", &[], "{{ steps.a.output }}"), t("c", &["a"], "{{ broken")]);
+        let m = messages(&s);
+        assert!(m.contains(r#"step "b": steps[1].template: steps.a is not upstream"#), "{m}");
+        assert!(m.contains(r#"step "c": steps[2].template: template does not parse"#), "{m}");
+        let s = spec(vec![t("a", &[], "{{ params.nope }} {{ item }} {{ foo }}")]);
+        let m = messages(&s);
+        assert!(m.contains("unknown parameter \"nope\""), "{m}");
+        assert!(m.contains("only defined inside a forEach"), "{m}");
+        assert!(m.contains("unknown name \"foo\""), "{m}");
+    }
+
+    #[test]
+    fn finally_reads_everything_but_depends_only_on_finally() {
+        let mut s = spec(vec![t("a", &[], "x")]);
+        s.params.push(ParamSpec { name: "p".into(), ..Default::default() });
+        s.finally = vec![t("report", &[], "{{ run.phase }} {{ steps.a.output }} {{ params.p }}")];
+        assert!(validate(&s).is_ok());
+        s.finally.push(t("bad", &["a"], "x"));
+        assert!(messages(&s).contains("finally steps run after the whole DAG"));
+    }
+
+    #[test]
+    fn agent_fields_are_checked() {
+        let s = spec(vec![Step {
+            id: "ask".into(),
+            agent: Some(AgentStep { prompt: " ".into(), ..Default::default() }),
+            ..Default::default()
+        }]);
+        let m = messages(&s);
+        assert!(m.contains("steps[0].agent: set ref or selector"), "{m}");
+        assert!(m.contains("steps[0].agent.prompt: must not be empty"), "{m}");
+    }
+}

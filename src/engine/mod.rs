@@ -1,0 +1,15 @@
+//! The workflow engine: pure code with no Kubernetes I/O, driven by the WorkflowRun
+//! controller and by local mode alike.
+//!
+//! - [`dag`]: validation of a Workflow spec and its dependency graph.
+//! - [`template`]: the one template language (Jinja, strict about undefined names).
+//! - [`scheduler`]: decides what to start, retry, time out, skip and finish.
+//! - [`params`]: a run's parameters checked against the Workflow's.
+
+pub mod dag;
+pub mod params;
+pub mod scheduler;
+pub mod template;
+
+pub use dag::{Dag, InvalidSpec, ValidationError, validate};
+pub use scheduler::{Action, Decision, Event, Input, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance};

@@ -1,0 +1,748 @@
+//! The scheduler: a pure function from (the run's workflow snapshot, its status, what just
+//! happened, the time) to actions. It never does I/O; the controller and local mode carry the
+//! actions out and feed results back as [`Event`]s.
+//!
+//! Status rows are keyed by step id, and by `id[index]` for the children of a `forEach`.
+//! Template steps complete inside [`advance`] (rendering is the whole of their work), so a
+//! chain of them finishes in one pass and one status write.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::Value as Json;
+
+use crate::api::{
+    Backoff, CacheSpec, CapabilitySelector, HttpMethod, RetryPolicy, RunPhase, Step, StepKind, StepPhase, StepStatus,
+    Strategy, TokenUsage, WorkflowRunStatus, WorkflowSpec,
+};
+
+use super::dag::{Dag, step_at};
+use super::template::{self, Context, StepView, TemplateError};
+
+/// Identity of the run, readable by templates as `run.*`.
+#[derive(Debug, Clone, Default)]
+pub struct RunInfo {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Retry policy of steps that set none (and whose workflow sets no default).
+    pub default_retry: RetryPolicy,
+    /// Most items a `forEach` may fan out to.
+    pub max_for_each_items: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { default_retry: RetryPolicy { limit: 0, backoff: None }, max_for_each_items: 10_000 }
+    }
+}
+
+/// Everything [`advance`] reads besides the status.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub spec: &'a WorkflowSpec,
+    pub dag: &'a Dag,
+    pub run: &'a RunInfo,
+    pub params: &'a BTreeMap<String, Json>,
+    pub now: Timestamp,
+    pub suspend: bool,
+    pub cancel: bool,
+    /// When the whole run times out.
+    pub deadline: Option<Timestamp>,
+    pub settings: &'a Settings,
+}
+
+/// Facts about a finished attempt, recorded in the step's row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskInfo {
+    pub agent: Option<String>,
+    pub replica: Option<String>,
+    pub tokens: Option<TokenUsage>,
+    pub cached: bool,
+}
+
+/// What just happened to a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The attempt finished with an output.
+    Succeeded { key: String, attempt: u32, output: String, info: TaskInfo },
+    /// The attempt failed; `retryable: false` fails the step at once.
+    Failed { key: String, attempt: u32, message: String, retryable: bool, info: TaskInfo },
+    /// The attempt's in-process work was lost (operator restart): run the attempt again.
+    Lost { key: String, attempt: u32 },
+}
+
+/// Rendered work of a task: what an executor runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    Agent { agent: Option<String>, selector: Option<CapabilitySelector>, strategy: Option<Strategy>, prompt: String },
+    Container {
+        image: String,
+        command: Vec<String>,
+        args: Vec<String>,
+        env: Vec<EnvVar>,
+        resources: Option<ResourceRequirements>,
+        working_dir: Option<String>,
+        service_account_name: Option<String>,
+    },
+    Http { method: HttpMethod, url: String, headers: BTreeMap<String, String>, body: Option<String>, success_codes: Vec<u16> },
+}
+
+impl Work {
+    pub fn kind(&self) -> StepKind {
+        match self {
+            Work::Agent { .. } => StepKind::Agent,
+            Work::Container { .. } => StepKind::Container,
+            Work::Http { .. } => StepKind::Http,
+        }
+    }
+}
+
+/// A task to start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStart {
+    /// Status key: the step id, or `id[index]` for a forEach child.
+    pub key: String,
+    pub step_id: String,
+    pub index: Option<usize>,
+    pub attempt: u32,
+    pub work: Work,
+    pub timeout: Option<Duration>,
+    pub cache: Option<CacheSpec>,
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start an attempt (create its pod, or spawn its in-process task). Idempotent by
+    /// (key, attempt): starting it twice must not run it twice.
+    Start(TaskStart),
+    /// Stop an attempt (delete its pod, abort its in-process task).
+    Abort { key: String, attempt: u32, step_id: String, reason: String },
+}
+
+/// A phase change of a step or the run, for Kubernetes Events and the event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// Step key, or `None` for the run itself.
+    pub key: Option<String>,
+    pub phase: String,
+    pub attempt: u32,
+    pub message: String,
+}
+
+/// The result of one [`advance`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decision {
+    pub actions: Vec<Action>,
+    pub transitions: Vec<Transition>,
+    /// Call [`advance`] again after this long even if nothing happens (retries, timeouts).
+    pub requeue_after: Option<Duration>,
+}
+
+/// The status key of a forEach child.
+pub fn child_key(step_id: &str, index: usize) -> String {
+    format!("{step_id}[{index}]")
+}
+
+/// Delay before retry number `retry` (1-based).
+pub fn backoff_delay(backoff: Option<&Backoff>, retry: u32) -> Duration {
+    let b = backoff.cloned().unwrap_or_default();
+    let exp = retry.saturating_sub(1).min(64) as i32;
+    let secs = (b.initial_seconds * b.factor.powi(exp)).min(b.max_seconds).max(0.0);
+    if secs.is_finite() { Duration::from_secs_f64(secs) } else { Duration::from_secs_f64(b.max_seconds.max(0.0)) }
+}
+
+struct Pass<'a, 's> {
+    input: Input<'a>,
+    status: &'s mut WorkflowRunStatus,
+    decision: Decision,
+}
+
+/// Advances a run: applies `events`, then starts, retries, times out, skips and finishes
+/// steps and the run, all recorded in `status`. Calling it again with no new events and the
+/// same time changes nothing.
+pub fn advance(input: Input<'_>, status: &mut WorkflowRunStatus, events: Vec<Event>) -> Decision {
+    let mut pass = Pass { input, status, decision: Decision::default() };
+    pass.run();
+    for e in events {
+        pass.apply(e);
+    }
+    pass.schedule();
+    pass.decision
+}
+
+impl Pass<'_, '_> {
+    fn now(&self) -> Timestamp {
+        self.input.now
+    }
+
+    fn run(&mut self) {
+        if self.status.phase.is_finished() {
+            return;
+        }
+        if self.status.started_at.is_none() {
+            self.status.started_at = Some(Time(self.now()));
+        }
+    }
+
+    fn set_run_phase(&mut self, phase: RunPhase, message: String) {
+        if self.status.phase != phase || self.status.message != message {
+            if self.status.phase != phase {
+                self.decision.transitions.push(Transition { key: None, phase: phase.as_str().into(), attempt: 0, message: message.clone() });
+            }
+            self.status.phase = phase;
+            self.status.message = message;
+        }
+    }
+
+    fn row(&mut self, key: &str) -> &mut StepStatus {
+        self.status.steps.entry(key.to_string()).or_default()
+    }
+
+    fn transition(&mut self, key: &str, phase: StepPhase, message: impl Into<String>) {
+        let now = self.now();
+        let row = self.row(key);
+        let message = message.into();
+        row.phase = phase;
+        row.message = message.clone();
+        if phase.is_finished() {
+            row.finished_at = Some(Time(now));
+            row.retry_at = None;
+        }
+        let attempt = row.attempts;
+        self.decision.transitions.push(Transition { key: Some(key.to_string()), phase: phase.as_str().into(), attempt, message });
+    }
+
+    fn requeue(&mut self, after: Duration) {
+        let r = &mut self.decision.requeue_after;
+        *r = Some(r.map_or(after, |cur| cur.min(after)));
+    }
+
+    fn retry_policy(&self, step: &Step) -> RetryPolicy {
+        step.retry
+            .clone()
+            .or_else(|| self.input.spec.defaults.as_ref().and_then(|d| d.retry.clone()))
+            .unwrap_or_else(|| self.input.settings.default_retry.clone())
+    }
+
+    fn timeout(&self, step: &Step) -> Option<Duration> {
+        step.timeout_seconds
+            .or_else(|| self.input.spec.defaults.as_ref().and_then(|d| d.timeout_seconds))
+            .map(|s| Duration::from_secs(u64::from(s)))
+    }
+
+    fn step_of_key(&self, key: &str) -> Option<&'_ Step> {
+        let id = key.split('[').next().unwrap_or(key);
+        self.input.dag.index_of(id).map(|i| step_at(self.input.spec, i))
+    }
+
+    // ---- events ----
+
+    fn apply(&mut self, event: Event) {
+        let (key, attempt) = match &event {
+            Event::Succeeded { key, attempt, .. } | Event::Failed { key, attempt, .. } | Event::Lost { key, attempt } => {
+                (key.clone(), *attempt)
+            }
+        };
+        let Some(step) = self.step_of_key(&key).cloned() else { return };
+        let Some(row) = self.status.steps.get(&key) else { return };
+        // Stale: another attempt, or already settled (an abort raced the result).
+        if row.phase != StepPhase::Running || row.attempts != attempt {
+            return;
+        }
+        match event {
+            Event::Succeeded { output, info, .. } => {
+                let row = self.row(&key);
+                record_info(row, &info);
+                row.output = Some(output);
+                row.output_ref = None;
+                let msg = if info.cached { "result from cache" } else { "" };
+                self.transition(&key, StepPhase::Succeeded, msg);
+            }
+            Event::Failed { message, retryable, info, .. } => {
+                record_info(self.row(&key), &info);
+                self.fail_attempt(&key, &step, message, retryable);
+            }
+            Event::Lost { .. } => {
+                let now = self.now();
+                let row = self.row(&key);
+                row.attempts = row.attempts.saturating_sub(1);
+                row.phase = StepPhase::Retrying;
+                row.retry_at = Some(Time(now));
+                row.message = "in-process work was interrupted; running the attempt again".into();
+            }
+        }
+    }
+
+    fn fail_attempt(&mut self, key: &str, step: &Step, message: String, retryable: bool) {
+        let policy = self.retry_policy(step);
+        let attempts = self.row(key).attempts;
+        if retryable && attempts <= policy.limit {
+            let delay = backoff_delay(policy.backoff.as_ref(), attempts);
+            let at = self.now() + delay;
+            let msg = format!("attempt {attempts} failed: {message}; retrying in {:.1}s", delay.as_secs_f64());
+            self.row(key).retry_at = Some(Time(at));
+            self.transition(key, StepPhase::Retrying, msg);
+            self.requeue(delay);
+        } else {
+            let msg = if attempts > 1 { format!("failed after {attempts} attempts: {message}") } else { message };
+            self.transition(key, StepPhase::Failed, msg);
+        }
+    }
+
+    // ---- scheduling ----
+
+    fn schedule(&mut self) {
+        if self.status.phase.is_finished() {
+            return;
+        }
+        let dag = self.input.dag;
+        let now = self.now();
+        let stopping = self.stop_reason();
+
+        // Cancellation or timeout: abort what runs, settle what waits.
+        if let Some((_, reason)) = &stopping {
+            for i in dag.dag_steps() {
+                self.stop_step(i, reason);
+            }
+        }
+
+        let dag_done = dag.dag_steps().all(|i| self.phase_of(i).is_finished());
+        if !dag_done {
+            for &i in dag.topo_order() {
+                if !dag.is_finally(i) {
+                    self.schedule_step(i, None);
+                }
+            }
+        }
+        let dag_done = dag.dag_steps().all(|i| self.phase_of(i).is_finished());
+        if dag_done {
+            let outcome = self.dag_outcome(&stopping);
+            for &i in dag.topo_order() {
+                if dag.is_finally(i) {
+                    self.schedule_step(i, Some(outcome.0));
+                }
+            }
+            let all_done = dag.finally_steps().all(|i| self.phase_of(i).is_finished());
+            if all_done {
+                let (mut phase, mut message) = outcome;
+                if phase == RunPhase::Succeeded
+                    && let Some(failed) = dag.finally_steps().find(|&i| self.hard_failed(i))
+                {
+                    phase = RunPhase::Failed;
+                    message = format!("finally step {:?} failed", dag.id(failed));
+                }
+                self.status.finished_at = Some(Time(now));
+                self.set_run_phase(phase, message);
+            } else {
+                self.set_phase_running();
+            }
+        } else {
+            self.set_phase_running();
+        }
+        if let Some(deadline) = self.input.deadline
+            && !self.status.phase.is_finished()
+            && stopping.is_none()
+        {
+            self.requeue(duration_until(now, deadline));
+        }
+        self.update_progress();
+    }
+
+    fn set_phase_running(&mut self) {
+        let dag = self.input.dag;
+        let any_running = (0..dag.len()).any(|i| self.phase_of(i) == StepPhase::Running);
+        if self.input.suspend && !self.input.cancel {
+            let msg = if any_running { "suspended: running steps finish, no new steps start" } else { "suspended" };
+            self.set_run_phase(RunPhase::Suspended, msg.into());
+        } else {
+            let msg = match self.stop_reason() {
+                Some((_, reason)) => format!("{reason}; running finally steps"),
+                None => String::new(),
+            };
+            self.set_run_phase(RunPhase::Running, msg);
+        }
+    }
+
+    fn update_progress(&mut self) {
+        let dag = self.input.dag;
+        let done = (0..dag.len()).filter(|&i| self.phase_of(i).is_finished()).count();
+        self.status.progress = format!("{done}/{}", dag.len());
+    }
+
+    /// Why the DAG is being stopped, if it is: (outcome phase, reason).
+    fn stop_reason(&self) -> Option<(RunPhase, String)> {
+        if self.input.cancel {
+            return Some((RunPhase::Cancelled, "cancelled".into()));
+        }
+        if let Some(deadline) = self.input.deadline
+            && self.now() >= deadline
+        {
+            return Some((RunPhase::Failed, "run timed out".into()));
+        }
+        None
+    }
+
+    fn dag_outcome(&self, stopping: &Option<(RunPhase, String)>) -> (RunPhase, String) {
+        if let Some((phase, reason)) = stopping {
+            return (*phase, reason.clone());
+        }
+        let dag = self.input.dag;
+        if let Some(i) = dag.dag_steps().find(|&i| self.hard_failed(i)) {
+            let msg = self.status.steps.get(dag.id(i)).map(|r| r.message.clone()).unwrap_or_default();
+            return (RunPhase::Failed, format!("step {:?} failed: {msg}", dag.id(i)));
+        }
+        if let Some(i) = dag.dag_steps().find(|&i| self.phase_of(i) == StepPhase::Cancelled) {
+            return (RunPhase::Failed, format!("step {:?} was cancelled", dag.id(i)));
+        }
+        (RunPhase::Succeeded, String::new())
+    }
+
+    fn phase_of(&self, i: usize) -> StepPhase {
+        self.status.steps.get(self.input.dag.id(i)).map(|r| r.phase).unwrap_or_default()
+    }
+
+    fn hard_failed(&self, i: usize) -> bool {
+        self.phase_of(i) == StepPhase::Failed && !step_at(self.input.spec, i).continue_on_error
+    }
+
+    /// Whether a dependency lets its dependents run.
+    fn dep_ok(&self, i: usize) -> bool {
+        match self.phase_of(i) {
+            StepPhase::Succeeded | StepPhase::Skipped => true,
+            StepPhase::Failed => step_at(self.input.spec, i).continue_on_error,
+            _ => false,
+        }
+    }
+
+    fn stop_step(&mut self, i: usize, reason: &str) {
+        let id = self.input.dag.id(i).to_string();
+        let step = step_at(self.input.spec, i).clone();
+        let keys: Vec<String> = match self.status.steps.get(&id).and_then(|r| r.items) {
+            Some(n) => (0..n as usize).map(|c| child_key(&id, c)).chain([id.clone()]).collect(),
+            None => vec![id.clone()],
+        };
+        for key in keys {
+            let Some(row) = self.status.steps.get(&key) else {
+                if key == id {
+                    self.transition(&key, StepPhase::Cancelled, format!("not started: {reason}"));
+                }
+                continue;
+            };
+            match row.phase {
+                StepPhase::Running if key == id && row.items.is_some() => {
+                    self.transition(&key, StepPhase::Cancelled, reason.to_string())
+                }
+                StepPhase::Running => {
+                    let attempt = row.attempts;
+                    self.decision.actions.push(Action::Abort { key: key.clone(), attempt, step_id: step.id.clone(), reason: reason.into() });
+                    self.transition(&key, StepPhase::Cancelled, reason.to_string());
+                }
+                StepPhase::Pending | StepPhase::Retrying => {
+                    self.transition(&key, StepPhase::Cancelled, format!("not started: {reason}"))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn context(&self, finally_outcome: Option<RunPhase>, item: Option<(usize, Json)>) -> Context {
+        let mut ctx = Context { params: self.input.params.clone(), item, ..Default::default() };
+        for (key, row) in &self.status.steps {
+            if key.contains('[') {
+                continue;
+            }
+            ctx.steps.insert(key.clone(), StepView { phase: row.phase.as_str().into(), output: row.output.clone() });
+        }
+        let run = self.input.run;
+        ctx.run.insert("name".into(), run.name.clone());
+        ctx.run.insert("namespace".into(), run.namespace.clone());
+        ctx.run.insert("uid".into(), run.uid.clone());
+        ctx.run.insert("phase".into(), finally_outcome.unwrap_or(RunPhase::Running).as_str().into());
+        ctx
+    }
+
+    fn schedule_step(&mut self, i: usize, finally_outcome: Option<RunPhase>) {
+        let dag = self.input.dag;
+        let id = dag.id(i).to_string();
+        let step = step_at(self.input.spec, i).clone();
+        let phase = self.phase_of(i);
+        let blocked = (self.input.suspend && !self.input.cancel) || (finally_outcome.is_none() && self.stop_reason().is_some());
+        match phase {
+            StepPhase::Pending => {
+                if !dag.deps(i).iter().all(|&d| self.phase_of(d).is_finished()) {
+                    return;
+                }
+                if let Some(&bad) = dag.deps(i).iter().find(|&&d| !self.dep_ok(d)) {
+                    let msg = format!("not run: dependency {:?} {}", dag.id(bad), self.phase_of(bad).as_str().to_lowercase());
+                    self.transition(&id, StepPhase::Skipped, msg);
+                    return;
+                }
+                if finally_outcome.is_none()
+                    && let Some(f) = dag.dag_steps().find(|&j| self.hard_failed(j))
+                {
+                    let msg = format!("not run: the run is failing (step {:?} failed)", dag.id(f));
+                    self.transition(&id, StepPhase::Skipped, msg);
+                    return;
+                }
+                if blocked {
+                    return;
+                }
+                let ctx = self.context(finally_outcome, None);
+                if let Some(when) = &step.when {
+                    match template::eval_condition(when, &ctx) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.transition(&id, StepPhase::Skipped, format!("when {when:?} was false"));
+                            return;
+                        }
+                        Err(e) => {
+                            self.transition(&id, StepPhase::Failed, format!("when: {e}"));
+                            return;
+                        }
+                    }
+                }
+                if let Some(for_each) = &step.for_each {
+                    match template::eval_list(for_each, &ctx, self.input.settings.max_for_each_items) {
+                        Ok(items) => {
+                            let now = self.now();
+                            let n = items.len();
+                            let row = self.row(&id);
+                            row.items = Some(n as u32);
+                            row.started_at = Some(Time(now));
+                            for c in 0..n {
+                                self.status.steps.insert(child_key(&id, c), StepStatus::default());
+                            }
+                            self.transition(&id, StepPhase::Running, format!("fan-out over {n} items"));
+                            self.schedule_children(i, &step, items, finally_outcome);
+                        }
+                        Err(e) => self.transition(&id, StepPhase::Failed, format!("forEach: {e}")),
+                    }
+                } else {
+                    self.start(&id, &step, None, ctx, finally_outcome);
+                }
+            }
+            StepPhase::Running if self.status.steps.get(&id).and_then(|r| r.items).is_some() => {
+                if blocked {
+                    return;
+                }
+                let ctx = self.context(finally_outcome, None);
+                match step.for_each.as_deref().map(|f| template::eval_list(f, &ctx, self.input.settings.max_for_each_items)) {
+                    Some(Ok(items)) => self.schedule_children(i, &step, items, finally_outcome),
+                    Some(Err(e)) => self.transition(&id, StepPhase::Failed, format!("forEach: {e}")),
+                    None => {}
+                }
+            }
+            StepPhase::Running => self.check_timeout(&id, &step),
+            StepPhase::Retrying => {
+                if !blocked {
+                    self.retry_if_due(&id, &step, None, finally_outcome);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn schedule_children(&mut self, i: usize, step: &Step, items: Vec<Json>, finally_outcome: Option<RunPhase>) {
+        let id = self.input.dag.id(i).to_string();
+        let n = self.status.steps.get(&id).and_then(|r| r.items).unwrap_or(0) as usize;
+        if items.len() != n {
+            self.transition(&id, StepPhase::Failed, format!("forEach list changed from {n} to {} items", items.len()));
+            return;
+        }
+        let max_parallel = step.max_parallel.map_or(usize::MAX, |m| m as usize);
+        let mut running = (0..n)
+            .filter(|&c| self.status.steps.get(&child_key(&id, c)).is_some_and(|r| r.phase == StepPhase::Running))
+            .count();
+        for (c, item) in items.into_iter().enumerate() {
+            let key = child_key(&id, c);
+            let phase = self.status.steps.get(&key).map(|r| r.phase).unwrap_or_default();
+            match phase {
+                StepPhase::Running => self.check_timeout(&key, step),
+                StepPhase::Pending if running < max_parallel => {
+                    let ctx = self.context(finally_outcome, Some((c, item)));
+                    self.start(&key, step, Some(c), ctx, finally_outcome);
+                    if self.status.steps.get(&key).is_some_and(|r| r.phase == StepPhase::Running) {
+                        running += 1;
+                    }
+                }
+                StepPhase::Retrying if running < max_parallel => {
+                    if self.retry_if_due(&key, step, Some((c, item)), finally_outcome) {
+                        running += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // All children settled: settle the parent.
+        let rows: Vec<&StepStatus> = (0..n).filter_map(|c| self.status.steps.get(&child_key(&id, c))).collect();
+        if rows.len() == n && rows.iter().all(|r| r.phase.is_finished()) {
+            let failed: Vec<usize> = (0..n).filter(|&c| rows[c].phase == StepPhase::Failed).collect();
+            let outputs: Vec<Json> =
+                rows.iter().map(|r| r.output.clone().map(Json::String).unwrap_or(Json::Null)).collect();
+            let cached = !rows.is_empty() && rows.iter().all(|r| r.cached);
+            let output = serde_json::to_string(&outputs).unwrap_or_else(|_| "[]".into());
+            let first_err = failed.first().map(|&c| rows[c].message.clone());
+            let row = self.row(&id);
+            row.output = Some(output);
+            row.cached = cached;
+            match first_err {
+                None => self.transition(&id, StepPhase::Succeeded, ""),
+                Some(msg) => {
+                    let m = format!("{} of {n} items failed; {}: {msg}", failed.len(), child_key(&id, failed[0]));
+                    self.transition(&id, StepPhase::Failed, m)
+                }
+            }
+        }
+    }
+
+    /// Starts the next attempt when its backoff has passed; true when it started.
+    fn retry_if_due(&mut self, key: &str, step: &Step, item: Option<(usize, Json)>, finally_outcome: Option<RunPhase>) -> bool {
+        let due = self.status.steps.get(key).and_then(|r| r.retry_at.clone()).map(|t| t.0).unwrap_or(self.now());
+        if due > self.now() {
+            self.requeue(duration_until(self.now(), due));
+            return false;
+        }
+        let index = item.as_ref().map(|(c, _)| *c);
+        let ctx = self.context(finally_outcome, item);
+        self.start(key, step, index, ctx, finally_outcome);
+        self.status.steps.get(key).is_some_and(|r| r.phase == StepPhase::Running)
+    }
+
+    fn check_timeout(&mut self, key: &str, step: &Step) {
+        let Some(timeout) = self.timeout(step) else { return };
+        let Some(started) = self.status.steps.get(key).and_then(|r| r.started_at.clone()) else { return };
+        let due = started.0 + timeout;
+        if self.now() >= due {
+            let attempt = self.status.steps.get(key).map(|r| r.attempts).unwrap_or(0);
+            let reason = format!("timed out after {}s", timeout.as_secs());
+            self.decision.actions.push(Action::Abort { key: key.into(), attempt, step_id: step.id.clone(), reason: reason.clone() });
+            self.fail_attempt(key, step, reason, true);
+        } else {
+            self.requeue(duration_until(self.now(), due));
+        }
+    }
+
+    /// Renders and starts an attempt; template steps finish on the spot.
+    fn start(&mut self, key: &str, step: &Step, index: Option<usize>, ctx: Context, _finally: Option<RunPhase>) {
+        let now = self.now();
+        let attempt = {
+            let row = self.row(key);
+            row.attempts += 1;
+            row.started_at = Some(Time(now));
+            row.finished_at = None;
+            row.retry_at = None;
+            row.attempts
+        };
+        let work = match render_work(step, &ctx) {
+            Ok(Some(work)) => work,
+            Ok(None) => {
+                // A template step: its rendering is its work.
+                let text = step.template.as_deref().map(|t| template::render(t, &ctx));
+                match text {
+                    Some(Ok(text)) => {
+                        let row = self.row(key);
+                        row.output = Some(text);
+                        row.phase = StepPhase::Running;
+                        self.transition(key, StepPhase::Succeeded, "");
+                    }
+                    Some(Err(e)) => self.transition(key, StepPhase::Failed, format!("template: {e}")),
+                    None => self.transition(key, StepPhase::Failed, "step has no kind"),
+                }
+                return;
+            }
+            Err((field, e)) => {
+                self.transition(key, StepPhase::Failed, format!("{field}: {e}"));
+                return;
+            }
+        };
+        let msg = if attempt > 1 { format!("attempt {attempt}") } else { String::new() };
+        self.transition(key, StepPhase::Running, msg);
+        let timeout = self.timeout(step);
+        if let Some(t) = timeout {
+            self.requeue(t);
+        }
+        self.decision.actions.push(Action::Start(TaskStart {
+            key: key.to_string(),
+            step_id: step.id.clone(),
+            index,
+            attempt,
+            work,
+            timeout,
+            cache: step.cache.clone().filter(|c| c.enabled),
+        }));
+    }
+}
+
+fn record_info(row: &mut StepStatus, info: &TaskInfo) {
+    if info.agent.is_some() {
+        row.agent = info.agent.clone();
+    }
+    if info.replica.is_some() {
+        row.replica = info.replica.clone();
+    }
+    if info.tokens.is_some() {
+        row.tokens = info.tokens;
+    }
+    row.cached = info.cached;
+}
+
+fn duration_until(now: Timestamp, then: Timestamp) -> Duration {
+    let d = then.as_millisecond() - now.as_millisecond();
+    Duration::from_millis(d.max(0) as u64)
+}
+
+/// Renders a step's work; `Ok(None)` for template steps (rendered by the caller).
+fn render_work(step: &Step, ctx: &Context) -> Result<Option<Work>, (String, TemplateError)> {
+    let r = |field: &str, s: &str| template::render(s, ctx).map_err(|e| (field.to_string(), e));
+    if let Some(a) = &step.agent {
+        return Ok(Some(Work::Agent {
+            agent: a.ref_.clone(),
+            selector: a.selector.clone(),
+            strategy: a.strategy,
+            prompt: r("agent.prompt", &a.prompt)?,
+        }));
+    }
+    if let Some(c) = &step.container {
+        let command = c.command.iter().enumerate().map(|(j, s)| r(&format!("container.command[{j}]"), s)).collect::<Result<_, _>>()?;
+        let args = c.args.iter().enumerate().map(|(j, s)| r(&format!("container.args[{j}]"), s)).collect::<Result<_, _>>()?;
+        let mut env = c.env.clone();
+        for (j, e) in env.iter_mut().enumerate() {
+            if let Some(v) = &e.value {
+                e.value = Some(r(&format!("container.env[{j}].value"), v)?);
+            }
+        }
+        return Ok(Some(Work::Container {
+            image: c.image.clone(),
+            command,
+            args,
+            env,
+            resources: c.resources.clone(),
+            working_dir: c.working_dir.clone(),
+            service_account_name: c.service_account_name.clone(),
+        }));
+    }
+    if let Some(h) = &step.http {
+        let mut headers = BTreeMap::new();
+        for (k, v) in &h.headers {
+            headers.insert(k.clone(), r(&format!("http.headers.{k}"), v)?);
+        }
+        return Ok(Some(Work::Http {
+            method: h.method,
+            url: r("http.url", &h.url)?,
+            headers,
+            body: h.body.as_deref().map(|b| r("http.body", b)).transpose()?,
+            success_codes: h.success_codes.clone(),
+        }));
+    }
+    Ok(None)
+}

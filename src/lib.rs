@@ -1,0 +1,19 @@
+//! volt-operator: a Kubernetes operator that orchestrates AI-agent workflows.
+//!
+//! - [`api`]: the custom resources (Agent, Workflow, WorkflowRun).
+//! - [`engine`]: the pure workflow engine: DAG validation, templating, scheduling decisions.
+//! - [`controllers`]: thin reconcilers that read, decide with the engine, apply and write status.
+//! - [`executors`]: how steps run (pods, HTTP, agent calls; templates run in the engine).
+//! - [`http`]: health, readiness, metrics and the JSON API.
+//! - [`config`]: command line and environment.
+//! - [`naming`]: names and labels of every child object.
+//! - [`metrics`]: the Prometheus metrics.
+
+pub mod api;
+pub mod config;
+pub mod controllers;
+pub mod engine;
+pub mod executors;
+pub mod http;
+pub mod metrics;
+pub mod naming;

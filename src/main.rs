@@ -1,0 +1,119 @@
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+use volt_operator::config::{Cli, Command, CrdArgs, LogArgs, LogFormat, RunArgs};
+use volt_operator::controllers::{self, Health};
+use volt_operator::metrics::Metrics;
+use volt_operator::{api, http};
+
+fn init_logging(log: &LogArgs) {
+    let filter = EnvFilter::try_new(&log.log_level).unwrap_or_else(|e| {
+        eprintln!("--log-level {:?} is not a valid filter ({e}); using info", log.log_level);
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn print_crds(args: &CrdArgs) -> Result<(), String> {
+    let crds = api::crds();
+    match &args.out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            for crd in &crds {
+                let path = dir.join(api::crd_file_name(crd));
+                std::fs::write(&path, api::crd_yaml(crd)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for crd in &crds {
+                if let Err(e) = out.write_all(api::crd_yaml(crd).as_bytes()) {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(());
+                    }
+                    return Err(format!("writing to stdout: {e}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    let metrics = Metrics::new();
+    let config = kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration (KUBECONFIG or in-cluster): {e}"))?;
+    let client = controllers::client_with_metrics(config, &metrics).await.map_err(|e| format!("building the Kubernetes client: {e}"))?;
+    let health = Arc::new(Health::default());
+    health.leader.store(true, Ordering::Relaxed);
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            info!("shutting down");
+            shutdown.cancel();
+        });
+    }
+    let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), health.clone(), shutdown.clone()));
+    controllers::run(client, args, metrics, health, None, shutdown.clone()).await;
+    shutdown.cancel();
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("HTTP server: {e}")),
+        Err(e) => Err(format!("HTTP server task: {e}")),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = match cli.command {
+        Command::Crd(args) => print_crds(&args),
+        Command::Run(args) => {
+            init_logging(&cli.log);
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(run(*args)),
+                Err(e) => Err(format!("starting the runtime: {e}")),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

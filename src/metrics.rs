@@ -1,0 +1,181 @@
+//! Prometheus metrics, named in Prometheus style: `volt_` prefix, units in names, `_total`
+//! counters, histograms for durations.
+
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the operator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: IntCounterVec,
+    pub reconcile_errors: IntCounterVec,
+    pub reconcile_duration: HistogramVec,
+    pub runs: IntCounterVec,
+    pub runs_active: IntGaugeVec,
+    pub steps: IntCounterVec,
+    pub step_duration: HistogramVec,
+    pub queue_depth: IntGauge,
+    pub inprocess_tasks: IntGauge,
+    pub api_requests: IntCounterVec,
+    pub status_writes: IntCounterVec,
+    pub events_dropped: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+    registry.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reconciles = counter(&registry, "volt_reconciles_total", "Reconciliations, by controller.", &["controller"]);
+        let reconcile_errors =
+            counter(&registry, "volt_reconcile_errors_total", "Failed reconciliations, by controller and error.", &["controller", "error"]);
+        let reconcile_duration = histogram(
+            &registry,
+            "volt_reconcile_duration_seconds",
+            "Duration of one reconciliation, by controller.",
+            &["controller"],
+            vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+        );
+        let runs = counter(&registry, "volt_workflow_runs_total", "Runs that reached a phase, by phase.", &["phase"]);
+        let runs_active = IntGaugeVec::new(Opts::new("volt_workflow_runs", "Runs known to the operator, by phase."), &["phase"])
+            .expect("valid metric");
+        registry.register(Box::new(runs_active.clone())).expect("metric registered once");
+        let steps = counter(&registry, "volt_steps_total", "Step transitions, by kind and phase.", &["kind", "phase"]);
+        let step_duration = histogram(
+            &registry,
+            "volt_step_duration_seconds",
+            "Duration of finished step attempts, by kind and phase.",
+            &["kind", "phase"],
+            vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0],
+        );
+        let queue_depth = IntGauge::new("volt_run_queue_depth", "Runs waiting for a concurrency slot.").expect("valid metric");
+        registry.register(Box::new(queue_depth.clone())).expect("metric registered once");
+        let inprocess_tasks = IntGauge::new("volt_inprocess_tasks", "In-process step tasks running.").expect("valid metric");
+        registry.register(Box::new(inprocess_tasks.clone())).expect("metric registered once");
+        let api_requests =
+            counter(&registry, "volt_kube_api_requests_total", "Requests the operator sent to the Kubernetes API, by verb.", &["verb"]);
+        let status_writes =
+            counter(&registry, "volt_status_writes_total", "Status writes, by kind of object.", &["kind"]);
+        let events_dropped =
+            counter(&registry, "volt_events_dropped_total", "Events dropped because a queue was full, by sink.", &["sink"]);
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            runs,
+            runs_active,
+            steps,
+            step_duration,
+            queue_depth,
+            inprocess_tasks,
+            api_requests,
+            status_writes,
+            events_dropped,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// A measure of one reconciliation; records its duration when dropped.
+    pub fn reconcile_timer(&self, controller: &'static str) -> ReconcileTimer {
+        self.reconciles.with_label_values(&[controller]).inc();
+        ReconcileTimer { start: Instant::now(), hist: self.reconcile_duration.with_label_values(&[controller]) }
+    }
+}
+
+pub struct ReconcileTimer {
+    start: Instant,
+    hist: prometheus::Histogram,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.hist.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// The verb of a Kubernetes API request, as the API server's audit log names it.
+pub fn verb_of(method: &http::Method, uri: &http::Uri) -> &'static str {
+    let query = uri.query().unwrap_or("");
+    let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+    match *method {
+        http::Method::GET if watch => "watch",
+        http::Method::GET => {
+            // A collection ends with the plural resource; an object path has the name after it.
+            "get_or_list"
+        }
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
+/// A tower layer that counts the requests a kube client sends, by verb.
+#[derive(Clone)]
+pub struct ApiCounterLayer {
+    pub counter: Arc<IntCounterVec>,
+}
+
+impl<S> tower::Layer<S> for ApiCounterLayer {
+    type Service = ApiCounter<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiCounter { inner, counter: self.counter.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiCounter<S> {
+    inner: S,
+    counter: Arc<IntCounterVec>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for ApiCounter<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        self.counter.with_label_values(&[verb_of(req.method(), req.uri())]).inc();
+        self.inner.call(req)
+    }
+}

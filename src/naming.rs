@@ -1,0 +1,105 @@
+//! The one place that builds child objects' names and labels.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "volt-operator";
+pub const LABEL_RUN: &str = "volt.dev/run";
+pub const LABEL_STEP: &str = "volt.dev/step";
+pub const LABEL_ATTEMPT: &str = "volt.dev/attempt";
+pub const LABEL_AGENT: &str = "volt.dev/agent";
+/// Annotation on step pods: the status key of the step (with the forEach index).
+pub const ANNOTATION_STEP_KEY: &str = "volt.dev/step-key";
+
+/// Longest DNS label (pod hostnames, label values).
+pub const MAX_LABEL: usize = 63;
+
+fn short_hash(s: &str) -> String {
+    let digest = Sha256::digest(s.as_bytes());
+    hex::encode(&digest[..4])
+}
+
+/// Makes `s` fit in `max` characters: unchanged when it fits, otherwise a prefix and a hash of
+/// the whole, so distinct long names stay distinct.
+pub fn fit(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let hash = short_hash(s);
+    let mut prefix: String = s.chars().take(max - hash.len() - 1).collect();
+    while prefix.ends_with(['-', '.']) {
+        prefix.pop();
+    }
+    format!("{prefix}-{hash}")
+}
+
+/// Turns a status key such as `implement[3]` into a DNS-label fragment (`implement-3`).
+pub fn key_fragment(key: &str) -> String {
+    key.replace('[', "-").replace(']', "")
+}
+
+/// Name of the pod of attempt `attempt` of step key `key` in run `run`: deterministic, a DNS
+/// label (at most 63 characters) so it is also a valid hostname.
+pub fn pod_name(run: &str, key: &str, attempt: u32) -> String {
+    fit(&format!("{run}-{}-{attempt}", key_fragment(key)), MAX_LABEL)
+}
+
+/// Name of the ConfigMap holding a step's output.
+pub fn output_config_map(run: &str, key: &str) -> String {
+    fit(&format!("{run}-out-{}", key_fragment(key)), 253)
+}
+
+/// A label value (at most 63 characters) for a name that may be longer.
+pub fn label_value(name: &str) -> String {
+    fit(name, MAX_LABEL)
+}
+
+/// Labels of everything the operator creates for a run.
+pub fn run_labels(run: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+        (LABEL_RUN.to_string(), label_value(run)),
+    ])
+}
+
+/// Labels of a step's pod.
+pub fn step_labels(run: &str, step_id: &str, attempt: u32) -> BTreeMap<String, String> {
+    let mut labels = run_labels(run);
+    labels.insert(LABEL_STEP.to_string(), label_value(step_id));
+    labels.insert(LABEL_ATTEMPT.to_string(), attempt.to_string());
+    labels
+}
+
+/// Labels of an Agent's Deployment and its pods.
+pub fn agent_labels(agent: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+        (LABEL_AGENT.to_string(), label_value(agent)),
+    ])
+}
+
+/// Name of the Deployment of a deployment-mode Agent.
+pub fn agent_deployment(agent: &str) -> String {
+    fit(&format!("{agent}-agent"), 253)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_and_stay_distinct() {
+        assert_eq!(pod_name("run1", "build", 1), "run1-build-1");
+        assert_eq!(pod_name("run1", "impl[3]", 2), "run1-impl-3-2");
+        let long = "r".repeat(200);
+        let a = pod_name(&long, "a", 1);
+        let b = pod_name(&long, "b", 1);
+        assert!(a.len() <= 63 && b.len() <= 63);
+        assert_ne!(a, b);
+        assert_eq!(a, pod_name(&long, "a", 1), "deterministic");
+        assert!(label_value(&long).len() <= 63);
+        assert!(!fit(&format!("{}-{}", "a".repeat(54), "b".repeat(20)), 63).contains("--"));
+    }
+}
