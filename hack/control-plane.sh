@@ -60,7 +60,8 @@ install_etcd() {
   if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
     as_root systemctl stop etcd || true
   fi
-  pkill -x etcd 2>/dev/null || true
+  # Only the packaged service (user etcd): a test suite's own etcd may be running as well.
+  pkill -x -u etcd etcd 2>/dev/null || true
 }
 
 build_kubernetes() {
@@ -75,6 +76,7 @@ build_kubernetes() {
     (cd "$BUILD_DIR" && apt-get source --download-only "kubernetes/bookworm" >/dev/null)
     local dsc
     dsc=$(ls "$BUILD_DIR"/kubernetes_*.dsc | head -n1)
+    rm -rf "$src.tmp" # left by an interrupted run; dpkg-source will not extract over it
     (cd "$BUILD_DIR" && dpkg-source --no-check -x "$dsc" "$src.tmp" >/dev/null)
     # The vendored reflect2 v1.0.1 crashes the apiserver under Go >= 1.18 the first time it
     # writes a custom resource; Debian's own v1.0.2 source fixes it.
@@ -131,7 +133,7 @@ install_promtool() {
   apt_install prometheus
   # Only promtool is wanted; the packaged server must not keep running.
   if command -v systemctl >/dev/null; then as_root systemctl stop prometheus 2>/dev/null || true; fi
-  pkill -x prometheus 2>/dev/null || true
+  pkill -x -u prometheus prometheus 2>/dev/null || true
 }
 
 case ${1:-install} in

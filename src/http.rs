@@ -60,7 +60,12 @@ async fn stats(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(addr: SocketAddr, metrics: Metrics, health: Arc<Health>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "HTTP server listening");
     axum::serve(listener, router(metrics, health))

@@ -52,8 +52,12 @@ fn print_crds(args: &CrdArgs) -> Result<(), String> {
 
 async fn run(args: RunArgs) -> Result<(), String> {
     let metrics = Metrics::new();
-    let config = kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration (KUBECONFIG or in-cluster): {e}"))?;
-    let client = controllers::client_with_metrics(config, &metrics).await.map_err(|e| format!("building the Kubernetes client: {e}"))?;
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| format!("no Kubernetes configuration (KUBECONFIG or in-cluster): {e}"))?;
+    let client = controllers::client_with_metrics(config, &metrics)
+        .await
+        .map_err(|e| format!("building the Kubernetes client: {e}"))?;
     let health = Arc::new(Health::default());
     health.leader.store(true, Ordering::Relaxed);
     let shutdown = CancellationToken::new();

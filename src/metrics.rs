@@ -48,9 +48,14 @@ fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], bucke
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let reconciles = counter(&registry, "volt_reconciles_total", "Reconciliations, by controller.", &["controller"]);
-        let reconcile_errors =
-            counter(&registry, "volt_reconcile_errors_total", "Failed reconciliations, by controller and error.", &["controller", "error"]);
+        let reconciles =
+            counter(&registry, "volt_reconciles_total", "Reconciliations, by controller.", &["controller"]);
+        let reconcile_errors = counter(
+            &registry,
+            "volt_reconcile_errors_total",
+            "Failed reconciliations, by controller and error.",
+            &["controller", "error"],
+        );
         let reconcile_duration = histogram(
             &registry,
             "volt_reconcile_duration_seconds",
@@ -59,8 +64,9 @@ impl Metrics {
             vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
         );
         let runs = counter(&registry, "volt_workflow_runs_total", "Runs that reached a phase, by phase.", &["phase"]);
-        let runs_active = IntGaugeVec::new(Opts::new("volt_workflow_runs", "Runs known to the operator, by phase."), &["phase"])
-            .expect("valid metric");
+        let runs_active =
+            IntGaugeVec::new(Opts::new("volt_workflow_runs", "Runs known to the operator, by phase."), &["phase"])
+                .expect("valid metric");
         registry.register(Box::new(runs_active.clone())).expect("metric registered once");
         let steps = counter(&registry, "volt_steps_total", "Step transitions, by kind and phase.", &["kind", "phase"]);
         let step_duration = histogram(
@@ -70,16 +76,26 @@ impl Metrics {
             &["kind", "phase"],
             vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0],
         );
-        let queue_depth = IntGauge::new("volt_run_queue_depth", "Runs waiting for a concurrency slot.").expect("valid metric");
+        let queue_depth =
+            IntGauge::new("volt_run_queue_depth", "Runs waiting for a concurrency slot.").expect("valid metric");
         registry.register(Box::new(queue_depth.clone())).expect("metric registered once");
-        let inprocess_tasks = IntGauge::new("volt_inprocess_tasks", "In-process step tasks running.").expect("valid metric");
+        let inprocess_tasks =
+            IntGauge::new("volt_inprocess_tasks", "In-process step tasks running.").expect("valid metric");
         registry.register(Box::new(inprocess_tasks.clone())).expect("metric registered once");
-        let api_requests =
-            counter(&registry, "volt_kube_api_requests_total", "Requests the operator sent to the Kubernetes API, by verb.", &["verb"]);
+        let api_requests = counter(
+            &registry,
+            "volt_kube_api_requests_total",
+            "Requests the operator sent to the Kubernetes API, by verb.",
+            &["verb"],
+        );
         let status_writes =
             counter(&registry, "volt_status_writes_total", "Status writes, by kind of object.", &["kind"]);
-        let events_dropped =
-            counter(&registry, "volt_events_dropped_total", "Events dropped because a queue was full, by sink.", &["sink"]);
+        let events_dropped = counter(
+            &registry,
+            "volt_events_dropped_total",
+            "Events dropped because a queue was full, by sink.",
+            &["sink"],
+        );
         Self {
             registry,
             reconciles,

@@ -58,10 +58,7 @@ pub fn label_value(name: &str) -> String {
 
 /// Labels of everything the operator creates for a run.
 pub fn run_labels(run: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
-        (LABEL_RUN.to_string(), label_value(run)),
-    ])
+    BTreeMap::from([(LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()), (LABEL_RUN.to_string(), label_value(run))])
 }
 
 /// Labels of a step's pod.

@@ -290,7 +290,8 @@ pub struct EndpointStatus {
     /// Pod serving this replica (empty for an external endpoint).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod: String,
-    /// host:port (or the base URL for an external endpoint).
+    /// host:port (or the base URL for an external endpoint); empty until the pod has an IP.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
     /// Whether calls are sent to this replica.
     pub healthy: bool,

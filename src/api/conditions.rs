@@ -38,8 +38,13 @@ impl Cond {
 }
 
 /// Merges `c` into `conditions`, keeping `lastTransitionTime` unless the status flips.
-pub fn set_condition(conditions: &mut Vec<Condition>, c: Cond, generation: Option<i64>, now: Timestamp) {
+pub fn set_condition(conditions: &mut Vec<Condition>, mut c: Cond, generation: Option<i64>, now: Timestamp) {
     let status = if c.status { "True" } else { "False" }.to_string();
+    // The 1.20 API server's server-side apply turns an empty string into null, which the
+    // schema then rejects: never send an empty message.
+    if c.message.is_empty() {
+        c.message = c.reason.clone();
+    }
     match conditions.iter_mut().find(|x| x.type_ == c.type_) {
         Some(existing) => {
             if existing.status != status {
@@ -81,7 +86,12 @@ pub fn set_kstatus(
         KState::Stalled => (false, false, true),
     };
     set_condition(conditions, Cond::new(READY, ready, reason, message), generation, now);
-    set_condition(conditions, Cond::new(RECONCILING, reconciling, reason, if reconciling { message } else { "" }), generation, now);
+    set_condition(
+        conditions,
+        Cond::new(RECONCILING, reconciling, reason, if reconciling { message } else { "" }),
+        generation,
+        now,
+    );
     set_condition(conditions, Cond::new(STALLED, stalled, reason, if stalled { message } else { "" }), generation, now);
 }
 

@@ -13,8 +13,8 @@ pub use conditions::*;
 pub use run::*;
 pub use workflow::*;
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// API group of every volt resource.
 pub const GROUP: &str = "volt.dev";
@@ -96,7 +96,8 @@ mod tests {
         let conds = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
         assert_eq!(conds["x-kubernetes-list-type"], "map");
         assert_eq!(conds["x-kubernetes-list-map-keys"][0], "type");
-        let id = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["workflow"]["properties"]["steps"]["items"]["properties"]["id"];
+        let id = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["workflow"]["properties"]["steps"]["items"]
+            ["properties"]["id"];
         assert_eq!(id["pattern"], STEP_ID_PATTERN);
     }
 }

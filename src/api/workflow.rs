@@ -148,7 +148,11 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { initial_seconds: default_initial_backoff(), factor: default_backoff_factor(), max_seconds: default_max_backoff() }
+        Self {
+            initial_seconds: default_initial_backoff(),
+            factor: default_backoff_factor(),
+            max_seconds: default_max_backoff(),
+        }
     }
 }
 

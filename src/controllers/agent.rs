@@ -18,7 +18,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{
-    Agent, AgentStatus, Cond, DEGRADED, EndpointStatus, FIELD_MANAGER, KState, ReplicaCounts, set_condition, set_kstatus,
+    Agent, AgentStatus, Cond, DEGRADED, EndpointStatus, FIELD_MANAGER, KState, ReplicaCounts, set_condition,
+    set_kstatus,
 };
 use crate::metrics::Metrics;
 use crate::naming;
@@ -49,11 +50,7 @@ pub fn replica_health(pod: &Pod) -> (bool, String) {
     if phase != "Running" {
         return (false, phase.to_string());
     }
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
     if !ready {
         return (false, "NotReady".into());
     }
@@ -125,7 +122,8 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let generation = agent.metadata.generation;
     let now = Timestamp::now();
     let old = agent.status.clone().unwrap_or_default();
-    let mut status = AgentStatus { conditions: old.conditions.clone(), observed_generation: generation, ..Default::default() };
+    let mut status =
+        AgentStatus { conditions: old.conditions.clone(), observed_generation: generation, ..Default::default() };
 
     let kind = endpoint_kind(&agent);
     match kind {
@@ -157,7 +155,14 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                             Ok(sel) => (sel, r.port, None),
                             Err(msg) => {
                                 let msg = format!("spec.replicas.selector: {msg}");
-                                set_kstatus(&mut status.conditions, KState::Stalled, "InvalidSpec", &msg, generation, now);
+                                set_kstatus(
+                                    &mut status.conditions,
+                                    KState::Stalled,
+                                    "InvalidSpec",
+                                    &msg,
+                                    generation,
+                                    now,
+                                );
                                 return write_status(&agent, &ctx, &old, status).await;
                             }
                         }
@@ -189,9 +194,17 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             status.ready_replicas = format!("{ready}/{desired}");
             status.endpoints = rows;
             if healthy > 0 {
-                set_kstatus(&mut status.conditions, KState::Ready, "Serving", &format!("{healthy} of {desired} replicas healthy"), generation, now);
+                set_kstatus(
+                    &mut status.conditions,
+                    KState::Ready,
+                    "Serving",
+                    &format!("{healthy} of {desired} replicas healthy"),
+                    generation,
+                    now,
+                );
             } else {
-                let msg = if desired == 0 { "no replicas".to_string() } else { format!("0 of {desired} replicas healthy") };
+                let msg =
+                    if desired == 0 { "no replicas".to_string() } else { format!("0 of {desired} replicas healthy") };
                 set_kstatus(&mut status.conditions, KState::Reconciling, "NoHealthyReplicas", &msg, generation, now);
             }
             let unhealthy: Vec<String> = status
@@ -202,7 +215,12 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 .collect();
             let degraded = !unhealthy.is_empty() || healthy < desired;
             let msg = if unhealthy.is_empty() { String::new() } else { format!("unhealthy: {}", unhealthy.join(", ")) };
-            set_condition(&mut status.conditions, Cond::new(DEGRADED, degraded, if degraded { "ReplicasUnhealthy" } else { "AllHealthy" }, msg), generation, now);
+            set_condition(
+                &mut status.conditions,
+                Cond::new(DEGRADED, degraded, if degraded { "ReplicasUnhealthy" } else { "AllHealthy" }, msg),
+                generation,
+                now,
+            );
         }
     }
     write_status(&agent, &ctx, &old, status).await
@@ -255,15 +273,13 @@ pub async fn controller(
     // A pod change re-checks every Agent in its namespace whose replicas might include it.
     let mapper = move |pod: Pod| {
         let ns = pod.namespace();
-        agents
-            .state()
-            .into_iter()
-            .filter(|a| a.namespace() == ns)
-            .map(|a| ObjectRef::from_obj(&*a))
-            .collect::<Vec<_>>()
+        agents.state().into_iter().filter(|a| a.namespace() == ns).map(|a| ObjectRef::from_obj(&*a)).collect::<Vec<_>>()
     };
     let stream = controller
-        .owns(deployments, watcher::Config::default().labels(&format!("{}={}", naming::LABEL_MANAGED_BY, naming::MANAGED_BY)))
+        .owns(
+            deployments,
+            watcher::Config::default().labels(&format!("{}={}", naming::LABEL_MANAGED_BY, naming::MANAGED_BY)),
+        )
         .watches(pods, watcher::Config::default(), mapper)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx);

@@ -22,10 +22,7 @@ impl EventSink {
     /// Starts the publisher task.
     pub fn start(client: Client, metrics: Metrics) -> Self {
         let (tx, mut rx) = mpsc::channel::<(Event, ObjectReference)>(QUEUE);
-        let reporter = Reporter {
-            controller: "volt-operator".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        let reporter = Reporter { controller: "volt-operator".into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client, reporter);
         tokio::spawn(async move {
             while let Some((ev, reference)) = rx.recv().await {

@@ -98,6 +98,21 @@ pub(crate) async fn drain<K, E, E2>(
         .await;
 }
 
+/// Waits until a store has its first full list. A store's readiness future wakes only its
+/// most recent poller (the controller also waits on it), so poll it on a short interval.
+pub(crate) async fn wait_ready<K>(store: &kube::runtime::reflector::Store<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_millis(50), store.wait_until_ready()).await {
+            Ok(_) => return,
+            Err(_) => continue,
+        }
+    }
+}
+
 /// Builds a kube client whose requests are counted in `metrics` by verb.
 pub async fn client_with_metrics(config: kube::Config, metrics: &Metrics) -> Result<Client, kube::Error> {
     let layer = crate::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
@@ -119,7 +134,12 @@ pub async fn run(
     let mut tasks = Vec::new();
     for scope in scopes(&args) {
         info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
-        tasks.push(tokio::spawn(workflow::controller(client.clone(), scope.clone(), metrics.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(workflow::controller(
+            client.clone(),
+            scope.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(agent::controller(
             client.clone(),
             scope.clone(),
@@ -139,8 +159,8 @@ pub async fn run(
             shutdown.clone(),
         )));
     }
-    for t in tasks {
-        if let Err(e) = t.await {
+    for res in futures::future::join_all(tasks).await {
+        if let Err(e) = res {
             warn!(error = %e, "controller task ended abnormally");
         }
     }

@@ -79,7 +79,11 @@ enum Admission {
 
 impl Ctx {
     fn workflow_key(run: &WorkflowRun) -> String {
-        run.spec.workflow_ref.as_ref().map(|r| format!("{}/{}", run.namespace().unwrap_or_default(), r.name)).unwrap_or_default()
+        run.spec
+            .workflow_ref
+            .as_ref()
+            .map(|r| format!("{}/{}", run.namespace().unwrap_or_default(), r.name))
+            .unwrap_or_default()
     }
 
     /// Concurrency: the Workflow's `maxRuns` and the operator-wide limit; queued runs start by
@@ -110,10 +114,16 @@ impl Ctx {
             ));
         }
         if wf_full {
-            return Admission::Queue(format!("waiting: the workflow's concurrency.maxRuns ({}) is reached", limit.map(|c| c.max_runs).unwrap_or_default()));
+            return Admission::Queue(format!(
+                "waiting: the workflow's concurrency.maxRuns ({}) is reached",
+                limit.map(|c| c.max_runs).unwrap_or_default()
+            ));
         }
         if global_full {
-            return Admission::Queue(format!("waiting: the operator's limit of {} concurrent runs is reached", self.max_concurrent_runs));
+            return Admission::Queue(format!(
+                "waiting: the operator's limit of {} concurrent runs is reached",
+                self.max_concurrent_runs
+            ));
         }
         // Fairness: a waiting run of higher priority (or older at equal priority) goes first.
         let key = |r: &WorkflowRun| (-r.spec.priority, r.creation_timestamp().map(|t| t.0), r.name_any());
@@ -121,10 +131,13 @@ impl Ctx {
         let better_waiting = all.iter().any(|r| {
             let phase = r.status.as_ref().map(|s| s.phase).unwrap_or_default();
             let competes = limit.is_some() && Self::workflow_key(r) == wf_key;
-            let waiting = phase == RunPhase::Queued && r.uid() != run.uid() && !admitted.contains_key(&r.uid().unwrap_or_default());
+            let waiting = phase == RunPhase::Queued
+                && r.uid() != run.uid()
+                && !admitted.contains_key(&r.uid().unwrap_or_default());
             waiting && (competes || self.max_concurrent_runs > 0) && key(r) < mine
         });
-        let slots_left_wf = limit.map_or(usize::MAX, |c| c.max_runs as usize - active.values().filter(|k| **k == wf_key).count());
+        let slots_left_wf =
+            limit.map_or(usize::MAX, |c| c.max_runs as usize - active.values().filter(|k| **k == wf_key).count());
         if better_waiting && slots_left_wf <= 1 {
             return Admission::Queue("waiting: runs with a higher priority are queued first".into());
         }
@@ -169,7 +182,11 @@ fn conditions_for(status: &mut WorkflowRunStatus, generation: Option<i64>, now: 
         RunPhase::Running => (KState::Reconciling, "Running"),
         RunPhase::Suspended => (KState::Reconciling, "Suspended"),
     };
-    let message = if status.message.is_empty() { format!("run {}", status.phase.as_str().to_lowercase()) } else { status.message.clone() };
+    let message = if status.message.is_empty() {
+        format!("run {}", status.phase.as_str().to_lowercase())
+    } else {
+        status.message.clone()
+    };
     set_kstatus(&mut status.conditions, state, reason, &message, generation, now);
     status.observed_generation = generation;
 }
@@ -201,7 +218,9 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
                 let cached = ctx.workflows.get(&ObjectRef::new(&r.name).within(&ns));
                 let found = match cached {
                     Some(wf) => Some(wf.spec.clone()),
-                    None => Api::<Workflow>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await?.map(|w| w.spec),
+                    None => {
+                        Api::<Workflow>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await?.map(|w| w.spec)
+                    }
                 };
                 match found {
                     Some(spec) => {
@@ -210,7 +229,10 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
                     }
                     None => {
                         status.phase = RunPhase::Pending;
-                        status.message = format!("spec.workflowRef: Workflow {:?} not found in namespace {ns:?}; waiting for it", r.name);
+                        status.message = format!(
+                            "spec.workflowRef: Workflow {:?} not found in namespace {ns:?}; waiting for it",
+                            r.name
+                        );
                         conditions_for(&mut status, generation, now);
                         write_status(&run, &ctx, &before, &status).await?;
                         return Ok(Action::requeue(Duration::from_secs(15)));
@@ -272,12 +294,18 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     };
     events.extend(pod_events);
     for (key, row) in &status.steps {
-        if row.phase == StepPhase::Running && row.items.is_none() && !is_container(&spec, &dag, key) && !ctx.pool.knows(&uid, key, row.attempts) && !events.iter().any(|e| event_key(e) == (key.as_str(), row.attempts)) {
+        if row.phase == StepPhase::Running
+            && row.items.is_none()
+            && !is_container(&spec, &dag, key)
+            && !ctx.pool.knows(&uid, key, row.attempts)
+            && !events.iter().any(|e| event_key(e) == (key.as_str(), row.attempts))
+        {
             events.push(Event::Lost { key: key.clone(), attempt: row.attempts });
         }
     }
 
-    let deadline_secs = run.spec.timeout_seconds.map(|s| Duration::from_secs(u64::from(s))).unwrap_or(ctx.default_timeout);
+    let deadline_secs =
+        run.spec.timeout_seconds.map(|s| Duration::from_secs(u64::from(s))).unwrap_or(ctx.default_timeout);
     let started = status.started_at.as_ref().map(|t| t.0).unwrap_or(now);
     let info = RunInfo { name: name.clone(), namespace: ns.clone(), uid: uid.clone() };
     let params = status.params.clone();
@@ -310,13 +338,16 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
                         }
                         Err(kube::Error::Api(e)) if e.code == 409 => {}
                         Err(kube::Error::Api(e)) if e.code == 422 || e.code == 403 || e.code == 400 => {
-                            ctx.pool.restore(&uid, vec![Event::Failed {
-                                key: task.key.clone(),
-                                attempt: task.attempt,
-                                message: format!("cannot create pod {pod_name}: {}", e.message),
-                                retryable: false,
-                                info: Default::default(),
-                            }]);
+                            ctx.pool.restore(
+                                &uid,
+                                vec![Event::Failed {
+                                    key: task.key.clone(),
+                                    attempt: task.attempt,
+                                    message: format!("cannot create pod {pod_name}: {}", e.message),
+                                    retryable: false,
+                                    info: Default::default(),
+                                }],
+                            );
                             let _ = ctx.wake.send(ObjectRef::from_obj(&*run));
                         }
                         Err(e) => return Err(e.into()),
@@ -360,7 +391,9 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
 
 fn event_key(e: &Event) -> (&str, u32) {
     match e {
-        Event::Succeeded { key, attempt, .. } | Event::Failed { key, attempt, .. } | Event::Lost { key, attempt } => (key.as_str(), *attempt),
+        Event::Succeeded { key, attempt, .. } | Event::Failed { key, attempt, .. } | Event::Lost { key, attempt } => {
+            (key.as_str(), *attempt)
+        }
     }
 }
 
@@ -374,7 +407,13 @@ fn is_container(spec: &WorkflowSpec, dag: &Dag, key: &str) -> bool {
 }
 
 /// Pod outcomes of running container steps.
-async fn observe_pods(ctx: &Ctx, run: &WorkflowRun, status: &WorkflowRunStatus, spec: &WorkflowSpec, dag: &Dag) -> Result<Vec<Event>, Error> {
+async fn observe_pods(
+    ctx: &Ctx,
+    run: &WorkflowRun,
+    status: &WorkflowRunStatus,
+    spec: &WorkflowSpec,
+    dag: &Dag,
+) -> Result<Vec<Event>, Error> {
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let mut events = Vec::new();
@@ -419,11 +458,22 @@ async fn observe_pods(ctx: &Ctx, run: &WorkflowRun, status: &WorkflowRunStatus, 
             PodState::Running => {}
             PodState::Succeeded { output } => {
                 lock(&ctx.expectations).remove(&pod_name);
-                events.push(Event::Succeeded { key: key.clone(), attempt: row.attempts, output, info: Default::default() })
+                events.push(Event::Succeeded {
+                    key: key.clone(),
+                    attempt: row.attempts,
+                    output,
+                    info: Default::default(),
+                })
             }
             PodState::Failed { message } => {
                 lock(&ctx.expectations).remove(&pod_name);
-                events.push(Event::Failed { key: key.clone(), attempt: row.attempts, message, retryable: true, info: Default::default() })
+                events.push(Event::Failed {
+                    key: key.clone(),
+                    attempt: row.attempts,
+                    message,
+                    retryable: true,
+                    info: Default::default(),
+                })
             }
         }
     }
@@ -498,7 +548,14 @@ async fn externalize_outputs(ctx: &Ctx, run: &WorkflowRun, status: &mut Workflow
     Ok(())
 }
 
-fn record_transitions(ctx: &Ctx, run: &WorkflowRun, spec: &WorkflowSpec, dag: &Dag, transitions: &[engine::Transition], status: &WorkflowRunStatus) {
+fn record_transitions(
+    ctx: &Ctx,
+    run: &WorkflowRun,
+    spec: &WorkflowSpec,
+    dag: &Dag,
+    transitions: &[engine::Transition],
+    status: &WorkflowRunStatus,
+) {
     if transitions.is_empty() {
         return;
     }
@@ -551,7 +608,12 @@ fn record_transitions(ctx: &Ctx, run: &WorkflowRun, spec: &WorkflowSpec, dag: &D
     ctx.events.publish(run.object_ref(&()), warning, reason, "Reconcile", note);
 }
 
-async fn write_status(run: &WorkflowRun, ctx: &Ctx, before: &WorkflowRunStatus, status: &WorkflowRunStatus) -> Result<(), Error> {
+async fn write_status(
+    run: &WorkflowRun,
+    ctx: &Ctx,
+    before: &WorkflowRunStatus,
+    status: &WorkflowRunStatus,
+) -> Result<(), Error> {
     if before == status {
         return Ok(());
     }
@@ -562,7 +624,14 @@ async fn write_status(run: &WorkflowRun, ctx: &Ctx, before: &WorkflowRunStatus, 
     Ok(())
 }
 
-async fn fail_run(run: &WorkflowRun, ctx: &Ctx, before: &WorkflowRunStatus, mut status: WorkflowRunStatus, message: String, now: Timestamp) -> Result<Action, Error> {
+async fn fail_run(
+    run: &WorkflowRun,
+    ctx: &Ctx,
+    before: &WorkflowRunStatus,
+    mut status: WorkflowRunStatus,
+    message: String,
+    now: Timestamp,
+) -> Result<Action, Error> {
     info!(run = %run.name_any(), %message, "run failed before starting");
     status.phase = RunPhase::Failed;
     status.message = message.clone();
@@ -605,7 +674,10 @@ pub fn settings(args: &RunArgs) -> Settings {
     Settings {
         default_retry: RetryPolicy {
             limit: args.retry_limit,
-            backoff: Some(crate::api::Backoff { initial_seconds: args.retry_backoff.as_secs_f64(), ..Default::default() }),
+            backoff: Some(crate::api::Backoff {
+                initial_seconds: args.retry_backoff.as_secs_f64(),
+                ..Default::default()
+            }),
         },
         ..Default::default()
     }
@@ -633,7 +705,10 @@ pub async fn controller(
         .reflect(pod_writer)
         .touched_objects();
     let (wf_reader, wf_writer) = reflector::store();
-    let wf_stream = watcher(wf_api, watcher::Config::default().any_semantic()).default_backoff().reflect(wf_writer).touched_objects();
+    let wf_stream = watcher(wf_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(wf_writer)
+        .touched_objects();
 
     let controller = Controller::new(runs_api, watcher::Config::default().any_semantic());
     let runs = controller.store();
@@ -670,9 +745,9 @@ pub async fn controller(
     let synced = {
         let (runs, pods, wfs, health) = (runs.clone(), pod_reader.clone(), wf_reader.clone(), health.clone());
         async move {
-            let _ = runs.wait_until_ready().await;
-            let _ = pods.wait_until_ready().await;
-            let _ = wfs.wait_until_ready().await;
+            super::wait_ready(&runs).await;
+            super::wait_ready(&pods).await;
+            super::wait_ready(&wfs).await;
             health.synced.store(true, std::sync::atomic::Ordering::Relaxed);
             info!("WorkflowRun controller caches synced");
         }
@@ -690,7 +765,15 @@ pub async fn controller(
                 for r in runs.state() {
                     *by_phase.entry(r.status.as_ref().map(|s| s.phase).unwrap_or_default()).or_default() += 1;
                 }
-                for p in [RunPhase::Pending, RunPhase::Queued, RunPhase::Running, RunPhase::Suspended, RunPhase::Succeeded, RunPhase::Failed, RunPhase::Cancelled] {
+                for p in [
+                    RunPhase::Pending,
+                    RunPhase::Queued,
+                    RunPhase::Running,
+                    RunPhase::Suspended,
+                    RunPhase::Succeeded,
+                    RunPhase::Failed,
+                    RunPhase::Cancelled,
+                ] {
                     metrics.runs_active.with_label_values(&[p.as_str()]).set(*by_phase.get(&p).unwrap_or(&0));
                 }
                 metrics.queue_depth.set(*by_phase.get(&RunPhase::Queued).unwrap_or(&0));
@@ -710,6 +793,8 @@ pub async fn controller(
     gauges.abort();
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -56,6 +56,7 @@ pub struct Dag {
     dependents: Vec<Vec<usize>>,
     finally_start: usize,
     topo: Vec<usize>,
+    reads: Vec<Vec<usize>>,
 }
 
 impl Dag {
@@ -92,6 +93,10 @@ impl Dag {
     pub fn finally_steps(&self) -> std::ops::Range<usize> {
         self.finally_start..self.ids.len()
     }
+    /// The steps whose `steps.<id>` the templates of step `i` read, in index order.
+    pub fn reads(&self, i: usize) -> &[usize] {
+        &self.reads[i]
+    }
 }
 
 /// The step at DAG index `i`.
@@ -104,6 +109,7 @@ fn field_of(spec: &WorkflowSpec, i: usize) -> String {
 }
 
 /// Validates a spec: ids, kinds, dependencies, cycles, templates and the names they read.
+#[allow(clippy::needless_range_loop)]
 pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
     let mut errors = Vec::new();
     let err = |errors: &mut Vec<ValidationError>, step: Option<&str>, field: String, message: String| {
@@ -122,7 +128,12 @@ pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
             err(&mut errors, None, format!("params[{i}].name"), format!("duplicate parameter {:?}", p.name));
         }
         if p.required && p.default.is_some() {
-            err(&mut errors, None, format!("params[{i}]"), format!("parameter {:?} is required and also has a default", p.name));
+            err(
+                &mut errors,
+                None,
+                format!("params[{i}]"),
+                format!("parameter {:?} is required and also has a default", p.name),
+            );
         }
     }
 
@@ -147,7 +158,12 @@ pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
         ids.push(id.to_string());
         match step.kinds().len() {
             1 => {}
-            0 => err(&mut errors, Some(id), field.clone(), "no kind: set exactly one of agent, container, http, template".into()),
+            0 => err(
+                &mut errors,
+                Some(id),
+                field.clone(),
+                "no kind: set exactly one of agent, container, http, template".into(),
+            ),
             _ => err(
                 &mut errors,
                 Some(id),
@@ -164,7 +180,7 @@ pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
         }
     }
 
-    // Edges.
+    // Edges (index loops: `i` names a step in several tables at once).
     let finally_start = spec.steps.len();
     let mut deps = vec![Vec::new(); n];
     let mut dependents = vec![Vec::new(); n];
@@ -189,7 +205,9 @@ pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
                     &mut errors,
                     Some(&step.id),
                     format!("{field}.dependsOn"),
-                    format!("{d:?} is a DAG step; finally steps run after the whole DAG and may depend only on other finally steps"),
+                    format!(
+                        "{d:?} is a DAG step; finally steps run after the whole DAG and may depend only on other finally steps"
+                    ),
                 ),
                 Some(&j) => {
                     deps[i].push(j);
@@ -215,15 +233,16 @@ pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
     };
 
     // Templates, and the names they read (needs the DAG to know what is upstream).
+    let mut reads = Vec::new();
     if errors.is_empty() {
         let ancestors = ancestors(&deps, &topo);
-        for i in 0..n {
-            check_templates(spec, i, &index, &ancestors[i], finally_start, &param_names, &mut errors);
-        }
+        reads = (0..n)
+            .map(|i| check_templates(spec, i, &index, &ancestors[i], finally_start, &param_names, &mut errors))
+            .collect();
     }
 
     if errors.is_empty() {
-        Ok(Dag { ids, index, deps, dependents, finally_start, topo })
+        Ok(Dag { ids, index, deps, dependents, finally_start, topo, reads })
     } else {
         errors.sort();
         errors.dedup();
@@ -242,13 +261,16 @@ pub fn valid_step_id(id: &str) -> bool {
 }
 
 fn check_kind_fields(step: &Step, field: &str, errors: &mut Vec<ValidationError>) {
-    let mut push = |f: String, m: &str| errors.push(ValidationError { step: Some(step.id.clone()), field: f, message: m.into() });
+    let mut push =
+        |f: String, m: &str| errors.push(ValidationError { step: Some(step.id.clone()), field: f, message: m.into() });
     if let Some(a) = &step.agent {
         match (&a.ref_, &a.selector) {
             (None, None) => push(format!("{field}.agent"), "set ref or selector"),
             (Some(_), Some(_)) => push(format!("{field}.agent"), "set ref or selector, not both"),
             (Some(r), None) if r.is_empty() => push(format!("{field}.agent.ref"), "must not be empty"),
-            (None, Some(s)) if s.capabilities.is_empty() => push(format!("{field}.agent.selector.capabilities"), "must list at least one capability"),
+            (None, Some(s)) if s.capabilities.is_empty() => {
+                push(format!("{field}.agent.selector.capabilities"), "must list at least one capability")
+            }
             _ => {}
         }
         if a.prompt.trim().is_empty() {
@@ -307,6 +329,7 @@ pub fn templated_fields(step: &Step, field: &str) -> Vec<(String, String, bool)>
     out
 }
 
+/// Checks the templates of step `i`; returns the steps they read.
 fn check_templates(
     spec: &WorkflowSpec,
     i: usize,
@@ -315,26 +338,37 @@ fn check_templates(
     finally_start: usize,
     params: &BTreeSet<&str>,
     errors: &mut Vec<ValidationError>,
-) {
+) -> Vec<usize> {
     let step = step_at(spec, i);
     let field = field_of(spec, i);
+    let mut reads = BTreeSet::new();
     for (path, source, is_expr) in templated_fields(step, &field) {
         let parsed = if is_expr { template::parse_expression(&source) } else { template::parse_template(&source) };
         let names = match parsed {
             Ok(names) => names,
             Err(e) => {
-                errors.push(ValidationError { step: Some(step.id.clone()), field: path, message: format!("template does not parse: {e}") });
+                errors.push(ValidationError {
+                    step: Some(step.id.clone()),
+                    field: path,
+                    message: format!("template does not parse: {e}"),
+                });
                 continue;
             }
         };
-        let in_for_each = step.for_each.is_some() && !path.ends_with(".forEach");
+        // `item` and `index` exist in a forEach step's work, not in its `forEach` or its `when`
+        // (evaluated once for the whole step, before the fan-out).
+        let before_fan_out = path == format!("{field}.forEach") || path == format!("{field}.when");
+        let in_for_each = step.for_each.is_some() && !before_fan_out;
+        reads.extend(template::referenced_steps(&names).iter().filter_map(|s| index.get(s)));
         for name in names {
             let mut parts = name.split('.');
             let root = parts.next().unwrap_or_default();
             let problem = match root {
-                _ if !ROOTS.contains(&root) => Some(format!(
-                    "unknown name {root:?} (templates can read {})",
-                    ROOTS.join(", ")
+                _ if !ROOTS.contains(&root) => {
+                    Some(format!("unknown name {root:?} (templates can read {})", ROOTS.join(", ")))
+                }
+                "item" | "index" if !in_for_each && step.for_each.is_some() => Some(format!(
+                    "{root:?} is not defined in the forEach or when of a step, only in its work (they are evaluated once, before the fan-out)"
                 )),
                 "item" | "index" if !in_for_each => Some(format!("{root:?} is only defined inside a forEach step")),
                 "params" => match parts.next() {
@@ -364,6 +398,7 @@ fn check_templates(
             }
         }
     }
+    reads.into_iter().collect()
 }
 
 /// Kahn's algorithm; on a cycle, returns one cycle as a path that ends where it starts.

@@ -11,5 +11,10 @@ pub mod params;
 pub mod scheduler;
 pub mod template;
 
+#[cfg(test)]
+mod scheduler_tests;
+
 pub use dag::{Dag, InvalidSpec, ValidationError, validate};
-pub use scheduler::{Action, Decision, Event, Input, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance};
+pub use scheduler::{
+    Action, Decision, Event, Input, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance,
+};

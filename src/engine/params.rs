@@ -18,7 +18,9 @@ pub fn resolve(spec: &WorkflowSpec, given: &BTreeMap<String, Json>) -> Result<BT
             (None, Some(d)) => {
                 out.insert(p.name.clone(), d.clone());
             }
-            (None, None) if p.required => problems.push(format!("spec.params: required parameter {:?} is missing", p.name)),
+            (None, None) if p.required => {
+                problems.push(format!("spec.params: required parameter {:?} is missing", p.name))
+            }
             (None, None) => {
                 out.insert(p.name.clone(), Json::String(String::new()));
             }

@@ -83,7 +83,12 @@ pub enum Event {
 /// Rendered work of a task: what an executor runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Work {
-    Agent { agent: Option<String>, selector: Option<CapabilitySelector>, strategy: Option<Strategy>, prompt: String },
+    Agent {
+        agent: Option<String>,
+        selector: Option<CapabilitySelector>,
+        strategy: Option<Strategy>,
+        prompt: String,
+    },
     Container {
         image: String,
         command: Vec<String>,
@@ -93,7 +98,13 @@ pub enum Work {
         working_dir: Option<String>,
         service_account_name: Option<String>,
     },
-    Http { method: HttpMethod, url: String, headers: BTreeMap<String, String>, body: Option<String>, success_codes: Vec<u16> },
+    Http {
+        method: HttpMethod,
+        url: String,
+        headers: BTreeMap<String, String>,
+        body: Option<String>,
+        success_codes: Vec<u16>,
+    },
 }
 
 impl Work {
@@ -165,13 +176,17 @@ struct Pass<'a, 's> {
     input: Input<'a>,
     status: &'s mut WorkflowRunStatus,
     decision: Decision,
+    /// The first DAG step (by index) that failed for good, kept up to date by `transition`
+    /// so that fail-fast does not scan every step for every pending step.
+    hard_failure: Option<usize>,
 }
 
 /// Advances a run: applies `events`, then starts, retries, times out, skips and finishes
 /// steps and the run, all recorded in `status`. Calling it again with no new events and the
 /// same time changes nothing.
 pub fn advance(input: Input<'_>, status: &mut WorkflowRunStatus, events: Vec<Event>) -> Decision {
-    let mut pass = Pass { input, status, decision: Decision::default() };
+    let mut pass = Pass { input, status, decision: Decision::default(), hard_failure: None };
+    pass.hard_failure = input.dag.dag_steps().find(|&i| pass.hard_failed(i));
     pass.run();
     for e in events {
         pass.apply(e);
@@ -197,7 +212,12 @@ impl Pass<'_, '_> {
     fn set_run_phase(&mut self, phase: RunPhase, message: String) {
         if self.status.phase != phase || self.status.message != message {
             if self.status.phase != phase {
-                self.decision.transitions.push(Transition { key: None, phase: phase.as_str().into(), attempt: 0, message: message.clone() });
+                self.decision.transitions.push(Transition {
+                    key: None,
+                    phase: phase.as_str().into(),
+                    attempt: 0,
+                    message: message.clone(),
+                });
             }
             self.status.phase = phase;
             self.status.message = message;
@@ -219,7 +239,19 @@ impl Pass<'_, '_> {
             row.retry_at = None;
         }
         let attempt = row.attempts;
-        self.decision.transitions.push(Transition { key: Some(key.to_string()), phase: phase.as_str().into(), attempt, message });
+        self.decision.transitions.push(Transition {
+            key: Some(key.to_string()),
+            phase: phase.as_str().into(),
+            attempt,
+            message,
+        });
+        if phase == StepPhase::Failed
+            && let Some(i) = self.input.dag.index_of(key)
+            && !self.input.dag.is_finally(i)
+            && !step_at(self.input.spec, i).continue_on_error
+        {
+            self.hard_failure = Some(self.hard_failure.map_or(i, |f| f.min(i)));
+        }
     }
 
     fn requeue(&mut self, after: Duration) {
@@ -249,9 +281,9 @@ impl Pass<'_, '_> {
 
     fn apply(&mut self, event: Event) {
         let (key, attempt) = match &event {
-            Event::Succeeded { key, attempt, .. } | Event::Failed { key, attempt, .. } | Event::Lost { key, attempt } => {
-                (key.clone(), *attempt)
-            }
+            Event::Succeeded { key, attempt, .. }
+            | Event::Failed { key, attempt, .. }
+            | Event::Lost { key, attempt } => (key.clone(), *attempt),
         };
         let Some(step) = self.step_of_key(&key).cloned() else { return };
         let Some(row) = self.status.steps.get(&key) else { return };
@@ -318,10 +350,12 @@ impl Pass<'_, '_> {
 
         let dag_done = dag.dag_steps().all(|i| self.phase_of(i).is_finished());
         if !dag_done {
-            for &i in dag.topo_order() {
-                if !dag.is_finally(i) {
-                    self.schedule_step(i, None);
-                }
+            let was_failing = self.hard_failure.is_some();
+            self.schedule_dag_steps();
+            // A step that failed in that loop (a timeout, a fan-out settling) may come after
+            // pending steps already looked at: go round once more so they are skipped now.
+            if !was_failing && self.hard_failure.is_some() {
+                self.schedule_dag_steps();
             }
         }
         let dag_done = dag.dag_steps().all(|i| self.phase_of(i).is_finished());
@@ -356,6 +390,15 @@ impl Pass<'_, '_> {
             self.requeue(duration_until(now, deadline));
         }
         self.update_progress();
+    }
+
+    fn schedule_dag_steps(&mut self) {
+        let dag = self.input.dag;
+        for &i in dag.topo_order() {
+            if !dag.is_finally(i) {
+                self.schedule_step(i, None);
+            }
+        }
     }
 
     fn set_phase_running(&mut self) {
@@ -397,7 +440,7 @@ impl Pass<'_, '_> {
             return (*phase, reason.clone());
         }
         let dag = self.input.dag;
-        if let Some(i) = dag.dag_steps().find(|&i| self.hard_failed(i)) {
+        if let Some(i) = self.hard_failure {
             let msg = self.status.steps.get(dag.id(i)).map(|r| r.message.clone()).unwrap_or_default();
             return (RunPhase::Failed, format!("step {:?} failed: {msg}", dag.id(i)));
         }
@@ -426,42 +469,61 @@ impl Pass<'_, '_> {
 
     fn stop_step(&mut self, i: usize, reason: &str) {
         let id = self.input.dag.id(i).to_string();
-        let step = step_at(self.input.spec, i).clone();
-        let keys: Vec<String> = match self.status.steps.get(&id).and_then(|r| r.items) {
-            Some(n) => (0..n as usize).map(|c| child_key(&id, c)).chain([id.clone()]).collect(),
-            None => vec![id.clone()],
-        };
-        for key in keys {
-            let Some(row) = self.status.steps.get(&key) else {
-                if key == id {
-                    self.transition(&key, StepPhase::Cancelled, format!("not started: {reason}"));
-                }
-                continue;
-            };
-            match row.phase {
-                StepPhase::Running if key == id && row.items.is_some() => {
-                    self.transition(&key, StepPhase::Cancelled, reason.to_string())
-                }
-                StepPhase::Running => {
-                    let attempt = row.attempts;
-                    self.decision.actions.push(Action::Abort { key: key.clone(), attempt, step_id: step.id.clone(), reason: reason.into() });
-                    self.transition(&key, StepPhase::Cancelled, reason.to_string());
-                }
-                StepPhase::Pending | StepPhase::Retrying => {
-                    self.transition(&key, StepPhase::Cancelled, format!("not started: {reason}"))
-                }
-                _ => {}
+        self.stop_children(&id, reason);
+        match self.status.steps.get(&id) {
+            None => self.transition(&id, StepPhase::Cancelled, format!("not started: {reason}")),
+            Some(row) if row.phase == StepPhase::Running && row.items.is_some() => {
+                self.transition(&id, StepPhase::Cancelled, reason.to_string())
             }
+            Some(_) => self.stop_task(&id, &id, reason),
         }
     }
 
-    fn context(&self, finally_outcome: Option<RunPhase>, item: Option<(usize, Json)>) -> Context {
-        let mut ctx = Context { params: self.input.params.clone(), item, ..Default::default() };
-        for (key, row) in &self.status.steps {
-            if key.contains('[') {
-                continue;
+    /// Stops the unfinished children of a forEach step.
+    fn stop_children(&mut self, id: &str, reason: &str) {
+        let n = self.status.steps.get(id).and_then(|r| r.items).unwrap_or(0) as usize;
+        for c in 0..n {
+            self.stop_task(&child_key(id, c), id, reason);
+        }
+    }
+
+    /// Cancels a task: aborts its attempt if it runs, settles it if it waits.
+    fn stop_task(&mut self, key: &str, step_id: &str, reason: &str) {
+        let Some(row) = self.status.steps.get(key) else { return };
+        match row.phase {
+            StepPhase::Running => {
+                let attempt = row.attempts;
+                self.decision.actions.push(Action::Abort {
+                    key: key.to_string(),
+                    attempt,
+                    step_id: step_id.to_string(),
+                    reason: reason.into(),
+                });
+                self.transition(key, StepPhase::Cancelled, reason.to_string());
             }
-            ctx.steps.insert(key.clone(), StepView { phase: row.phase.as_str().into(), output: row.output.clone() });
+            StepPhase::Pending | StepPhase::Retrying => {
+                self.transition(key, StepPhase::Cancelled, format!("not started: {reason}"))
+            }
+            _ => {}
+        }
+    }
+
+    /// Fails a fan-out that cannot go on, stopping its unfinished children first so that
+    /// none is left running.
+    fn fail_fan_out(&mut self, id: &str, message: String) {
+        self.stop_children(id, &format!("step {id:?} failed"));
+        self.transition(id, StepPhase::Failed, message);
+    }
+
+    /// What the templates of step `i` see. Only the steps they read are copied in (templates
+    /// see no others anyway), so that a pass stays linear in the number of steps.
+    fn context(&self, i: usize, finally_outcome: Option<RunPhase>, item: Option<(usize, Json)>) -> Context {
+        let mut ctx = Context { params: self.input.params.clone(), item, ..Default::default() };
+        for &j in self.input.dag.reads(i) {
+            let id = self.input.dag.id(j);
+            if let Some(row) = self.status.steps.get(id) {
+                ctx.steps.insert(id.to_string(), StepView { phase: row.phase.as_str().into(), output: row.output.clone() });
+            }
         }
         let run = self.input.run;
         ctx.run.insert("name".into(), run.name.clone());
@@ -476,19 +538,21 @@ impl Pass<'_, '_> {
         let id = dag.id(i).to_string();
         let step = step_at(self.input.spec, i).clone();
         let phase = self.phase_of(i);
-        let blocked = (self.input.suspend && !self.input.cancel) || (finally_outcome.is_none() && self.stop_reason().is_some());
+        let blocked =
+            (self.input.suspend && !self.input.cancel) || (finally_outcome.is_none() && self.stop_reason().is_some());
         match phase {
             StepPhase::Pending => {
                 if !dag.deps(i).iter().all(|&d| self.phase_of(d).is_finished()) {
                     return;
                 }
                 if let Some(&bad) = dag.deps(i).iter().find(|&&d| !self.dep_ok(d)) {
-                    let msg = format!("not run: dependency {:?} {}", dag.id(bad), self.phase_of(bad).as_str().to_lowercase());
+                    let msg =
+                        format!("not run: dependency {:?} {}", dag.id(bad), self.phase_of(bad).as_str().to_lowercase());
                     self.transition(&id, StepPhase::Skipped, msg);
                     return;
                 }
                 if finally_outcome.is_none()
-                    && let Some(f) = dag.dag_steps().find(|&j| self.hard_failed(j))
+                    && let Some(f) = self.hard_failure
                 {
                     let msg = format!("not run: the run is failing (step {:?} failed)", dag.id(f));
                     self.transition(&id, StepPhase::Skipped, msg);
@@ -497,7 +561,7 @@ impl Pass<'_, '_> {
                 if blocked {
                     return;
                 }
-                let ctx = self.context(finally_outcome, None);
+                let ctx = self.context(i, finally_outcome, None);
                 if let Some(when) = &step.when {
                     match template::eval_condition(when, &ctx) {
                         Ok(true) => {}
@@ -523,7 +587,7 @@ impl Pass<'_, '_> {
                                 self.status.steps.insert(child_key(&id, c), StepStatus::default());
                             }
                             self.transition(&id, StepPhase::Running, format!("fan-out over {n} items"));
-                            self.schedule_children(i, &step, items, finally_outcome);
+                            self.schedule_children(i, &step, items, finally_outcome, false);
                         }
                         Err(e) => self.transition(&id, StepPhase::Failed, format!("forEach: {e}")),
                     }
@@ -532,13 +596,15 @@ impl Pass<'_, '_> {
                 }
             }
             StepPhase::Running if self.status.steps.get(&id).and_then(|r| r.items).is_some() => {
-                if blocked {
-                    return;
-                }
-                let ctx = self.context(finally_outcome, None);
-                match step.for_each.as_deref().map(|f| template::eval_list(f, &ctx, self.input.settings.max_for_each_items)) {
-                    Some(Ok(items)) => self.schedule_children(i, &step, items, finally_outcome),
-                    Some(Err(e)) => self.transition(&id, StepPhase::Failed, format!("forEach: {e}")),
+                // Even when blocked: running children still time out and the step settles.
+                let ctx = self.context(i, finally_outcome, None);
+                match step
+                    .for_each
+                    .as_deref()
+                    .map(|f| template::eval_list(f, &ctx, self.input.settings.max_for_each_items))
+                {
+                    Some(Ok(items)) => self.schedule_children(i, &step, items, finally_outcome, blocked),
+                    Some(Err(e)) => self.fail_fan_out(&id, format!("forEach: {e}")),
                     None => {}
                 }
             }
@@ -552,30 +618,42 @@ impl Pass<'_, '_> {
         }
     }
 
-    fn schedule_children(&mut self, i: usize, step: &Step, items: Vec<Json>, finally_outcome: Option<RunPhase>) {
+    /// Times out, starts and retries the children of a fan-out (starting none when `blocked`),
+    /// and settles the step when they have all finished.
+    fn schedule_children(
+        &mut self,
+        i: usize,
+        step: &Step,
+        items: Vec<Json>,
+        finally_outcome: Option<RunPhase>,
+        blocked: bool,
+    ) {
         let id = self.input.dag.id(i).to_string();
         let n = self.status.steps.get(&id).and_then(|r| r.items).unwrap_or(0) as usize;
         if items.len() != n {
-            self.transition(&id, StepPhase::Failed, format!("forEach list changed from {n} to {} items", items.len()));
+            self.fail_fan_out(&id, format!("forEach list changed from {n} to {} items", items.len()));
             return;
         }
+        let child_phase = |s: &Self, c: usize| s.status.steps.get(&child_key(&id, c)).map(|r| r.phase).unwrap_or_default();
+        // Timeouts first, so that the slots they free are used in this same pass.
+        for c in 0..n {
+            if child_phase(self, c) == StepPhase::Running {
+                self.check_timeout(&child_key(&id, c), step);
+            }
+        }
         let max_parallel = step.max_parallel.map_or(usize::MAX, |m| m as usize);
-        let mut running = (0..n)
-            .filter(|&c| self.status.steps.get(&child_key(&id, c)).is_some_and(|r| r.phase == StepPhase::Running))
-            .count();
+        let mut running = (0..n).filter(|&c| child_phase(self, c) == StepPhase::Running).count();
         for (c, item) in items.into_iter().enumerate() {
             let key = child_key(&id, c);
-            let phase = self.status.steps.get(&key).map(|r| r.phase).unwrap_or_default();
-            match phase {
-                StepPhase::Running => self.check_timeout(&key, step),
-                StepPhase::Pending if running < max_parallel => {
-                    let ctx = self.context(finally_outcome, Some((c, item)));
+            match child_phase(self, c) {
+                StepPhase::Pending if !blocked && running < max_parallel => {
+                    let ctx = self.context(i, finally_outcome, Some((c, item)));
                     self.start(&key, step, Some(c), ctx, finally_outcome);
                     if self.status.steps.get(&key).is_some_and(|r| r.phase == StepPhase::Running) {
                         running += 1;
                     }
                 }
-                StepPhase::Retrying if running < max_parallel => {
+                StepPhase::Retrying if !blocked && running < max_parallel => {
                     if self.retry_if_due(&key, step, Some((c, item)), finally_outcome) {
                         running += 1;
                     }
@@ -606,14 +684,21 @@ impl Pass<'_, '_> {
     }
 
     /// Starts the next attempt when its backoff has passed; true when it started.
-    fn retry_if_due(&mut self, key: &str, step: &Step, item: Option<(usize, Json)>, finally_outcome: Option<RunPhase>) -> bool {
+    fn retry_if_due(
+        &mut self,
+        key: &str,
+        step: &Step,
+        item: Option<(usize, Json)>,
+        finally_outcome: Option<RunPhase>,
+    ) -> bool {
         let due = self.status.steps.get(key).and_then(|r| r.retry_at.clone()).map(|t| t.0).unwrap_or(self.now());
         if due > self.now() {
             self.requeue(duration_until(self.now(), due));
             return false;
         }
         let index = item.as_ref().map(|(c, _)| *c);
-        let ctx = self.context(finally_outcome, item);
+        let Some(i) = self.input.dag.index_of(&step.id) else { return false };
+        let ctx = self.context(i, finally_outcome, item);
         self.start(key, step, index, ctx, finally_outcome);
         self.status.steps.get(key).is_some_and(|r| r.phase == StepPhase::Running)
     }
@@ -625,7 +710,12 @@ impl Pass<'_, '_> {
         if self.now() >= due {
             let attempt = self.status.steps.get(key).map(|r| r.attempts).unwrap_or(0);
             let reason = format!("timed out after {}s", timeout.as_secs());
-            self.decision.actions.push(Action::Abort { key: key.into(), attempt, step_id: step.id.clone(), reason: reason.clone() });
+            self.decision.actions.push(Action::Abort {
+                key: key.into(),
+                attempt,
+                step_id: step.id.clone(),
+                reason: reason.clone(),
+            });
             self.fail_attempt(key, step, reason, true);
         } else {
             self.requeue(duration_until(self.now(), due));
@@ -713,8 +803,14 @@ fn render_work(step: &Step, ctx: &Context) -> Result<Option<Work>, (String, Temp
         }));
     }
     if let Some(c) = &step.container {
-        let command = c.command.iter().enumerate().map(|(j, s)| r(&format!("container.command[{j}]"), s)).collect::<Result<_, _>>()?;
-        let args = c.args.iter().enumerate().map(|(j, s)| r(&format!("container.args[{j}]"), s)).collect::<Result<_, _>>()?;
+        let command = c
+            .command
+            .iter()
+            .enumerate()
+            .map(|(j, s)| r(&format!("container.command[{j}]"), s))
+            .collect::<Result<_, _>>()?;
+        let args =
+            c.args.iter().enumerate().map(|(j, s)| r(&format!("container.args[{j}]"), s)).collect::<Result<_, _>>()?;
         let mut env = c.env.clone();
         for (j, e) in env.iter_mut().enumerate() {
             if let Some(v) = &e.value {

@@ -57,9 +57,9 @@ fn env() -> &'static Environment<'static> {
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_keep_trailing_newline(true);
         env.add_filter("fromjson", |s: String| -> Result<Value, minijinja::Error> {
-            serde_json::from_str::<Json>(&s).map(|v| Value::from_serialize(&v)).map_err(|e| {
-                minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("fromjson: {e}"))
-            })
+            serde_json::from_str::<Json>(&s)
+                .map(|v| Value::from_serialize(&v))
+                .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("fromjson: {e}")))
         });
         env
     })
@@ -191,7 +191,8 @@ pub fn eval_list(source: &str, ctx: &Context, max_items: usize) -> Result<Vec<Js
         if value.is_undefined() {
             return Err(TemplateError::msg(format!("undefined value in {:?}", shorten(source))));
         }
-        let json = serde_json::to_value(&value).map_err(|e| TemplateError::msg(format!("cannot convert to JSON: {e}")))?;
+        let json =
+            serde_json::to_value(&value).map_err(|e| TemplateError::msg(format!("cannot convert to JSON: {e}")))?;
         // A string holding JSON (an output read as `.output`) is parsed.
         match json {
             Json::String(s) => serde_json::from_str(&s).unwrap_or(Json::String(s)),
@@ -204,10 +205,9 @@ pub fn eval_list(source: &str, ctx: &Context, max_items: usize) -> Result<Vec<Js
         })?
     };
     match json {
-        Json::Array(items) if items.len() > max_items => Err(TemplateError::msg(format!(
-            "forEach has {} items, more than the limit of {max_items}",
-            items.len()
-        ))),
+        Json::Array(items) if items.len() > max_items => {
+            Err(TemplateError::msg(format!("forEach has {} items, more than the limit of {max_items}", items.len())))
+        }
         Json::Array(items) => Ok(items),
         other => Err(TemplateError::msg(format!(
             "forEach must be a JSON list, got {}",
@@ -231,7 +231,8 @@ mod tests {
         let mut c = Context::default();
         c.params.insert("name".into(), Json::from("Ada"));
         c.params.insert("n".into(), Json::from(3));
-        c.steps.insert("a".into(), StepView { phase: "Succeeded".into(), output: Some(r#"{"tasks":["x","y"]}"#.into()) });
+        c.steps
+            .insert("a".into(), StepView { phase: "Succeeded".into(), output: Some(r#"{"tasks":["x","y"]}"#.into()) });
         c.steps.insert("b".into(), StepView { phase: "Skipped".into(), output: None });
         c.run.insert("name".into(), "r1".into());
         c
@@ -276,6 +277,9 @@ mod tests {
         assert_eq!(referenced_steps(&names), BTreeSet::from(["a".to_string()]));
         assert!(parse_template("{{ unclosed").is_err());
         assert!(parse_expression("a ==").is_err());
-        assert_eq!(referenced_steps(&parse_expression("steps.q.phase == 'Failed'").unwrap()), BTreeSet::from(["q".to_string()]));
+        assert_eq!(
+            referenced_steps(&parse_expression("steps.q.phase == 'Failed'").unwrap()),
+            BTreeSet::from(["q".to_string()])
+        );
     }
 }

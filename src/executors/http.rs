@@ -37,7 +37,8 @@ impl HttpExecutor {
         let Work::Http { method, url, headers, body, success_codes } = work else {
             return Err(Failure::permanent("not an http step"));
         };
-        let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| Failure::permanent(e.to_string()))?;
+        let method =
+            reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| Failure::permanent(e.to_string()))?;
         let parsed = reqwest::Url::parse(url).map_err(|e| Failure::permanent(format!("http.url {url:?}: {e}")))?;
         let mut req = self.client.request(method, parsed);
         for (k, v) in headers {
@@ -46,7 +47,10 @@ impl HttpExecutor {
         if let Some(b) = body {
             req = req.body(b.clone());
         }
-        let resp = req.send().await.map_err(|e| Failure::retryable(format!("request to {url} failed: {}", error_chain(&e))))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::retryable(format!("request to {url} failed: {}", error_chain(&e))))?;
         let status = resp.status();
         let mut text = Vec::new();
         let mut stream = resp.bytes_stream();
@@ -77,4 +81,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn builds_with_the_ring_provider() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = super::HttpExecutor::new();
+    }
 }

@@ -107,7 +107,13 @@ pub fn pod_state(pod: &Pod) -> PodState {
             // A container that cannot start (bad image, bad config) fails the attempt.
             let waiting = container.and_then(|c| c.state.as_ref()).and_then(|s| s.waiting.as_ref());
             match waiting.and_then(|w| w.reason.as_deref()) {
-                Some(r @ ("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "CreateContainerConfigError" | "CreateContainerError")) => {
+                Some(
+                    r @ ("ErrImagePull"
+                    | "ImagePullBackOff"
+                    | "InvalidImageName"
+                    | "CreateContainerConfigError"
+                    | "CreateContainerError"),
+                ) => {
                     let msg = waiting.and_then(|w| w.message.clone()).unwrap_or_default();
                     PodState::Failed { message: format!("container cannot start: {r} {msg}").trim_end().to_string() }
                 }
@@ -172,7 +178,11 @@ mod tests {
             container_statuses: Some(vec![ContainerStatus {
                 name: "step".into(),
                 state: Some(ContainerState {
-                    terminated: Some(ContainerStateTerminated { exit_code: 2, message: Some("boom".into()), ..Default::default() }),
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: 2,
+                        message: Some("boom".into()),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()

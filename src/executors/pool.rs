@@ -67,7 +67,13 @@ impl TaskPool {
             drop(permit);
             let event = match outcome {
                 Ok(out) => Event::Succeeded { key: task.key.clone(), attempt, output: out.text, info: out.info },
-                Err(f) => Event::Failed { key: task.key.clone(), attempt, message: f.message, retryable: f.retryable, info: f.info },
+                Err(f) => Event::Failed {
+                    key: task.key.clone(),
+                    attempt,
+                    message: f.message,
+                    retryable: f.retryable,
+                    info: f.info,
+                },
             };
             {
                 let mut state = pool.lock();

@@ -1,0 +1,108 @@
+//! The operator, run in-process for a test: its controllers watch only the test's namespace,
+//! so tests running side by side do not see each other's objects.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kube::api::Api;
+use kube::Resource;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use volt_operator::config::RunArgs;
+use volt_operator::controllers::{self, Health};
+use volt_operator::metrics::Metrics;
+
+use crate::support::control_plane;
+
+pub struct Operator {
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    token: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Operator {
+    /// Starts the controllers for namespace `ns` with default settings.
+    pub async fn start(ns: &str) -> Self {
+        Self::start_with(ns, |_| {}).await
+    }
+
+    /// Starts the controllers for namespace `ns`, after `tune` adjusts the settings.
+    pub async fn start_with(ns: &str, tune: impl FnOnce(&mut RunArgs)) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("VOLT_TEST_LOG"))
+            .with_test_writer()
+            .try_init();
+        let mut args = RunArgs::defaults();
+        args.namespaces = vec![ns.to_string()];
+        args.health_check_interval = Duration::from_secs(1);
+        tune(&mut args);
+        let metrics = Metrics::new();
+        let config = kube_config(control_plane::shared().kubeconfig_path()).await;
+        let client = controllers::client_with_metrics(config, &metrics).await.expect("operator client");
+        let health = Arc::new(Health::default());
+        health.leader.store(true, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(controllers::run(client, args, metrics.clone(), health.clone(), None, token.clone()));
+        let op = Self { metrics, health, token, handle: Some(handle) };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !op.health.synced.load(Ordering::Relaxed) {
+            assert!(tokio::time::Instant::now() < deadline, "operator caches did not sync in 30s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        op
+    }
+
+    /// Stops the controllers, as a crash would (no cleanup beyond dropping tasks).
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+
+    /// API requests the operator sent, by verb.
+    pub fn api_requests(&self, verb: &str) -> u64 {
+        self.metrics.api_requests.with_label_values(&[verb]).get()
+    }
+}
+
+/// A client configuration from a kubeconfig file.
+pub async fn kube_config(path: &std::path::Path) -> kube::Config {
+    let kc = kube::config::Kubeconfig::read_from(path).expect("kubeconfig readable");
+    kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("kubeconfig valid")
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Polls `name` until `check` holds, or panics after `timeout` with the last object seen.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, check: impl Fn(&K) -> bool) -> K
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Ok(Some(obj)) = api.get_opt(name).await {
+            if check(&obj) {
+                return obj;
+            }
+            last = Some(obj);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {name}; last seen: {last:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

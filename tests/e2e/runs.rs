@@ -1,0 +1,488 @@
+//! WorkflowRuns end to end: the operator in-process, pods completed by the kubelet stand-in.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use volt_operator::api::{RunPhase, StepPhase, WorkflowRun, WorkflowRunStatus, condition_status};
+
+use crate::operator::{Operator, wait_for};
+use crate::support::control_plane;
+use crate::support::kubelet::{Kubelet, Outcome, PodPlan};
+
+const LONG: Duration = Duration::from_secs(60);
+
+struct Env {
+    client: Client,
+    ns: String,
+    runs: Api<WorkflowRun>,
+    pods: Api<Pod>,
+}
+
+async fn env(prefix: &str) -> Env {
+    let cp = control_plane::shared();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, prefix).await;
+    Env {
+        runs: Api::namespaced(client.clone(), &ns),
+        pods: Api::namespaced(client.clone(), &ns),
+        client,
+        ns,
+    }
+}
+
+fn env_var(pod: &Pod, name: &str) -> Option<String> {
+    pod.spec.as_ref()?.containers.first()?.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
+}
+
+fn label(pod: &Pod, key: &str) -> String {
+    pod.labels().get(key).cloned().unwrap_or_default()
+}
+
+/// The stand-in's default: run for `run_for`, then succeed with the container's `OUTPUT` env
+/// var as termination message, or fail when `FAIL_ATTEMPTS` lists this attempt.
+fn scripted(run_for: Duration) -> Arc<dyn Fn(&Pod) -> PodPlan + Send + Sync> {
+    Arc::new(move |pod: &Pod| {
+        let attempt = label(pod, "volt.dev/attempt");
+        let fail = env_var(pod, "FAIL_ATTEMPTS").is_some_and(|f| f.split(',').any(|a| a == attempt));
+        let forever = env_var(pod, "RUN_FOREVER").is_some();
+        let outcome = if forever {
+            Outcome::Run
+        } else if fail {
+            Outcome::Fail { message: format!("attempt {attempt} failed on purpose"), exit_code: 3 }
+        } else {
+            Outcome::Succeed { message: env_var(pod, "OUTPUT").unwrap_or_default() }
+        };
+        PodPlan { run_for, outcome, ..PodPlan::run("127.0.0.1") }
+    })
+}
+
+async fn kubelet(e: &Env, run_for: Duration) -> Kubelet {
+    Kubelet::start(e.client.clone(), &e.ns, Some("volt.dev/run".into()), scripted(run_for))
+}
+
+async fn apply(e: &Env, obj: serde_json::Value) {
+    let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let ar = match kind.as_str() {
+        "Workflow" => kube::api::ApiResource::erase::<volt_operator::api::Workflow>(&()),
+        "WorkflowRun" => kube::api::ApiResource::erase::<WorkflowRun>(&()),
+        "Agent" => kube::api::ApiResource::erase::<volt_operator::api::Agent>(&()),
+        other => panic!("unexpected kind {other}"),
+    };
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(e.client.clone(), &e.ns, &ar);
+    api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&obj)).await.unwrap_or_else(|err| panic!("apply {kind}/{name}: {err}"));
+}
+
+fn run_obj(name: &str, workflow: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name}, "spec": {"workflow": workflow}})
+}
+
+fn container(output: &str) -> serde_json::Value {
+    json!({"image": "busybox", "command": ["sh", "-c", "true"], "env": [{"name": "OUTPUT", "value": output}]})
+}
+
+async fn finished(e: &Env, name: &str) -> WorkflowRunStatus {
+    let run = wait_for(&e.runs, name, LONG, |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).await;
+    run.status.unwrap_or_default()
+}
+
+fn step<'a>(s: &'a WorkflowRunStatus, key: &str) -> &'a volt_operator::api::StepStatus {
+    s.steps.get(key).unwrap_or_else(|| panic!("no step {key} in {:#?}", s.steps))
+}
+
+async fn pod_names(e: &Env) -> Vec<String> {
+    let mut names: Vec<String> = e.pods.list(&ListParams::default()).await.expect("list pods").items.iter().map(|p| p.name_any()).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn template_chain_passes_outputs_in_one_pass() {
+    let e = env("chain").await;
+    let op = Operator::start(&e.ns).await;
+    let wf = json!({
+        "params": [{"name": "who", "default": "world"}],
+        "steps": [
+            {"id": "a", "template": "{\"greeting\": \"hello {{ params.who }}\"}"},
+            {"id": "b", "dependsOn": ["a"], "template": "{{ steps.a.json.greeting | upper }}"},
+            {"id": "c", "dependsOn": ["b"], "template": "{{ steps.b.output }}!"}
+        ]
+    });
+    apply(&e, run_obj("chain-1", wf)).await;
+    let s = finished(&e, "chain-1").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    assert_eq!(step(&s, "c").output.as_deref(), Some("HELLO WORLD!"));
+    assert_eq!(s.progress, "3/3");
+    assert_eq!(condition_status(&s.conditions, "Ready").map(|c| c.status.as_str()), Some("True"));
+    assert!(s.started_at.is_some() && s.finished_at.is_some());
+    let writes = op.api_requests("patch") + op.api_requests("create") + op.api_requests("update") + op.api_requests("delete");
+    eprintln!("template chain: {writes} API writes for 3 steps (status patches and events)");
+}
+
+#[tokio::test]
+async fn container_diamond_creates_one_labelled_restricted_pod_per_step() {
+    let e = env("diamond").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(100)).await;
+    let wf = json!({"steps": [
+        {"id": "a", "container": container("1")},
+        {"id": "b", "dependsOn": ["a"], "container": container("{{ steps.a.output | int + 1 }}")},
+        {"id": "c", "dependsOn": ["a"], "container": container("{{ steps.a.output | int + 2 }}")},
+        {"id": "d", "dependsOn": ["b", "c"], "template": "{{ steps.b.output }}+{{ steps.c.output }}"}
+    ]});
+    apply(&e, run_obj("dia", wf)).await;
+    let s = finished(&e, "dia").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    assert_eq!(step(&s, "d").output.as_deref(), Some("2+3"));
+    assert_eq!(pod_names(&e).await, ["dia-a-1", "dia-b-1", "dia-c-1"]);
+    let pod = e.pods.get("dia-b-1").await.expect("pod");
+    let labels = pod.labels();
+    assert_eq!(labels["volt.dev/run"], "dia");
+    assert_eq!(labels["volt.dev/step"], "b");
+    assert_eq!(labels["volt.dev/attempt"], "1");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "volt-operator");
+    let run = e.runs.get("dia").await.expect("run");
+    assert_eq!(pod.owner_references()[0].uid, run.uid().unwrap_or_default());
+    let spec = pod.spec.expect("spec");
+    assert_eq!(spec.security_context.and_then(|s| s.run_as_non_root), Some(true));
+    assert_eq!(spec.containers[0].security_context.as_ref().and_then(|s| s.allow_privilege_escalation), Some(false));
+}
+
+#[tokio::test]
+async fn fan_out_respects_max_parallel_and_collects_outputs() {
+    let e = env("fanout").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(400)).await;
+    let wf = json!({"steps": [
+        {"id": "list", "template": "[\"a\", \"b\", \"c\", \"d\", \"e\"]"},
+        {"id": "work", "dependsOn": ["list"], "forEach": "{{ steps.list.json }}", "maxParallel": 2,
+         "container": container("done-{{ item }}")},
+        {"id": "sum", "dependsOn": ["work"], "template": "{{ steps.work.json | join(',') }}"}
+    ]});
+    apply(&e, run_obj("fan", wf)).await;
+    let mut max_active = 0;
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let pods = e.pods.list(&ListParams::default()).await.expect("pods").items;
+        let active = pods
+            .iter()
+            .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+            .count();
+        max_active = max_active.max(active);
+        let run = e.runs.get("fan").await.expect("run");
+        if run.status.as_ref().is_some_and(|s| s.phase.is_finished()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "fan-out did not finish");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let s = finished(&e, "fan").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    assert!(max_active <= 2, "at most maxParallel=2 children at once, saw {max_active}");
+    assert!(max_active >= 1);
+    assert_eq!(step(&s, "work").items, Some(5));
+    assert_eq!(step(&s, "sum").output.as_deref(), Some("done-a,done-b,done-c,done-d,done-e"));
+    assert_eq!(pod_names(&e).await.len(), 5);
+}
+
+#[tokio::test]
+async fn failed_attempts_are_retried_with_backoff_then_succeed() {
+    let e = env("retry").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(50)).await;
+    let mut c = container("ok");
+    c["env"].as_array_mut().expect("env").push(json!({"name": "FAIL_ATTEMPTS", "value": "1,2"}));
+    let wf = json!({"steps": [{"id": "flaky", "container": c, "retry": {"limit": 3, "backoff": {"initialSeconds": 0.3, "factor": 2}}}]});
+    apply(&e, run_obj("flaky", wf)).await;
+    let s = finished(&e, "flaky").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    let row = step(&s, "flaky");
+    assert_eq!(row.attempts, 3);
+    assert_eq!(row.output.as_deref(), Some("ok"));
+    assert_eq!(pod_names(&e).await, ["flaky-flaky-1", "flaky-flaky-2", "flaky-flaky-3"]);
+    // Backoff: attempt 2 started at least 0.3 s after attempt 1 finished, attempt 3 0.6 s after 2.
+    let p1 = e.pods.get("flaky-flaky-1").await.expect("pod");
+    let p3 = e.pods.get("flaky-flaky-3").await.expect("pod");
+    let gap = p3.creation_timestamp().expect("ts").0.as_millisecond() - p1.creation_timestamp().expect("ts").0.as_millisecond();
+    assert!(gap >= 800, "two backoffs (0.3 s + 0.6 s) separate attempts 1 and 3, got {gap} ms");
+}
+
+#[tokio::test]
+async fn a_failure_fails_the_run_and_finally_still_runs() {
+    let e = env("fail").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(50)).await;
+    let mut bad = container("x");
+    bad["env"].as_array_mut().expect("env").push(json!({"name": "FAIL_ATTEMPTS", "value": "1"}));
+    let wf = json!({
+        "steps": [
+            {"id": "build", "container": bad},
+            {"id": "deploy", "dependsOn": ["build"], "template": "never"},
+            {"id": "tolerant", "template": "{{ nope }}", "continueOnError": true}
+        ],
+        "finally": [{"id": "report", "template": "run {{ run.phase }}; build {{ steps.build.phase }}"}]
+    });
+    let mut run = run_obj("f1", wf);
+    // `nope` is not a known name: the workflow is invalid. Keep the run valid instead:
+    run["spec"]["workflow"]["steps"][2]["template"] = json!("{{ params | length }}");
+    apply(&e, run).await;
+    let s = finished(&e, "f1").await;
+    assert_eq!(s.phase, RunPhase::Failed, "{s:#?}");
+    assert!(s.message.contains("build"), "{}", s.message);
+    assert!(step(&s, "build").message.contains("exited with code 3"), "{:?}", step(&s, "build"));
+    assert_eq!(step(&s, "deploy").phase, StepPhase::Skipped);
+    assert_eq!(step(&s, "report").output.as_deref(), Some("run Failed; build Failed"));
+    assert_eq!(condition_status(&s.conditions, "Stalled").map(|c| c.status.as_str()), Some("True"));
+    assert_eq!(condition_status(&s.conditions, "Ready").map(|c| c.status.as_str()), Some("False"));
+}
+
+#[tokio::test]
+async fn step_timeout_deletes_the_pod_and_fails_the_step() {
+    let e = env("steptimeout").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(10)).await;
+    let mut c = container("x");
+    c["env"].as_array_mut().expect("env").push(json!({"name": "RUN_FOREVER", "value": "1"}));
+    let wf = json!({"steps": [{"id": "slow", "container": c, "timeoutSeconds": 1}]});
+    apply(&e, run_obj("st", wf)).await;
+    let s = finished(&e, "st").await;
+    assert_eq!(s.phase, RunPhase::Failed);
+    assert!(step(&s, "slow").message.contains("timed out after 1s"), "{:?}", step(&s, "slow"));
+    wait_for_no_pods(&e).await;
+}
+
+async fn wait_for_no_pods(e: &Env) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !pod_names(e).await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "pods left: {:?}", pod_names(e).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn run_timeout_stops_everything() {
+    let e = env("runtimeout").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(10)).await;
+    let mut c = container("x");
+    c["env"].as_array_mut().expect("env").push(json!({"name": "RUN_FOREVER", "value": "1"}));
+    let mut run = run_obj("rt", json!({"steps": [{"id": "slow", "container": c}, {"id": "after", "dependsOn": ["slow"], "template": "x"}]}));
+    run["spec"]["timeoutSeconds"] = json!(2);
+    apply(&e, run).await;
+    let s = finished(&e, "rt").await;
+    assert_eq!(s.phase, RunPhase::Failed);
+    assert!(s.message.contains("run timed out"), "{}", s.message);
+    assert_eq!(step(&s, "slow").phase, StepPhase::Cancelled);
+    assert_eq!(step(&s, "after").phase, StepPhase::Cancelled);
+    wait_for_no_pods(&e).await;
+}
+
+#[tokio::test]
+async fn when_skips_a_step_and_its_dependents_still_run() {
+    let e = env("when").await;
+    let _op = Operator::start(&e.ns).await;
+    let wf = json!({
+        "params": [{"name": "deploy", "default": "no"}],
+        "steps": [
+            {"id": "build", "template": "built"},
+            {"id": "deploy", "dependsOn": ["build"], "when": "params.deploy == 'yes'", "template": "deployed"},
+            {"id": "notify", "dependsOn": ["deploy"], "template": "deploy was {{ steps.deploy.phase }}"}
+        ]
+    });
+    apply(&e, run_obj("w1", wf)).await;
+    let s = finished(&e, "w1").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    assert_eq!(step(&s, "deploy").phase, StepPhase::Skipped);
+    assert_eq!(step(&s, "notify").output.as_deref(), Some("deploy was Skipped"));
+}
+
+#[tokio::test]
+async fn cancel_deletes_running_pods_and_runs_finally() {
+    let e = env("cancel").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(10)).await;
+    let mut c = container("x");
+    c["env"].as_array_mut().expect("env").push(json!({"name": "RUN_FOREVER", "value": "1"}));
+    let wf = json!({"steps": [{"id": "long", "container": c}, {"id": "next", "dependsOn": ["long"], "template": "x"}],
+                    "finally": [{"id": "cleanup", "template": "{{ run.phase }}"}]});
+    apply(&e, run_obj("c1", wf)).await;
+    wait_for(&e.pods, "c1-long-1", LONG, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).await;
+    e.runs.patch("c1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.expect("cancel");
+    let s = finished(&e, "c1").await;
+    assert_eq!(s.phase, RunPhase::Cancelled);
+    assert_eq!(step(&s, "long").phase, StepPhase::Cancelled);
+    assert_eq!(step(&s, "next").phase, StepPhase::Cancelled);
+    assert_eq!(step(&s, "cleanup").output.as_deref(), Some("Cancelled"));
+    wait_for_no_pods(&e).await;
+}
+
+#[tokio::test]
+async fn suspend_holds_new_steps_until_resumed() {
+    let e = env("suspend").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(800)).await;
+    let wf = json!({"steps": [{"id": "first", "container": container("1")}, {"id": "second", "dependsOn": ["first"], "container": container("2")}]});
+    apply(&e, run_obj("s1", wf)).await;
+    wait_for(&e.pods, "s1-first-1", LONG, |_| true).await;
+    e.runs.patch("s1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}}))).await.expect("suspend");
+    wait_for(&e.runs, "s1", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Suspended)).await;
+    // `first` finishes while suspended; `second` must not start.
+    wait_for(&e.runs, "s1", LONG, |r| {
+        r.status.as_ref().and_then(|s| s.steps.get("first")).is_some_and(|row| row.phase == StepPhase::Succeeded)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pod_names(&e).await, ["s1-first-1"], "no new pod while suspended");
+    let s = e.runs.get("s1").await.expect("run").status.expect("status");
+    assert_eq!(s.phase, RunPhase::Suspended);
+    e.runs.patch("s1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": false}}))).await.expect("resume");
+    let s = finished(&e, "s1").await;
+    assert_eq!(s.phase, RunPhase::Succeeded);
+    assert_eq!(step(&s, "second").output.as_deref(), Some("2"));
+}
+
+#[tokio::test]
+async fn runs_queue_under_max_runs_and_start_by_priority() {
+    let e = env("queue").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(700)).await;
+    apply(&e, json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "one-at-a-time"},
+        "spec": {"concurrency": {"maxRuns": 1, "policy": "Queue"}, "steps": [{"id": "work", "container": container("w")}]}})).await;
+    let mk = |name: &str, priority: i32| json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
+        "spec": {"workflowRef": {"name": "one-at-a-time"}, "priority": priority}});
+    apply(&e, mk("q-first", 0)).await;
+    wait_for(&e.runs, "q-first", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Running)).await;
+    apply(&e, mk("q-low", 0)).await;
+    apply(&e, mk("q-high", 10)).await;
+    wait_for(&e.runs, "q-low", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Queued)).await;
+    let high = wait_for(&e.runs, "q-high", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Queued)).await;
+    assert!(high.status.expect("status").message.contains("maxRuns"));
+    let mut finish_order = Vec::new();
+    for name in ["q-first", "q-high", "q-low"] {
+        let s = finished(&e, name).await;
+        assert_eq!(s.phase, RunPhase::Succeeded, "{name}: {s:#?}");
+        finish_order.push((s.started_at.expect("started").0, name));
+    }
+    finish_order.sort();
+    let order: Vec<&str> = finish_order.iter().map(|(_, n)| *n).collect();
+    assert_eq!(order, ["q-first", "q-high", "q-low"], "higher priority starts first");
+    // Never two at once: each run's pod started after the previous one finished.
+    let s_high = e.runs.get("q-high").await.expect("run").status.expect("s");
+    let s_first = e.runs.get("q-first").await.expect("run").status.expect("s");
+    assert!(s_high.started_at.expect("t").0 >= s_first.finished_at.expect("t").0);
+}
+
+#[tokio::test]
+async fn a_500_step_dag_completes_and_stays_small() {
+    let e = env("big").await;
+    let op = Operator::start(&e.ns).await;
+    let mut steps = Vec::new();
+    for i in 0..500usize {
+        let deps: Vec<String> = [i / 2, i / 3].iter().filter(|&&d| d < i).map(|d| format!("s{d}")).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        steps.push(json!({"id": format!("s{i}"), "dependsOn": deps, "template": format!("{i}")}));
+    }
+    apply(&e, run_obj("big", json!({"steps": steps}))).await;
+    let s = finished(&e, "big").await;
+    assert_eq!(s.phase, RunPhase::Succeeded);
+    assert_eq!(s.progress, "500/500");
+    let size = serde_json::to_vec(&e.runs.get("big").await.expect("run")).expect("json").len();
+    let writes = op.api_requests("patch") + op.api_requests("create");
+    eprintln!("500-step run: object {size} bytes, {writes} API writes");
+    assert!(size < 512 * 1024, "a 500-step run stays well under 1 MiB, got {size}");
+}
+
+#[tokio::test]
+async fn large_outputs_go_to_a_configmap_owned_by_the_run() {
+    let e = env("bigout").await;
+    let _op = Operator::start(&e.ns).await;
+    let wf = json!({"steps": [
+        {"id": "big", "template": "{% for i in range(2000) %}line {{ i }}\n{% endfor %}"},
+        {"id": "count", "dependsOn": ["big"], "template": "{{ steps.big.output | length }}"}
+    ]});
+    apply(&e, run_obj("bo", wf)).await;
+    let s = finished(&e, "bo").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    let row = step(&s, "big");
+    assert!(row.output.is_none(), "large output is not inline");
+    let r = row.output_ref.clone().expect("outputRef");
+    let cms: Api<ConfigMap> = Api::namespaced(e.client.clone(), &e.ns);
+    let cm = cms.get(&r.config_map).await.expect("configmap");
+    let data: BTreeMap<String, String> = cm.data.clone().expect("data");
+    assert_eq!(data[&r.key].len() as u64, r.size);
+    assert_eq!(step(&s, "count").output.as_deref(), Some(r.size.to_string().as_str()));
+    let run = e.runs.get("bo").await.expect("run");
+    assert_eq!(cm.owner_references()[0].uid, run.uid().unwrap_or_default());
+}
+
+#[tokio::test]
+async fn an_operator_restart_neither_duplicates_pods_nor_reruns_steps() {
+    let e = env("restart").await;
+    let op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(1500)).await;
+    let wf = json!({"steps": [
+        {"id": "one", "container": container("1")},
+        {"id": "two", "dependsOn": ["one"], "container": container("2")},
+        {"id": "three", "dependsOn": ["two"], "container": container("3")}
+    ]});
+    apply(&e, run_obj("rs", wf)).await;
+    wait_for(&e.runs, "rs", LONG, |r| r.status.as_ref().and_then(|s| s.steps.get("two")).is_some_and(|row| row.phase == StepPhase::Running)).await;
+    op.stop().await;
+    // While the operator is down, `two`'s pod finishes.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let _op = Operator::start(&e.ns).await;
+    let s = finished(&e, "rs").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    for id in ["one", "two", "three"] {
+        assert_eq!(step(&s, id).attempts, 1, "{id} ran once");
+    }
+    assert_eq!(pod_names(&e).await, ["rs-one-1", "rs-three-1", "rs-two-1"]);
+}
+
+#[tokio::test]
+async fn a_deleted_pod_fails_its_step() {
+    let e = env("podgone").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(10)).await;
+    let mut c = container("x");
+    c["env"].as_array_mut().expect("env").push(json!({"name": "RUN_FOREVER", "value": "1"}));
+    apply(&e, run_obj("pg", json!({"steps": [{"id": "victim", "container": c}]}))).await;
+    wait_for(&e.pods, "pg-victim-1", LONG, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).await;
+    e.pods.delete("pg-victim-1", &Default::default()).await.expect("delete");
+    let s = finished(&e, "pg").await;
+    assert_eq!(s.phase, RunPhase::Failed);
+    assert!(step(&s, "victim").message.contains("deleted"), "{:?}", step(&s, "victim"));
+}
+
+#[tokio::test]
+async fn http_steps_call_out_and_ttl_deletes_finished_runs() {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/status", get(|| async { axum::Json(json!({"healthy": true, "version": "1.2.3"})) }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let e = env("http").await;
+    let _op = Operator::start(&e.ns).await;
+    let wf = json!({"steps": [
+        {"id": "probe", "http": {"url": format!("http://{addr}/status")}},
+        {"id": "report", "dependsOn": ["probe"], "template": "v{{ steps.probe.json.version }}"},
+        {"id": "missing", "http": {"url": format!("http://{addr}/nope")}, "continueOnError": true}
+    ]});
+    let mut run = run_obj("h1", wf);
+    run["spec"]["ttlSecondsAfterFinished"] = json!(2);
+    apply(&e, run).await;
+    let s = finished(&e, "h1").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    assert_eq!(step(&s, "report").output.as_deref(), Some("v1.2.3"));
+    assert!(step(&s, "missing").message.contains("404"), "{:?}", step(&s, "missing"));
+    // ttlSecondsAfterFinished: the run is deleted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while e.runs.get_opt("h1").await.expect("get").is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "run not deleted after its TTL");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
