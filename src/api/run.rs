@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -208,15 +208,15 @@ pub struct StepStatus {
     /// Attempts started so far.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub attempts: u32,
-    /// When the first attempt started.
+    /// When the current attempt started (microseconds, for timeouts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<Time>,
+    pub started_at: Option<MicroTime>,
     /// When the step finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<Time>,
+    pub finished_at: Option<MicroTime>,
     /// When the next attempt may start (phase Retrying).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_at: Option<Time>,
+    pub retry_at: Option<MicroTime>,
     /// Agent that served the call (agent steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,

@@ -57,6 +57,9 @@ pub struct Ctx {
     expectations: Mutex<HashMap<String, Instant>>,
     /// Validated DAGs by (run uid, spec hash).
     dags: Mutex<HashMap<String, (String, Arc<Dag>)>>,
+    /// The last status this process wrote per run (uid -> (resourceVersion, status)): the
+    /// watch cache may still hold an older object when the next pass starts.
+    written: Mutex<HashMap<String, (String, WorkflowRunStatus)>>,
     /// Large outputs stored in ConfigMaps, by (run uid, key).
     outputs: Mutex<HashMap<(String, String), String>>,
     wake: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
@@ -145,6 +148,25 @@ impl Ctx {
         Admission::Admit
     }
 
+    /// The run's status as last known: the cached object's, unless this process has written a
+    /// newer one that the cache does not show yet (resourceVersions are etcd revisions).
+    fn fresh_status(&self, run: &WorkflowRun) -> WorkflowRunStatus {
+        let uid = run.uid().unwrap_or_default();
+        let cached = run.status.clone().unwrap_or_default();
+        let mut written = lock(&self.written);
+        let Some((rv, status)) = written.get(&uid) else { return cached };
+        let older = match (run.resource_version().and_then(|r| r.parse::<u64>().ok()), rv.parse::<u64>().ok()) {
+            (Some(seen), Some(ours)) => seen < ours,
+            _ => false,
+        };
+        if older {
+            status.clone()
+        } else {
+            written.remove(&uid);
+            cached
+        }
+    }
+
     /// Frees a run's slot and wakes the queued runs.
     fn release(&self, uid: &str) {
         let was = lock(&self.admitted).remove(uid).is_some();
@@ -199,9 +221,10 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     let now = Timestamp::now();
     if run.metadata.deletion_timestamp.is_some() {
         ctx.release(&uid);
+        lock(&ctx.written).remove(&uid);
         return Ok(Action::await_change());
     }
-    let before = run.status.clone().unwrap_or_default();
+    let before = ctx.fresh_status(&run);
     let mut status = before.clone();
     let generation = run.metadata.generation;
 
@@ -362,6 +385,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
                 if let Some(pod_name) = status.steps.get(key).and_then(|r| r.pod.clone())
                     && is_container(&spec, &dag, key)
                 {
+                    debug!(run = %name, pod = %pod_name, "deleting the pod of an aborted attempt");
                     match pods.delete(&pod_name, &DeleteParams::background()).await {
                         Ok(_) => {}
                         Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -424,7 +448,11 @@ async fn observe_pods(
         let pod_name = naming::pod_name(&name, key, row.attempts);
         let cached = ctx.pods.get(&ObjectRef::new(&pod_name).within(&ns));
         let pod = match cached {
-            Some(p) => Some((*p).clone()),
+            Some(p) => {
+                // Seen: from now on, missing from the cache means deleted.
+                lock(&ctx.expectations).remove(&pod_name);
+                Some((*p).clone())
+            }
             None => {
                 let recent = lock(&ctx.expectations).get(&pod_name).is_some_and(|t| t.elapsed() < POD_EXPECTATION);
                 if recent {
@@ -619,8 +647,12 @@ async fn write_status(
     }
     let api: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": status});
-    api.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    let written =
+        api.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     ctx.metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
+    if let (Some(uid), Some(rv)) = (run.uid(), written.resource_version()) {
+        lock(&ctx.written).insert(uid, (rv, status.clone()));
+    }
     Ok(())
 }
 
@@ -734,6 +766,7 @@ pub async fn controller(
         admitted: Default::default(),
         expectations: Default::default(),
         dags: Default::default(),
+        written: Default::default(),
         outputs: Default::default(),
         wake: wake_tx,
     });

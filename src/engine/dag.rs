@@ -364,6 +364,7 @@ fn check_templates(
             let mut parts = name.split('.');
             let root = parts.next().unwrap_or_default();
             let problem = match root {
+                _ if template::is_builtin(root) => None,
                 _ if !ROOTS.contains(&root) => {
                     Some(format!("unknown name {root:?} (templates can read {})", ROOTS.join(", ")))
                 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use serde_json::Value as Json;
 
 use crate::api::{
@@ -131,6 +131,9 @@ pub struct TaskStart {
 }
 
 /// What the caller must do.
+// Starts are the common action and there are few actions per pass: boxing would only churn
+// the callers.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Start an attempt (create its pod, or spawn its in-process task). Idempotent by
@@ -235,7 +238,7 @@ impl Pass<'_, '_> {
         row.phase = phase;
         row.message = message.clone();
         if phase.is_finished() {
-            row.finished_at = Some(Time(now));
+            row.finished_at = Some(MicroTime(now));
             row.retry_at = None;
         }
         let attempt = row.attempts;
@@ -309,7 +312,7 @@ impl Pass<'_, '_> {
                 let row = self.row(&key);
                 row.attempts = row.attempts.saturating_sub(1);
                 row.phase = StepPhase::Retrying;
-                row.retry_at = Some(Time(now));
+                row.retry_at = Some(MicroTime(now));
                 row.message = "in-process work was interrupted; running the attempt again".into();
             }
         }
@@ -322,7 +325,7 @@ impl Pass<'_, '_> {
             let delay = backoff_delay(policy.backoff.as_ref(), attempts);
             let at = self.now() + delay;
             let msg = format!("attempt {attempts} failed: {message}; retrying in {:.1}s", delay.as_secs_f64());
-            self.row(key).retry_at = Some(Time(at));
+            self.row(key).retry_at = Some(MicroTime(at));
             self.transition(key, StepPhase::Retrying, msg);
             self.requeue(delay);
         } else {
@@ -522,7 +525,8 @@ impl Pass<'_, '_> {
         for &j in self.input.dag.reads(i) {
             let id = self.input.dag.id(j);
             if let Some(row) = self.status.steps.get(id) {
-                ctx.steps.insert(id.to_string(), StepView { phase: row.phase.as_str().into(), output: row.output.clone() });
+                ctx.steps
+                    .insert(id.to_string(), StepView { phase: row.phase.as_str().into(), output: row.output.clone() });
             }
         }
         let run = self.input.run;
@@ -582,7 +586,7 @@ impl Pass<'_, '_> {
                             let n = items.len();
                             let row = self.row(&id);
                             row.items = Some(n as u32);
-                            row.started_at = Some(Time(now));
+                            row.started_at = Some(MicroTime(now));
                             for c in 0..n {
                                 self.status.steps.insert(child_key(&id, c), StepStatus::default());
                             }
@@ -609,10 +613,8 @@ impl Pass<'_, '_> {
                 }
             }
             StepPhase::Running => self.check_timeout(&id, &step),
-            StepPhase::Retrying => {
-                if !blocked {
-                    self.retry_if_due(&id, &step, None, finally_outcome);
-                }
+            StepPhase::Retrying if !blocked => {
+                self.retry_if_due(&id, &step, None, finally_outcome);
             }
             _ => {}
         }
@@ -634,7 +636,8 @@ impl Pass<'_, '_> {
             self.fail_fan_out(&id, format!("forEach list changed from {n} to {} items", items.len()));
             return;
         }
-        let child_phase = |s: &Self, c: usize| s.status.steps.get(&child_key(&id, c)).map(|r| r.phase).unwrap_or_default();
+        let child_phase =
+            |s: &Self, c: usize| s.status.steps.get(&child_key(&id, c)).map(|r| r.phase).unwrap_or_default();
         // Timeouts first, so that the slots they free are used in this same pass.
         for c in 0..n {
             if child_phase(self, c) == StepPhase::Running {
@@ -654,9 +657,7 @@ impl Pass<'_, '_> {
                     }
                 }
                 StepPhase::Retrying if !blocked && running < max_parallel => {
-                    if self.retry_if_due(&key, step, Some((c, item)), finally_outcome) {
-                        running += 1;
-                    }
+                    running += usize::from(self.retry_if_due(&key, step, Some((c, item)), finally_outcome));
                 }
                 _ => {}
             }
@@ -728,7 +729,7 @@ impl Pass<'_, '_> {
         let attempt = {
             let row = self.row(key);
             row.attempts += 1;
-            row.started_at = Some(Time(now));
+            row.started_at = Some(MicroTime(now));
             row.finished_at = None;
             row.retry_at = None;
             row.attempts

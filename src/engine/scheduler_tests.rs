@@ -14,9 +14,13 @@ use proptest::prelude::*;
 use serde_json::Value as Json;
 
 use super::dag::{Dag, step_at, validate};
-use super::scheduler::{Action, Decision, Event, Input, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance, backoff_delay, child_key};
+use super::scheduler::{
+    Action, Decision, Event, Input, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance, backoff_delay,
+    child_key,
+};
 use crate::api::{
-    AgentStep, Backoff, HttpStep, ParamSpec, RetryPolicy, RunPhase, Step, StepDefaults, StepPhase, WorkflowRunStatus, WorkflowSpec,
+    AgentStep, Backoff, HttpStep, ParamSpec, RetryPolicy, RunPhase, Step, StepDefaults, StepPhase, WorkflowRunStatus,
+    WorkflowSpec,
 };
 
 // ---- building specs ----
@@ -261,16 +265,31 @@ impl Harness {
                     assert_eq!(row.phase, StepPhase::Running, "{:?} started but not Running", t.key);
                     assert_eq!(row.attempts, t.attempt, "{:?}: attempt number", t.key);
                     if let Some(due) = self.retry_at.get(&t.key) {
-                        assert!(self.now >= *due, "{:?} attempt {} started at {} before its retryAt {due}", t.key, t.attempt, self.now);
+                        assert!(
+                            self.now >= *due,
+                            "{:?} attempt {} started at {} before its retryAt {due}",
+                            t.key,
+                            t.attempt,
+                            self.now
+                        );
                     }
                     let i = self.dag.index_of(&t.step_id).expect("start of an unknown step");
                     for &dep in self.dag.deps(i) {
                         let p = self.phase(self.dag.id(dep));
-                        assert!(p.is_finished(), "{:?} started while its dependency {:?} is {p:?}", t.key, self.dag.id(dep));
+                        assert!(
+                            p.is_finished(),
+                            "{:?} started while its dependency {:?} is {p:?}",
+                            t.key,
+                            self.dag.id(dep)
+                        );
                     }
                     if self.dag.is_finally(i) {
                         for j in self.dag.dag_steps() {
-                            assert!(self.phase(self.dag.id(j)).is_finished(), "finally {:?} started before the DAG ended", t.key);
+                            assert!(
+                                self.phase(self.dag.id(j)).is_finished(),
+                                "finally {:?} started before the DAG ended",
+                                t.key
+                            );
                         }
                     }
                     match t.index {
@@ -284,7 +303,10 @@ impl Harness {
                     }
                 }
                 Action::Abort { key, attempt, .. } => {
-                    assert!(self.started.contains(&(key.clone(), *attempt)), "abort of {key:?} attempt {attempt}, never started");
+                    assert!(
+                        self.started.contains(&(key.clone(), *attempt)),
+                        "abort of {key:?} attempt {attempt}, never started"
+                    );
                     let row = self.row(key);
                     assert!(
                         row.phase != StepPhase::Running || row.attempts != *attempt,
@@ -297,7 +319,8 @@ impl Harness {
         for i in 0..self.dag.len() {
             let step = step_at(&self.spec, i);
             let Some(n) = self.status.steps.get(&step.id).and_then(|r| r.items) else { continue };
-            let running = (0..n as usize).filter(|&c| self.phase(&child_key(&step.id, c)) == StepPhase::Running).count();
+            let running =
+                (0..n as usize).filter(|&c| self.phase(&child_key(&step.id, c)) == StepPhase::Running).count();
             if let Some(max) = step.max_parallel {
                 assert!(running <= max as usize, "{}: {running} children running, maxParallel {max}", step.id);
             }
@@ -332,7 +355,12 @@ impl Harness {
                         .map(|s| s[(*n).min(s.len() - 1)].clone())
                         .unwrap_or_else(|| Outcome::Ok(format!("out:{}", t.key)));
                     *n += 1;
-                    let delay = self.delays.get(&t.key).or_else(|| self.delays.get(&t.step_id)).copied().unwrap_or(self.default_delay);
+                    let delay = self
+                        .delays
+                        .get(&t.key)
+                        .or_else(|| self.delays.get(&t.step_id))
+                        .copied()
+                        .unwrap_or(self.default_delay);
                     let done_at = (outcome != Outcome::Hang).then(|| self.now + delay);
                     self.in_flight.push(InFlight { key: t.key.clone(), attempt: t.attempt, done_at, outcome });
                     self.starts.push(Started { at, task: t.clone() });
@@ -344,10 +372,11 @@ impl Harness {
             }
         }
         // Every Running row (other than forEach parents) has its task in flight.
+        let in_flight: BTreeSet<(&str, u32)> = self.in_flight.iter().map(|f| (f.key.as_str(), f.attempt)).collect();
         for (key, row) in &self.status.steps {
             if row.phase == StepPhase::Running && row.items.is_none() {
                 assert!(
-                    self.in_flight.iter().any(|f| f.key == *key && f.attempt == row.attempts),
+                    in_flight.contains(&(key.as_str(), row.attempts)),
                     "{key:?} is Running attempt {} but nothing runs it",
                     row.attempts
                 );
@@ -377,8 +406,12 @@ impl Harness {
                 let (key, attempt) = (f.key, f.attempt);
                 match f.outcome {
                     Outcome::Ok(output) => Event::Succeeded { key, attempt, output, info: TaskInfo::default() },
-                    Outcome::Fail(message) => Event::Failed { key, attempt, message, retryable: true, info: TaskInfo::default() },
-                    Outcome::Fatal(message) => Event::Failed { key, attempt, message, retryable: false, info: TaskInfo::default() },
+                    Outcome::Fail(message) => {
+                        Event::Failed { key, attempt, message, retryable: true, info: TaskInfo::default() }
+                    }
+                    Outcome::Fatal(message) => {
+                        Event::Failed { key, attempt, message, retryable: false, info: TaskInfo::default() }
+                    }
                     Outcome::Lose => {
                         self.lost.insert((key.clone(), attempt));
                         Event::Lost { key, attempt }
@@ -448,7 +481,11 @@ impl Harness {
     }
 
     fn step_transitions(&self, key: &str) -> Vec<(String, u32)> {
-        self.transitions.iter().filter(|(_, t)| t.key.as_deref() == Some(key)).map(|(_, t)| (t.phase.clone(), t.attempt)).collect()
+        self.transitions
+            .iter()
+            .filter(|(_, t)| t.key.as_deref() == Some(key))
+            .map(|(_, t)| (t.phase.clone(), t.attempt))
+            .collect()
     }
 
     fn run_transitions(&self) -> Vec<String> {
@@ -560,7 +597,8 @@ fn outputs_flow_between_steps() {
     ]);
     s.params.push(ParamSpec { name: "who".into(), ..Default::default() });
     let a_out = r#"{"x": 42, "tasks": ["p", "q"]}"#;
-    let mut h = Harness::new(s).script("a", vec![Outcome::Ok(a_out.into())]).script("b", vec![Outcome::Ok("B!".into())]);
+    let mut h =
+        Harness::new(s).script("a", vec![Outcome::Ok(a_out.into())]).script("b", vec![Outcome::Ok("B!".into())]);
     h.params.insert("who".into(), Json::from("Ada"));
     h.run();
     assert_eq!(h.status.phase, RunPhase::Succeeded);
@@ -600,7 +638,8 @@ fn fan_spec(max_parallel: Option<u32>) -> WorkflowSpec {
 #[test]
 fn for_each_respects_max_parallel_and_keeps_order() {
     let items: Vec<String> = (0..7).map(|i| format!("i{i}")).collect();
-    let mut h = Harness::new(fan_spec(Some(2))).script("list", vec![Outcome::Ok(serde_json::to_string(&items).unwrap())]);
+    let mut h =
+        Harness::new(fan_spec(Some(2))).script("list", vec![Outcome::Ok(serde_json::to_string(&items).unwrap())]);
     // Children finish out of order.
     for (c, d) in [5, 1, 3, 1, 2, 4, 1].into_iter().enumerate() {
         let key = child_key("fan", c);
@@ -648,7 +687,8 @@ fn for_each_over_an_empty_list_succeeds() {
 
 #[test]
 fn for_each_of_templates_finishes_in_one_pass() {
-    let mut h = Harness::new(spec(vec![with(tmpl("fan", &[], "{{ item * 2 }}"), |s| s.for_each = Some("[1, 2, 3]".into()))]));
+    let mut h =
+        Harness::new(spec(vec![with(tmpl("fan", &[], "{{ item * 2 }}"), |s| s.for_each = Some("[1, 2, 3]".into()))]));
     h.advance(vec![]);
     assert_eq!(h.status.phase, RunPhase::Succeeded);
     assert_eq!(h.output("fan"), r#"["2","4","6"]"#);
@@ -679,7 +719,11 @@ fn for_each_over_a_non_list_fails() {
     let mut h = Harness::new(fan_spec(None)).script("list", vec![Outcome::Ok(r#"{"not": "a list"}"#.into())]);
     h.run();
     assert_eq!(h.status.phase, RunPhase::Failed);
-    assert!(h.row("fan").message.starts_with("forEach: forEach must be a JSON list, got an object"), "{}", h.row("fan").message);
+    assert!(
+        h.row("fan").message.starts_with("forEach: forEach must be a JSON list, got an object"),
+        "{}",
+        h.row("fan").message
+    );
 }
 
 #[test]
@@ -812,7 +856,8 @@ fn retry_policy_comes_from_step_then_workflow_then_settings() {
     let fail = vec![Outcome::Fail("x".into())];
     // Settings.
     let mut h = Harness::new(spec(vec![http("a", &[])])).script("a", fail.clone());
-    h.settings.default_retry = RetryPolicy { limit: 2, backoff: Some(Backoff { initial_seconds: 0.0, ..Default::default() }) };
+    h.settings.default_retry =
+        RetryPolicy { limit: 2, backoff: Some(Backoff { initial_seconds: 0.0, ..Default::default() }) };
     h.run();
     assert_eq!(h.starts_of("a").len(), 3);
     // The workflow's defaults win over the settings.
@@ -901,7 +946,11 @@ fn fail_fast_skips_pending_steps_but_lets_running_ones_finish() {
     h.run();
     assert_eq!(h.status.phase, RunPhase::Failed);
     assert_eq!(h.status.message, r#"step "a" failed: a broke"#);
-    assert!(h.aborts.is_empty(), "running steps are not aborted: {:?}", h.aborts.iter().map(|a| &a.key).collect::<Vec<_>>());
+    assert!(
+        h.aborts.is_empty(),
+        "running steps are not aborted: {:?}",
+        h.aborts.iter().map(|a| &a.key).collect::<Vec<_>>()
+    );
     assert_eq!(h.row("slow").phase, StepPhase::Succeeded);
     assert_eq!(h.row("x").message, r#"not run: dependency "a" failed"#);
     assert_eq!(h.row("c").phase, StepPhase::Skipped);
@@ -978,7 +1027,12 @@ fn a_late_result_after_a_timeout_is_ignored() {
     h.advance(vec![]);
     assert_eq!(h.row("a").phase, StepPhase::Retrying);
     let before = h.status.clone();
-    let d = h.advance(vec![Event::Succeeded { key: "a".into(), attempt: 1, output: "late".into(), info: TaskInfo::default() }]);
+    let d = h.advance(vec![Event::Succeeded {
+        key: "a".into(),
+        attempt: 1,
+        output: "late".into(),
+        info: TaskInfo::default(),
+    }]);
     assert!(d.actions.is_empty() && d.transitions.is_empty());
     assert_eq!(h.status, before);
 }
@@ -1045,7 +1099,10 @@ fn when_on_an_undefined_name_fails_the_step() {
 
 #[test]
 fn reading_the_output_of_a_skipped_step_is_an_error() {
-    let s = spec(vec![with(tmpl("a", &[], "x"), |s| s.when = Some("false".into())), tmpl("b", &["a"], "{{ steps.a.output }}")]);
+    let s = spec(vec![
+        with(tmpl("a", &[], "x"), |s| s.when = Some("false".into())),
+        tmpl("b", &["a"], "{{ steps.a.output }}"),
+    ]);
     let mut h = Harness::new(s);
     h.run();
     assert_eq!(h.row("a").phase, StepPhase::Skipped);
@@ -1123,19 +1180,19 @@ fn cancel_before_start_cancels_everything() {
 
 #[test]
 fn suspend_holds_new_starts_and_resume_goes_on() {
-    let s = spec(vec![
-        http("a", &[]),
-        http("b", &["a"]),
-        with(http("r", &[]), |s| s.retry = retry(1, 1.0, 1.0, 1.0)),
-    ]);
-    let mut h = Harness::new(s).delay("a", secs(2)).script("r", vec![Outcome::Fail("x".into()), Outcome::Ok("y".into())]);
+    let s = spec(vec![http("a", &[]), http("b", &["a"]), with(http("r", &[]), |s| s.retry = retry(1, 1.0, 1.0, 1.0))]);
+    let mut h =
+        Harness::new(s).delay("a", secs(2)).script("r", vec![Outcome::Fail("x".into()), Outcome::Ok("y".into())]);
     h.tick();
     h.suspend = true;
     let d = h.advance(vec![]);
     assert!(d.actions.is_empty());
     assert_eq!(h.status.phase, RunPhase::Suspended);
     assert_eq!(h.status.message, "suspended: running steps finish, no new steps start");
-    assert_eq!(d.transitions.iter().filter(|t| t.key.is_none()).map(|t| t.phase.as_str()).collect::<Vec<_>>(), ["Suspended"]);
+    assert_eq!(
+        d.transitions.iter().filter(|t| t.key.is_none()).map(|t| t.phase.as_str()).collect::<Vec<_>>(),
+        ["Suspended"]
+    );
     // Running steps finish; r fails and waits; nothing new starts, however long we wait.
     for t in [1, 2, 5, 100, 1000] {
         h.set_time(secs(t));
@@ -1277,10 +1334,21 @@ fn stale_and_unknown_events_are_ignored() {
     assert_eq!((h.row("a").phase, h.row("a").attempts), (StepPhase::Running, 2));
     assert_eq!(h.row("b").phase, StepPhase::Succeeded);
     let before = h.status.clone();
-    let ok = |key: &str, attempt| Event::Succeeded { key: key.into(), attempt, output: "stale".into(), info: TaskInfo::default() };
+    let ok = |key: &str, attempt| Event::Succeeded {
+        key: key.into(),
+        attempt,
+        output: "stale".into(),
+        info: TaskInfo::default(),
+    };
     let events = vec![
         ok("a", 1),
-        Event::Failed { key: "a".into(), attempt: 1, message: "old".into(), retryable: false, info: TaskInfo::default() },
+        Event::Failed {
+            key: "a".into(),
+            attempt: 1,
+            message: "old".into(),
+            retryable: false,
+            info: TaskInfo::default(),
+        },
         Event::Lost { key: "a".into(), attempt: 1 },
         ok("a", 3),
         ok("b", 1),
@@ -1391,7 +1459,8 @@ fn a_500_step_random_dag_completes() {
 
 #[test]
 fn progress_counts_finished_steps_over_all_steps() {
-    let mut s = spec(vec![http("a", &[]), with(http("b", &["a"]), |s| s.when = Some("false".into())), http("c", &["a"])]);
+    let mut s =
+        spec(vec![http("a", &[]), with(http("b", &["a"]), |s| s.when = Some("false".into())), http("c", &["a"])]);
     s.finally = vec![http("f", &[])];
     let mut h = Harness::new(s).delay("c", secs(5));
     let mut seen = vec![];
@@ -1417,6 +1486,26 @@ fn item_in_the_when_of_a_for_each_step_is_rejected() {
     let err = validate(&s).unwrap_err().to_string();
     assert!(err.contains("steps[0].when"), "{err}");
     assert!(err.contains("\"item\""), "{err}");
+}
+
+#[test]
+fn the_dag_records_what_each_step_reads() {
+    let mut s = spec(vec![
+        http("a", &[]),
+        http("b", &["a"]),
+        with(http("c", &["b"]), |s| {
+            s.when = Some("steps.a.phase == 'Succeeded'".into());
+            s.http.as_mut().unwrap().body = Some("{{ steps.b.json.x }}".into());
+        }),
+        with(tmpl("d", &["c"], "{{ item }}"), |s| s.for_each = Some("{{ steps.b.json }}".into())),
+    ]);
+    s.finally = vec![tmpl("f", &[], "{{ steps.d.output }} {{ run.phase }}")];
+    let dag = validate(&s).unwrap();
+    let reads = |id: &str| -> Vec<&str> { dag.reads(dag.index_of(id).unwrap()).iter().map(|&j| dag.id(j)).collect() };
+    assert_eq!(reads("a"), Vec::<&str>::new());
+    assert_eq!(reads("c"), ["a", "b"]);
+    assert_eq!(reads("d"), ["b"]);
+    assert_eq!(reads("f"), ["d"]);
 }
 
 // ---- property tests ----
@@ -1522,8 +1611,14 @@ impl GenStep {
                 step.timeout_seconds = Some(20);
             }
         }
-        if self.skip {
-            step.when = Some("1 == 2".into());
+        // `when` reads a dependency when there is one: true, or false for `skip`.
+        let op = if self.skip { "==" } else { "!=" };
+        match deps.first() {
+            Some(d) if self.skip || self.dep_seeds.len() % 2 == 1 => {
+                step.when = Some(format!("steps.{d}.phase {op} 'x'"))
+            }
+            None if self.skip => step.when = Some("1 == 2".into()),
+            _ => {}
         }
         step
     }
@@ -1633,8 +1728,10 @@ proptest! {
         stop_after in 0usize..12,
         suspend_for in 0usize..4,
         cancel in any::<bool>(),
+        deadline in prop::option::of(0u64..30),
     ) {
         let mut h = build_harness(&dag_steps, &finally);
+        h.deadline = deadline.map(|d| h.t0 + secs(d));
         for _ in 0..stop_after {
             if h.status.phase.is_finished() { break; }
             h.tick();
@@ -1669,31 +1766,23 @@ proptest! {
             h.run_bounded(2_000);
             prop_assert!(h.status.phase.is_finished());
         }
+        if let Some(d) = deadline {
+            // No DAG step starts once the deadline has passed, and a run that succeeded
+            // finished in time.
+            for s in &h.starts {
+                let i = h.dag.index_of(&s.task.step_id).unwrap();
+                prop_assert!(h.dag.is_finally(i) || s.at < secs(d), "{} started at {:?}", s.task.key, s.at);
+            }
+            if h.status.phase == RunPhase::Succeeded {
+                prop_assert!(h.status.finished_at.as_ref().unwrap().0 < h.t0 + secs(d));
+            }
+            if h.status.message == "run timed out" {
+                prop_assert_eq!(h.status.phase, RunPhase::Failed);
+            }
+        }
         prop_assert!(h.in_flight.is_empty(), "tasks left running: {:?}", h.in_flight);
         for (key, row) in &h.status.steps {
             prop_assert!(row.phase.is_finished(), "{key} is {:?}", row.phase);
         }
-    }
-}
-
-#[test]
-fn tmp_scale_probe() {
-    for n in [4000usize, 10000] {
-        let mut steps = vec![tmpl("s0", &[], "x")];
-        for i in 1..n { steps.push(tmpl(&format!("s{i}"), &[&format!("s{}", i - 1)], &format!("{{{{ steps.s{}.output }}}}", i - 1))); }
-        let mut h = Harness::new(spec(steps));
-        h.check_idempotence = false;
-        let t = std::time::Instant::now();
-        h.advance(vec![]);
-        eprintln!("template chain {n}: one pass {:?}", t.elapsed());
-        let steps: Vec<Step> = (0..n).map(|i| http(&format!("s{i}"), &[])).collect();
-        let mut h = Harness::new(spec(steps));
-        h.check_idempotence = false;
-        let t = std::time::Instant::now();
-        h.advance(vec![]);
-        eprintln!("wide http {n}: first pass {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        h.advance(vec![]);
-        eprintln!("wide http {n}: idle pass {:?}", t.elapsed());
     }
 }

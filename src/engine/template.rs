@@ -13,6 +13,12 @@ use serde_json::Value as Json;
 /// Names a template may start from.
 pub const ROOTS: &[&str] = &["params", "steps", "item", "index", "run"];
 
+/// Whether `name` is a global of the template engine (a function such as `range`).
+pub fn is_builtin(name: &str) -> bool {
+    const FUNCTIONS: &[&str] = &["range", "dict", "namespace", "debug", "lipsum", "cycler", "joiner"];
+    FUNCTIONS.contains(&name) || env().globals().any(|(n, _)| n == name)
+}
+
 /// A template that failed to parse, render or evaluate. The caller adds the step and field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
@@ -269,6 +275,12 @@ mod tests {
         assert!(eval_list("{{ params.name }}", &ctx(), 10).unwrap_err().message.contains("a string"));
         assert!(eval_list("[1,2,3]", &ctx(), 2).unwrap_err().message.contains("limit"));
         assert_eq!(eval_list("{{ steps.a.output | fromjson | attr('tasks') }}", &ctx(), 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn builtin_functions_are_not_unknown_names() {
+        assert!(is_builtin("range") && is_builtin("dict") && !is_builtin("steps"));
+        assert_eq!(render("{% for i in range(3) %}{{ i }}{% endfor %}", &ctx()).unwrap(), "012");
     }
 
     #[test]

@@ -31,7 +31,11 @@ pub fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> (bool, String, Strin
     }
     drop(child.stdin.take());
     let out = child.wait_with_output().expect("kubectl finishes");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -66,10 +70,7 @@ const BAD: &[(&str, &str)] = &[
         "apiVersion: volt.dev/v1alpha1\nkind: Workflow\nmetadata: {name: bad-policy}\nspec:\n  concurrency: {maxRuns: 1, policy: Sometimes}\n  steps:\n  - {id: a, template: x}\n",
         "spec.concurrency.policy",
     ),
-    (
-        "apiVersion: volt.dev/v1alpha1\nkind: Workflow\nmetadata: {name: no-steps}\nspec:\n  steps: []\n",
-        "spec.steps",
-    ),
+    ("apiVersion: volt.dev/v1alpha1\nkind: Workflow\nmetadata: {name: no-steps}\nspec:\n  steps: []\n", "spec.steps"),
     (
         "apiVersion: volt.dev/v1alpha1\nkind: Agent\nmetadata: {name: hot}\nspec:\n  model: m\n  parameters: {temperature: 5}\n  endpoint: {baseUrl: 'http://127.0.0.1:1/v1'}\n",
         "spec.parameters.temperature",
@@ -86,10 +87,7 @@ const BAD: &[(&str, &str)] = &[
         "apiVersion: volt.dev/v1alpha1\nkind: Agent\nmetadata: {name: two-forms}\nspec:\n  model: m\n  endpoint: {baseUrl: 'http://a/v1'}\n  replicas: {selector: {matchLabels: {a: b}}, port: 80}\n",
         "spec",
     ),
-    (
-        "apiVersion: volt.dev/v1alpha1\nkind: WorkflowRun\nmetadata: {name: nothing}\nspec: {params: {a: 1}}\n",
-        "spec",
-    ),
+    ("apiVersion: volt.dev/v1alpha1\nkind: WorkflowRun\nmetadata: {name: nothing}\nspec: {params: {a: 1}}\n", "spec"),
     (
         "apiVersion: volt.dev/v1alpha1\nkind: WorkflowRun\nmetadata: {name: neg}\nspec: {workflowRef: {name: w}, timeoutSeconds: 0}\n",
         "spec.timeoutSeconds",
@@ -123,13 +121,17 @@ async fn kubectl_get_shows_the_columns() {
         assert!(ok, "{err}");
     }
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
-    wait_for(&runs, "hello-1", Duration::from_secs(30), |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).await;
+    wait_for(&runs, "hello-1", Duration::from_secs(30), |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished()))
+        .await;
 
     let (ok, out, err) = kubectl(&["get", "workflowruns", "-n", &ns]);
     assert!(ok, "{err}");
     let header: Vec<&str> = out.lines().next().unwrap_or("").split_whitespace().collect();
     assert_eq!(header, ["NAME", "WORKFLOW", "PHASE", "PROGRESS", "STARTED", "AGE"], "{out}");
-    assert!(out.contains("hello-1") && out.contains("hello") && out.contains("Succeeded") && out.contains("2/2"), "{out}");
+    assert!(
+        out.contains("hello-1") && out.contains("hello") && out.contains("Succeeded") && out.contains("2/2"),
+        "{out}"
+    );
     let (_, wide, _) = kubectl(&["get", "wfr", "-n", &ns, "-o", "wide"]);
     assert!(wide.lines().next().unwrap_or("").contains("MESSAGE"), "{wide}");
 
@@ -167,7 +169,10 @@ async fn invalid_workflow_is_reported_then_fixed() {
     });
     let pp = PatchParams::apply("test").force();
     api.patch("loop", &pp, &Patch::Apply(&cyclic)).await.expect("apply");
-    let wf = wait_for(&api, "loop", Duration::from_secs(20), |w| w.status.as_ref().is_some_and(|s| s.observed_generation == Some(1))).await;
+    let wf = wait_for(&api, "loop", Duration::from_secs(20), |w| {
+        w.status.as_ref().is_some_and(|s| s.observed_generation == Some(1))
+    })
+    .await;
     let status = wf.status.expect("status");
     let ready = condition_status(&status.conditions, "Ready").expect("Ready condition");
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
@@ -184,7 +189,10 @@ async fn invalid_workflow_is_reported_then_fixed() {
     let mut fixed = cyclic.clone();
     fixed["spec"]["steps"][1]["dependsOn"] = serde_json::json!(["fetch"]);
     api.patch("loop", &pp, &Patch::Apply(&fixed)).await.expect("apply fix");
-    let wf = wait_for(&api, "loop", Duration::from_secs(20), |w| w.status.as_ref().is_some_and(|s| s.observed_generation == Some(2))).await;
+    let wf = wait_for(&api, "loop", Duration::from_secs(20), |w| {
+        w.status.as_ref().is_some_and(|s| s.observed_generation == Some(2))
+    })
+    .await;
     let status = wf.status.expect("status");
     let ready = condition_status(&status.conditions, "Ready").expect("Ready");
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Valid"));
@@ -196,7 +204,10 @@ async fn invalid_workflow_is_reported_then_fixed() {
     let agent = serde_json::json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "metadata": {"name": "ext"},
         "spec": {"model": "m", "endpoint": {"baseUrl": "http://127.0.0.1:9/v1"}}});
     agents.patch("ext", &pp, &Patch::Apply(&agent)).await.expect("agent");
-    let a = wait_for(&agents, "ext", Duration::from_secs(20), |a| a.status.as_ref().is_some_and(|s| s.observed_generation == Some(1))).await;
+    let a = wait_for(&agents, "ext", Duration::from_secs(20), |a| {
+        a.status.as_ref().is_some_and(|s| s.observed_generation == Some(1))
+    })
+    .await;
     let s = a.status.expect("status");
     assert_eq!(s.endpoint_kind, "endpoint");
     assert_eq!(s.ready_replicas, "1/1");
