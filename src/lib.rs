@@ -6,10 +6,12 @@
 //! - [`executors`]: how steps run (pods, HTTP, agent calls; templates run in the engine).
 //! - [`http`]: health, readiness, metrics and the JSON API.
 //! - [`config`]: command line and environment.
+//! - [`cache`]: step memoization (memory and ConfigMap tiers).
 //! - [`naming`]: names and labels of every child object.
 //! - [`metrics`]: the Prometheus metrics.
 
 pub mod api;
+pub mod cache;
 pub mod config;
 pub mod controllers;
 pub mod engine;

@@ -43,13 +43,15 @@ impl Error {
     }
 }
 
-/// Health the HTTP server reports.
+/// What the HTTP server reports: health, readiness and the shared components' state.
 #[derive(Default)]
 pub struct Health {
     /// Every controller's caches have synced.
     pub synced: AtomicBool,
     /// This replica holds the lease (or leader election is off).
     pub leader: AtomicBool,
+    /// The step cache, once the controllers have started.
+    pub cache: std::sync::OnceLock<Arc<crate::cache::CacheManager>>,
 }
 
 impl Health {
@@ -131,6 +133,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let events = events::EventSink::start(client.clone(), metrics.clone());
+    let cache = health
+        .cache
+        .get_or_init(|| {
+            let cache_metrics = crate::cache::CacheMetrics::register(&metrics.registry);
+            let tier = crate::cache::ConfigMapTier::new(client.clone());
+            Arc::new(crate::cache::CacheManager::new(&args.cache, cache_metrics, Some(tier)))
+        })
+        .clone();
     let mut tasks = Vec::new();
     for scope in scopes(&args) {
         info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
@@ -155,6 +165,7 @@ pub async fn run(
             metrics.clone(),
             events.clone(),
             agents.clone(),
+            cache.clone(),
             health.clone(),
             shutdown.clone(),
         )));

@@ -21,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::api::{
-    ConcurrencyPolicy, FIELD_MANAGER, KState, OutputRef, RetryPolicy, RunPhase, StepKind, StepPhase, Workflow,
+    Agent, ConcurrencyPolicy, FIELD_MANAGER, KState, OutputRef, RetryPolicy, RunPhase, StepKind, StepPhase, Workflow,
     WorkflowRun, WorkflowRunStatus, WorkflowSpec, set_kstatus,
 };
+use crate::cache::{self, CacheManager};
 use crate::config::RunArgs;
 use crate::engine::{self, Action as EngineAction, Dag, Event, RunInfo, Settings, Work};
 use crate::executors::http::HttpExecutor;
@@ -60,6 +61,10 @@ pub struct Ctx {
     /// The last status this process wrote per run (uid -> (resourceVersion, status)): the
     /// watch cache may still hold an older object when the next pass starts.
     written: Mutex<HashMap<String, (String, WorkflowRunStatus)>>,
+    /// Cache keys of running cacheable attempts, by (run uid, step key, attempt).
+    pending_cache: Mutex<HashMap<(String, String, u32), (String, Option<Duration>)>>,
+    cache: Arc<CacheManager>,
+    agents: Store<Agent>,
     /// Large outputs stored in ConfigMaps, by (run uid, key).
     outputs: Mutex<HashMap<(String, String), String>>,
     wake: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
@@ -343,47 +348,119 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
         deadline: Some(started + deadline_secs),
         settings: &ctx.settings,
     };
-    let decision = engine::advance(input, &mut status, events);
+    remember_results(&ctx, &ns, &uid, &events).await;
+    let mut decision = engine::advance(input, &mut status, events);
+    let mut transitions = std::mem::take(&mut decision.transitions);
+    let mut requeue_after = decision.requeue_after;
+    // Cache hits finish their steps at once; their dependents may start in the same pass.
+    for _ in 0..MAX_CACHE_ROUNDS {
+        let hits = execute(&ctx, &run, &spec, &dag, &mut status, &decision.actions).await?;
+        if hits.is_empty() {
+            break;
+        }
+        decision = engine::advance(input, &mut status, hits);
+        transitions.append(&mut decision.transitions);
+        requeue_after = match (requeue_after, decision.requeue_after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 
-    // Carry the actions out.
+    externalize_outputs(&ctx, &run, &mut status).await?;
+    conditions_for(&mut status, generation, now);
+    record_transitions(&ctx, &run, &spec, &dag, &transitions, &status);
+    write_status(&run, &ctx, &before, &status).await?;
+
+    if status.phase.is_finished() {
+        ctx.release(&uid);
+        return finished(&run, &ctx, &status, now).await;
+    }
+    Ok(match requeue_after {
+        Some(d) => Action::requeue(d.max(Duration::from_millis(5))),
+        None => Action::requeue(Duration::from_secs(300)),
+    })
+}
+
+/// Most rounds of cache hits handled in one pass.
+const MAX_CACHE_ROUNDS: usize = 64;
+
+/// Carries the engine's actions out: creates or deletes pods, spawns or aborts in-process
+/// tasks. Steps whose result is cached do not run: their results come back as events.
+async fn execute(
+    ctx: &Ctx,
+    run: &WorkflowRun,
+    spec: &WorkflowSpec,
+    dag: &Dag,
+    status: &mut WorkflowRunStatus,
+    actions: &[EngineAction],
+) -> Result<Vec<Event>, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let uid = run.uid().unwrap_or_default();
     let run_ref = RunRef { namespace: ns.clone(), name: name.clone(), uid: uid.clone() };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    for action in &decision.actions {
+    let mut hits = Vec::new();
+    for action in actions {
         match action {
-            EngineAction::Start(task) => match &task.work {
-                Work::Container { .. } => {
-                    let owner = run.controller_owner_ref(&()).ok_or_else(|| Error::Other("run has no uid".into()))?;
-                    let Some(pod) = build_pod(&name, &ns, owner, task) else { continue };
-                    let pod_name = pod.name_any();
-                    match pods.create(&PostParams::default(), &pod).await {
-                        Ok(_) => {
-                            lock(&ctx.expectations).insert(pod_name.clone(), Instant::now());
-                        }
-                        Err(kube::Error::Api(e)) if e.code == 409 => {}
-                        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 403 || e.code == 400 => {
-                            ctx.pool.restore(
-                                &uid,
-                                vec![Event::Failed {
-                                    key: task.key.clone(),
-                                    attempt: task.attempt,
-                                    message: format!("cannot create pod {pod_name}: {}", e.message),
-                                    retryable: false,
-                                    info: Default::default(),
-                                }],
-                            );
-                            let _ = ctx.wake.send(ObjectRef::from_obj(&*run));
-                        }
-                        Err(e) => return Err(e.into()),
+            EngineAction::Start(task) => {
+                if let Some(cache) = &task.cache {
+                    let key = cache_key(ctx, &ns, &task.work);
+                    if let Some(hit) = ctx.cache.get(&ns, &key).await {
+                        let info = engine::TaskInfo {
+                            agent: hit.agent,
+                            replica: hit.replica,
+                            tokens: hit
+                                .tokens
+                                .map(|(prompt, completion)| crate::api::TokenUsage { prompt, completion }),
+                            cached: true,
+                        };
+                        hits.push(Event::Succeeded {
+                            key: task.key.clone(),
+                            attempt: task.attempt,
+                            output: hit.value,
+                            info,
+                        });
+                        continue;
                     }
-                    if let Some(row) = status.steps.get_mut(&task.key) {
-                        row.pod = Some(pod_name);
-                    }
+                    let ttl = cache.ttl_seconds.map(|s| Duration::from_secs(u64::from(s)));
+                    lock(&ctx.pending_cache).insert((uid.clone(), task.key.clone(), task.attempt), (key, ttl));
                 }
-                _ => ctx.pool.spawn(run_ref.clone(), task.clone()),
-            },
+                match &task.work {
+                    Work::Container { .. } => {
+                        let owner =
+                            run.controller_owner_ref(&()).ok_or_else(|| Error::Other("run has no uid".into()))?;
+                        let Some(pod) = build_pod(&name, &ns, owner, task) else { continue };
+                        let pod_name = pod.name_any();
+                        match pods.create(&PostParams::default(), &pod).await {
+                            Ok(_) => {
+                                lock(&ctx.expectations).insert(pod_name.clone(), Instant::now());
+                            }
+                            Err(kube::Error::Api(e)) if e.code == 409 => {}
+                            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 403 || e.code == 400 => {
+                                ctx.pool.restore(
+                                    &uid,
+                                    vec![Event::Failed {
+                                        key: task.key.clone(),
+                                        attempt: task.attempt,
+                                        message: format!("cannot create pod {pod_name}: {}", e.message),
+                                        retryable: false,
+                                        info: Default::default(),
+                                    }],
+                                );
+                                let _ = ctx.wake.send(ObjectRef::from_obj(run));
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                        if let Some(row) = status.steps.get_mut(&task.key) {
+                            row.pod = Some(pod_name);
+                        }
+                    }
+                    _ => ctx.pool.spawn(run_ref.clone(), task.clone()),
+                }
+            }
             EngineAction::Abort { key, attempt, .. } => {
                 if let Some(pod_name) = status.steps.get(key).and_then(|r| r.pod.clone())
-                    && is_container(&spec, &dag, key)
+                    && is_container(spec, dag, key)
                 {
                     debug!(run = %name, pod = %pod_name, "deleting the pod of an aborted attempt");
                     match pods.delete(&pod_name, &DeleteParams::background()).await {
@@ -397,20 +474,55 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
             }
         }
     }
+    Ok(hits)
+}
 
-    externalize_outputs(&ctx, &run, &mut status).await?;
-    conditions_for(&mut status, generation, now);
-    record_transitions(&ctx, &run, &spec, &dag, &decision.transitions, &status);
-    write_status(&run, &ctx, &before, &status).await?;
+/// The cache key of a task's work; agent steps include the model, instructions and parameters
+/// of every agent that may serve them.
+fn cache_key(ctx: &Ctx, ns: &str, work: &Work) -> String {
+    let identity = match work {
+        Work::Agent { agent, selector, .. } => {
+            let mut agents: Vec<serde_json::Value> = ctx
+                .agents
+                .state()
+                .iter()
+                .filter(|a| a.namespace().as_deref() == Some(ns))
+                .filter(|a| match (agent, selector) {
+                    (Some(name), _) => &a.name_any() == name,
+                    (None, Some(sel)) => sel.capabilities.iter().all(|c| a.spec.capabilities.contains(c)),
+                    (None, None) => false,
+                })
+                .map(|a| {
+                    json!({"name": a.name_any(), "model": a.spec.model, "instructions": a.spec.instructions,
+                           "parameters": a.spec.parameters})
+                })
+                .collect();
+            agents.sort_by_key(|v| v["name"].as_str().unwrap_or_default().to_string());
+            serde_json::Value::Array(agents)
+        }
+        _ => serde_json::Value::Null,
+    };
+    cache::step_key(ns, work, &identity)
+}
 
-    if status.phase.is_finished() {
-        ctx.release(&uid);
-        return finished(&run, &ctx, &status, now).await;
+/// Stores the results of cacheable tasks that just succeeded.
+async fn remember_results(ctx: &Ctx, ns: &str, uid: &str, events: &[Event]) {
+    for e in events {
+        let Event::Succeeded { key, attempt, output, info } = e else { continue };
+        let pending = lock(&ctx.pending_cache).remove(&(uid.to_string(), key.clone(), *attempt));
+        let Some((cache_key, ttl)) = pending else { continue };
+        if info.cached {
+            continue;
+        }
+        let entry = cache::Entry {
+            value: output.clone(),
+            expires_ms: 0,
+            agent: info.agent.clone(),
+            replica: info.replica.clone(),
+            tokens: info.tokens.map(|t| (t.prompt, t.completion)),
+        };
+        ctx.cache.put(ns, cache_key, entry, ttl).await;
     }
-    Ok(match decision.requeue_after {
-        Some(d) => Action::requeue(d.max(Duration::from_millis(5))),
-        None => Action::requeue(Duration::from_secs(300)),
-    })
 }
 
 fn event_key(e: &Event) -> (&str, u32) {
@@ -724,6 +836,7 @@ pub async fn controller(
     metrics: Metrics,
     events: EventSink,
     agents: Option<Arc<dyn AgentCaller>>,
+    cache: Arc<CacheManager>,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
@@ -737,6 +850,11 @@ pub async fn controller(
         .reflect(pod_writer)
         .touched_objects();
     let (wf_reader, wf_writer) = reflector::store();
+    let (agent_reader, agent_writer) = reflector::store();
+    let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(agent_writer)
+        .touched_objects();
     let wf_stream = watcher(wf_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(wf_writer)
@@ -767,12 +885,16 @@ pub async fn controller(
         expectations: Default::default(),
         dags: Default::default(),
         written: Default::default(),
+        pending_cache: Default::default(),
+        cache,
+        agents: agent_reader.clone(),
         outputs: Default::default(),
         wake: wake_tx,
     });
 
     // Workflows only feed the store; a changed Workflow never changes a started run.
     let wf_task = tokio::spawn(wf_stream.for_each(|_| async {}));
+    let agent_task = tokio::spawn(agent_stream.for_each(|_| async {}));
 
     // Readiness: every cache synced.
     let synced = {
@@ -823,6 +945,7 @@ pub async fn controller(
         .run(reconcile, error_policy, ctx.clone());
     drain("workflowrun", stream).await;
     wf_task.abort();
+    agent_task.abort();
     gauges.abort();
 }
 

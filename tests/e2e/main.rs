@@ -1,4 +1,5 @@
 //! End-to-end tests against a real kube-apiserver, etcd and kube-controller-manager.
+mod cache;
 mod foundation;
 mod harness;
 mod operator;

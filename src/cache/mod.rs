@@ -1,0 +1,260 @@
+//! The cache manager: step memoization with a bounded in-memory tier ([`memory`]) and a
+//! persistent tier in ConfigMaps ([`configmap`]) that survives operator restarts.
+//!
+//! Keys are hashes of everything that determines a step's result (see [`step_key`]) and of
+//! the namespace, so a result is never served to another namespace.
+
+pub mod configmap;
+pub mod memory;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tracing::debug;
+
+use crate::config::CacheArgs;
+use crate::engine::Work;
+
+pub use configmap::ConfigMapTier;
+pub use memory::{Counts, Entry, Eviction, MemoryCache};
+
+/// The cache's metrics, registered in the operator's registry.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+    pub evictions: IntCounterVec,
+    pub entries: IntGauge,
+    pub bytes: IntGauge,
+    pub hit_ratio: prometheus::Gauge,
+}
+
+impl CacheMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        let hits = IntCounter::new("volt_cache_hits_total", "Step cache hits.").expect("valid metric");
+        let misses = IntCounter::new("volt_cache_misses_total", "Step cache misses.").expect("valid metric");
+        let evictions = IntCounterVec::new(
+            Opts::new("volt_cache_evictions_total", "Step cache evictions, by reason (expired, capacity)."),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let entries = IntGauge::new("volt_cache_entries", "Entries in the step cache.").expect("valid metric");
+        let bytes = IntGauge::new("volt_cache_bytes", "Bytes held by the step cache.").expect("valid metric");
+        let hit_ratio = prometheus::Gauge::new("volt_cache_hit_ratio", "Hits over lookups since start (0 to 1).")
+            .expect("valid metric");
+        for c in [Box::new(hits.clone()) as Box<dyn prometheus::core::Collector>, Box::new(misses.clone())] {
+            let _ = registry.register(c);
+        }
+        let _ = registry.register(Box::new(evictions.clone()));
+        let _ = registry.register(Box::new(entries.clone()));
+        let _ = registry.register(Box::new(bytes.clone()));
+        let _ = registry.register(Box::new(hit_ratio.clone()));
+        Self { hits, misses, evictions, entries, bytes, hit_ratio }
+    }
+}
+
+/// Step memoization shared by every run.
+pub struct CacheManager {
+    mem: Mutex<MemoryCache>,
+    default_ttl: Duration,
+    tier: Option<ConfigMapTier>,
+    loaded: tokio::sync::Mutex<HashSet<String>>,
+    metrics: CacheMetrics,
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+impl CacheManager {
+    pub fn new(args: &CacheArgs, metrics: CacheMetrics, tier: Option<ConfigMapTier>) -> Self {
+        Self {
+            mem: Mutex::new(MemoryCache::new(args.strategy, args.max_entries, args.max_bytes)),
+            default_ttl: args.ttl,
+            tier,
+            loaded: Default::default(),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryCache> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads a namespace's persisted entries once (after a restart).
+    async fn ensure_loaded(&self, namespace: &str) {
+        let Some(tier) = &self.tier else { return };
+        let mut loaded = self.loaded.lock().await;
+        if loaded.contains(namespace) {
+            return;
+        }
+        match tier.load(namespace).await {
+            Ok(entries) => {
+                let now = now_ms();
+                let n = entries.len();
+                let mut mem = self.lock();
+                for (k, e) in entries {
+                    if !mem.contains(&k, now) {
+                        mem.insert(k, e, now);
+                    }
+                }
+                debug!(namespace, entries = n, "loaded the persisted step cache");
+                loaded.insert(namespace.to_string());
+            }
+            Err(e) => debug!(namespace, error = %e, "cannot load the persisted step cache; starting empty"),
+        }
+    }
+
+    /// Looks a result up.
+    pub async fn get(&self, namespace: &str, key: &str) -> Option<Entry> {
+        self.ensure_loaded(namespace).await;
+        let (hit, evicted) = self.lock().get(key, now_ms());
+        self.account(namespace, &evicted);
+        if hit.is_some() {
+            self.metrics.hits.inc();
+        } else {
+            self.metrics.misses.inc();
+        }
+        self.refresh_gauges();
+        hit
+    }
+
+    /// Stores a result for `ttl` (the default TTL when `None`).
+    pub async fn put(&self, namespace: &str, key: String, mut entry: Entry, ttl: Option<Duration>) {
+        self.ensure_loaded(namespace).await;
+        let now = now_ms();
+        entry.expires_ms = now + ttl.unwrap_or(self.default_ttl).as_millis() as i64;
+        let evicted = self.lock().insert(key.clone(), entry.clone(), now);
+        self.account(namespace, &evicted);
+        self.refresh_gauges();
+        if let Some(tier) = &self.tier
+            && self.lock().contains(&key, now)
+        {
+            tier.save(namespace, &key, &entry).await;
+        }
+    }
+
+    fn account(&self, namespace: &str, evicted: &[(String, Eviction)]) {
+        if evicted.is_empty() {
+            return;
+        }
+        for (_, why) in evicted {
+            let reason = match why {
+                Eviction::Expired => "expired",
+                Eviction::Capacity => "capacity",
+            };
+            self.metrics.evictions.with_label_values(&[reason]).inc();
+        }
+        if let Some(tier) = &self.tier {
+            let keys: Vec<String> = evicted.iter().map(|(k, _)| k.clone()).collect();
+            tier.remove_later(namespace, keys);
+        }
+    }
+
+    fn refresh_gauges(&self) {
+        let c = self.counts();
+        self.metrics.entries.set(c.entries as i64);
+        self.metrics.bytes.set(c.bytes as i64);
+        let lookups = c.hits + c.misses;
+        self.metrics.hit_ratio.set(if lookups == 0 { 0.0 } else { c.hits as f64 / lookups as f64 });
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.lock().counts()
+    }
+
+    /// Memoizes any async computation of a string: the cached value when there is one, else
+    /// the computation's, which is then cached (errors are not).
+    pub async fn memoize<F, Fut, E>(&self, namespace: &str, key: &str, ttl: Option<Duration>, f: F) -> Result<String, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<String, E>>,
+    {
+        if let Some(hit) = self.get(namespace, key).await {
+            return Ok(hit.value);
+        }
+        let value = f().await?;
+        self.put(namespace, key.to_string(), Entry { value: value.clone(), ..Default::default() }, ttl).await;
+        Ok(value)
+    }
+}
+
+/// The cache key of a step's work: a hash of the namespace, the step kind, the rendered work
+/// (prompt, request, image, command, args, env) and `identity` (for agent steps, the model,
+/// instructions and parameters of the agents that may serve it).
+pub fn step_key(namespace: &str, work: &Work, identity: &serde_json::Value) -> String {
+    let work_json = match work {
+        Work::Agent { agent, selector, prompt, .. } => json!({
+            "kind": "agent", "agent": agent, "selector": selector, "prompt": prompt, "agents": identity,
+        }),
+        Work::Container { image, command, args, env, working_dir, .. } => json!({
+            "kind": "container", "image": image, "command": command, "args": args, "env": env, "workingDir": working_dir,
+        }),
+        Work::Http { method, url, headers, body, success_codes } => json!({
+            "kind": "http", "method": method.as_str(), "url": url, "headers": headers, "body": body, "codes": success_codes,
+        }),
+    };
+    let mut h = Sha256::new();
+    h.update(namespace.as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(&work_json).unwrap_or_default());
+    hex::encode(&h.finalize()[..20])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CacheStrategy;
+
+    fn manager() -> CacheManager {
+        let args = CacheArgs {
+            strategy: CacheStrategy::Lru,
+            ttl: Duration::from_secs(60),
+            max_entries: 10,
+            max_bytes: 1 << 20,
+        };
+        CacheManager::new(&args, CacheMetrics::register(&Registry::new()), None)
+    }
+
+    #[tokio::test]
+    async fn memoize_runs_once_and_counts() {
+        let m = manager();
+        let mut calls = 0;
+        for _ in 0..3 {
+            let v: Result<String, ()> = m
+                .memoize("ns", "k", None, || {
+                    calls += 1;
+                    async { Ok("v".to_string()) }
+                })
+                .await;
+            assert_eq!(v, Ok("v".to_string()));
+        }
+        assert_eq!(calls, 1);
+        let c = m.counts();
+        assert_eq!((c.hits, c.misses, c.entries), (2, 1, 1));
+        // Errors are not cached.
+        let e: Result<String, &str> = m.memoize("ns", "bad", None, || async { Err("boom") }).await;
+        assert_eq!(e, Err("boom"));
+        assert!(m.get("ns", "bad").await.is_none());
+    }
+
+    #[test]
+    fn keys_cover_what_determines_the_result() {
+        let w = |prompt: &str| Work::Agent {
+            agent: Some("a".into()),
+            selector: None,
+            strategy: None,
+            prompt: prompt.into(),
+        };
+        let id = json!([{"model": "m1"}]);
+        assert_eq!(step_key("ns", &w("p"), &id), step_key("ns", &w("p"), &id));
+        assert_ne!(step_key("ns", &w("p"), &id), step_key("ns", &w("q"), &id));
+        assert_ne!(step_key("ns", &w("p"), &id), step_key("other", &w("p"), &id));
+        assert_ne!(step_key("ns", &w("p"), &id), step_key("ns", &w("p"), &json!([{"model": "m2"}])));
+    }
+}
