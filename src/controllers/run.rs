@@ -40,6 +40,9 @@ use super::{Error, Health, api_for, drain, error_requeue};
 /// How long a created pod may be missing from the watch cache before we look for it.
 const POD_EXPECTATION: Duration = Duration::from_secs(30);
 
+/// (run uid, step key, attempt).
+type AttemptKey = (String, String, u32);
+
 pub struct Ctx {
     client: Client,
     metrics: Metrics,
@@ -62,7 +65,7 @@ pub struct Ctx {
     /// watch cache may still hold an older object when the next pass starts.
     written: Mutex<HashMap<String, (String, WorkflowRunStatus)>>,
     /// Cache keys of running cacheable attempts, by (run uid, step key, attempt).
-    pending_cache: Mutex<HashMap<(String, String, u32), (String, Option<Duration>)>>,
+    pending_cache: Mutex<HashMap<AttemptKey, (String, Option<Duration>)>>,
     cache: Arc<CacheManager>,
     agents: Store<Agent>,
     /// Large outputs stored in ConfigMaps, by (run uid, key).
