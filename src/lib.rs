@@ -7,15 +7,19 @@
 //! - [`http`]: health, readiness, metrics and the JSON API.
 //! - [`config`]: command line and environment.
 //! - [`cache`]: step memoization (memory and ConfigMap tiers).
+//! - [`events`]: the event dispatcher, event log and CloudEvents sink.
 //! - [`naming`]: names and labels of every child object.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`watcher`]: component health and the figures of `/api/v1/stats`.
 
 pub mod api;
 pub mod cache;
 pub mod config;
 pub mod controllers;
 pub mod engine;
+pub mod events;
 pub mod executors;
 pub mod http;
 pub mod metrics;
 pub mod naming;
+pub mod watcher;

@@ -110,6 +110,10 @@ pub struct RunArgs {
     #[command(flatten)]
     pub cache: CacheArgs,
 
+    /// Also send every event as a CloudEvent (structured JSON, HTTP POST) to this URL.
+    #[arg(long, env = "VOLT_CLOUDEVENTS_URL")]
+    pub cloudevents_url: Option<String>,
+
     /// Export metrics and telemetry (the /metrics endpoint stays, but no collection happens when off).
     #[arg(long, env = "VOLT_TELEMETRY", default_value_t = true, action = clap::ArgAction::Set)]
     pub telemetry: bool,

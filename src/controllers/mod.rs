@@ -52,6 +52,10 @@ pub struct Health {
     pub leader: AtomicBool,
     /// The step cache, once the controllers have started.
     pub cache: std::sync::OnceLock<Arc<crate::cache::CacheManager>>,
+    /// The event log, once the controllers have started.
+    pub events: std::sync::OnceLock<Arc<crate::events::EventLog>>,
+    /// Component health and live figures.
+    pub system: Arc<crate::watcher::SystemWatcher>,
 }
 
 impl Health {
@@ -122,6 +126,9 @@ pub async fn client_with_metrics(config: kube::Config, metrics: &Metrics) -> Res
     Ok(client)
 }
 
+/// Events kept for replay at `/api/v1/events`.
+const EVENT_LOG_SIZE: usize = 10_000;
+
 /// Starts the Workflow, Agent and WorkflowRun controllers and runs them until `shutdown` is
 /// cancelled.
 pub async fn run(
@@ -141,33 +148,56 @@ pub async fn run(
             Arc::new(crate::cache::CacheManager::new(&args.cache, cache_metrics, Some(tier)))
         })
         .clone();
+    let log = health.events.get_or_init(|| Arc::new(crate::events::EventLog::new(EVENT_LOG_SIZE))).clone();
+    let mut handlers: Vec<(i32, Arc<dyn crate::events::Handler>)> =
+        vec![(0, log), (10, Arc::new(crate::events::KubernetesEvents { sink: events.clone() }))];
+    if let Some(url) = &args.cloudevents_url {
+        handlers.push((20, Arc::new(crate::events::CloudEventsSink::new(url.clone(), metrics.clone()))));
+    }
+    let dispatcher = crate::events::Dispatcher::start(handlers, metrics.clone());
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(health.system.clone().run(
+        client.clone(),
+        scopes(&args),
+        metrics.clone(),
+        args.health_check_interval,
+        shutdown.clone(),
+    )));
     for scope in scopes(&args) {
         info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
-        tasks.push(tokio::spawn(workflow::controller(
-            client.clone(),
-            scope.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(agent::controller(
-            client.clone(),
-            scope.clone(),
-            metrics.clone(),
-            events.clone(),
-            args.health_check_interval,
-            shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(run::controller(
-            client.clone(),
-            scope.clone(),
-            args.clone(),
-            metrics.clone(),
-            events.clone(),
-            agents.clone(),
-            cache.clone(),
+        let where_ = scope.clone().unwrap_or_else(|| "all-namespaces".into());
+        let name = |kind: &str| format!("controller/{kind}/{where_}");
+        tasks.push(tokio::spawn(supervised(
             health.clone(),
-            shutdown.clone(),
+            name("workflow"),
+            workflow::controller(client.clone(), scope.clone(), metrics.clone(), shutdown.clone()),
+        )));
+        tasks.push(tokio::spawn(supervised(
+            health.clone(),
+            name("agent"),
+            agent::controller(
+                client.clone(),
+                scope.clone(),
+                metrics.clone(),
+                events.clone(),
+                args.health_check_interval,
+                shutdown.clone(),
+            ),
+        )));
+        tasks.push(tokio::spawn(supervised(
+            health.clone(),
+            name("workflowrun"),
+            run::controller(
+                client.clone(),
+                scope.clone(),
+                args.clone(),
+                metrics.clone(),
+                dispatcher.clone(),
+                agents.clone(),
+                cache.clone(),
+                health.clone(),
+                shutdown.clone(),
+            ),
         )));
     }
     for res in futures::future::join_all(tasks).await {
@@ -175,6 +205,13 @@ pub async fn run(
             warn!(error = %e, "controller task ended abnormally");
         }
     }
+}
+
+/// Runs a controller, telling the system watcher whether it is alive.
+async fn supervised(health: Arc<Health>, name: String, controller: impl std::future::Future<Output = ()>) {
+    health.system.set(&name, true, "running");
+    controller.await;
+    health.system.set(&name, false, "stopped");
 }
 
 /// Requeue after an error: a transient API error retries soon, with jitter.

@@ -34,8 +34,8 @@ use crate::executors::{AgentCaller, InProcessRunner};
 use crate::metrics::Metrics;
 use crate::naming;
 
-use super::events::EventSink;
 use super::{Error, Health, api_for, drain, error_requeue};
+use crate::events::{Batch, Dispatcher, EventKind};
 
 /// How long a created pod may be missing from the watch cache before we look for it.
 const POD_EXPECTATION: Duration = Duration::from_secs(30);
@@ -46,7 +46,7 @@ type AttemptKey = (String, String, u32);
 pub struct Ctx {
     client: Client,
     metrics: Metrics,
-    events: EventSink,
+    events: Dispatcher,
     pool: TaskPool,
     pods: Store<Pod>,
     workflows: Store<Workflow>,
@@ -702,53 +702,59 @@ fn record_transitions(
     if transitions.is_empty() {
         return;
     }
-    let mut notes = Vec::new();
-    let mut warning = false;
-    let mut reason = "StepsProgressed";
-    for t in transitions {
-        match &t.key {
+    let ns = run.namespace().unwrap_or_default();
+    let uid = run.uid().unwrap_or_default();
+    let object = format!("WorkflowRun/{}", run.name_any());
+    let mut events = Vec::with_capacity(transitions.len());
+    // Within a pass, the run starts before its steps and finishes after them.
+    let mut ordered: Vec<&engine::Transition> = transitions.iter().collect();
+    ordered.sort_by_key(|t| match (&t.key, t.phase.as_str()) {
+        (None, "Running") => 0,
+        (None, "Succeeded" | "Failed" | "Cancelled") => 2,
+        _ => 1,
+    });
+    for t in ordered {
+        let kind = match &t.key {
             Some(key) => {
                 let kind = step_kind(spec, dag, key).map(|k| k.as_str()).unwrap_or("unknown");
                 ctx.metrics.steps.with_label_values(&[kind, &t.phase]).inc();
-                if let Some(row) = status.steps.get(key)
+                let row = status.steps.get(key);
+                if let Some(row) = row
                     && matches!(t.phase.as_str(), "Succeeded" | "Failed")
                     && let (Some(s), Some(f)) = (&row.started_at, &row.finished_at)
                 {
-                    let secs = (f.0.as_millisecond() - s.0.as_millisecond()).max(0) as f64 / 1000.0;
+                    let secs = (f.0.as_microsecond() - s.0.as_microsecond()).max(0) as f64 / 1e6;
                     ctx.metrics.step_duration.with_label_values(&[kind, &t.phase]).observe(secs);
                 }
-                warning |= t.phase == "Failed";
-                let msg = if t.message.is_empty() { String::new() } else { format!(" ({})", t.message) };
-                notes.push(format!("step {key} {}{msg}", t.phase.to_lowercase()));
+                match t.phase.as_str() {
+                    "Running" => EventKind::StepStarted,
+                    "Retrying" => EventKind::StepRetried,
+                    "Succeeded" if row.is_some_and(|r| r.cached) => EventKind::StepCached,
+                    "Succeeded" => EventKind::StepSucceeded,
+                    "Failed" => EventKind::StepFailed,
+                    "Skipped" => EventKind::StepSkipped,
+                    _ => EventKind::StepCancelled,
+                }
             }
             None => {
                 ctx.metrics.runs.with_label_values(&[&t.phase]).inc();
-                reason = match t.phase.as_str() {
-                    "Running" => "RunStarted",
-                    "Succeeded" => "RunSucceeded",
-                    "Failed" => "RunFailed",
-                    "Cancelled" => "RunCancelled",
-                    "Suspended" => "RunSuspended",
-                    _ => "RunProgressed",
-                };
-                warning |= t.phase == "Failed";
-                let msg = if t.message.is_empty() { String::new() } else { format!(": {}", t.message) };
-                notes.push(format!("run {}{msg}", t.phase.to_lowercase()));
+                match t.phase.as_str() {
+                    "Succeeded" => EventKind::RunSucceeded,
+                    "Failed" => EventKind::RunFailed,
+                    "Cancelled" => EventKind::RunCancelled,
+                    "Suspended" => EventKind::RunSuspended,
+                    _ => EventKind::RunStarted,
+                }
             }
-        }
+        };
+        let mut e = ctx.events.event(kind, &uid, &ns, object.clone());
+        e.step = t.key.clone();
+        e.attempt = t.attempt;
+        e.message = t.message.clone();
+        events.push(e);
     }
-    debug!(run = %run.name_any(), transitions = notes.len(), "transitions");
-    // One aggregated event per pass, with the run UID as correlation (the event's regarding).
-    let mut note = notes.join("; ");
-    if note.len() > 900 {
-        let mut end = 900;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
-        note.push_str("...");
-    }
-    ctx.events.publish(run.object_ref(&()), warning, reason, "Reconcile", note);
+    debug!(run = %run.name_any(), transitions = events.len(), "transitions");
+    ctx.events.publish(Batch { events, reference: Some(run.object_ref(&())) });
 }
 
 async fn write_status(
@@ -786,7 +792,14 @@ async fn fail_run(
     conditions_for(&mut status, run.metadata.generation, now);
     if before.phase != RunPhase::Failed {
         ctx.metrics.runs.with_label_values(&["Failed"]).inc();
-        ctx.events.publish(run.object_ref(&()), true, "RunFailed", "Reconcile", message);
+        let mut e = ctx.events.event(
+            EventKind::RunFailed,
+            &run.uid().unwrap_or_default(),
+            &run.namespace().unwrap_or_default(),
+            format!("WorkflowRun/{}", run.name_any()),
+        );
+        e.message = message;
+        ctx.events.publish(Batch { events: vec![e], reference: Some(run.object_ref(&())) });
     }
     write_status(run, ctx, before, &status).await?;
     finished(run, ctx, &status, now).await
@@ -837,7 +850,7 @@ pub async fn controller(
     scope: Option<String>,
     args: RunArgs,
     metrics: Metrics,
-    events: EventSink,
+    events: Dispatcher,
     agents: Option<Arc<dyn AgentCaller>>,
     cache: Arc<CacheManager>,
     health: Arc<Health>,

@@ -2,6 +2,7 @@
 mod cache;
 mod foundation;
 mod harness;
+mod observability;
 mod operator;
 mod runs;
 mod support;
