@@ -126,7 +126,7 @@ async fn template_chain_passes_outputs_in_one_pass() {
 #[tokio::test]
 async fn container_diamond_creates_one_labelled_restricted_pod_per_step() {
     let e = env("diamond").await;
-    let _op = Operator::start(&e.ns).await;
+    let op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(100)).await;
     let wf = json!({"steps": [
         {"id": "a", "container": container("1")},
@@ -139,6 +139,8 @@ async fn container_diamond_creates_one_labelled_restricted_pod_per_step() {
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     assert_eq!(step(&s, "d").output.as_deref(), Some("2+3"));
     assert_eq!(pod_names(&e).await, ["dia-a-1", "dia-b-1", "dia-c-1"]);
+    let (creates, patches) = (op.api_requests("create"), op.api_requests("patch"));
+    eprintln!("diamond (3 pod steps + 1 template): {creates} creates (pods, events), {patches} patches (status)");
     let pod = e.pods.get("dia-b-1").await.expect("pod");
     let labels = pod.labels();
     assert_eq!(labels["volt.dev/run"], "dia");
@@ -392,11 +394,11 @@ async fn runs_queue_under_max_runs_and_start_by_priority() {
 }
 
 #[tokio::test]
-async fn a_500_step_dag_completes_and_stays_small() {
+async fn a_1000_step_dag_completes_and_stays_small() {
     let e = env("big").await;
     let op = Operator::start(&e.ns).await;
     let mut steps = Vec::new();
-    for i in 0..500usize {
+    for i in 0..1000usize {
         let deps: Vec<String> = [i / 2, i / 3]
             .iter()
             .filter(|&&d| d < i)
@@ -409,11 +411,11 @@ async fn a_500_step_dag_completes_and_stays_small() {
     apply(&e, run_obj("big", json!({"steps": steps}))).await;
     let s = finished(&e, "big").await;
     assert_eq!(s.phase, RunPhase::Succeeded);
-    assert_eq!(s.progress, "500/500");
+    assert_eq!(s.progress, "1000/1000");
     let size = serde_json::to_vec(&e.runs.get("big").await.expect("run")).expect("json").len();
     let writes = op.api_requests("patch") + op.api_requests("create");
-    eprintln!("500-step run: object {size} bytes, {writes} API writes");
-    assert!(size < 512 * 1024, "a 500-step run stays well under 1 MiB, got {size}");
+    eprintln!("1000-step run: object {size} bytes, {writes} API writes");
+    assert!(size < 512 * 1024, "a 1000-step run stays well under 1 MiB, got {size}");
 }
 
 #[tokio::test]
@@ -510,4 +512,21 @@ async fn http_steps_call_out_and_ttl_deletes_finished_runs() {
         assert!(tokio::time::Instant::now() < deadline, "run not deleted after its TTL");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn the_operator_wide_limit_queues_runs_of_any_workflow() {
+    let e = env("globallimit").await;
+    let _op = Operator::start_with(&e.ns, |a| a.max_concurrent_runs = 1).await;
+    let _k = kubelet(&e, Duration::from_millis(600)).await;
+    let wf = || json!({"steps": [{"id": "work", "container": container("w")}]});
+    apply(&e, run_obj("g1", wf())).await;
+    wait_for(&e.runs, "g1", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Running)).await;
+    apply(&e, run_obj("g2", wf())).await;
+    let g2 = wait_for(&e.runs, "g2", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Queued)).await;
+    assert!(g2.status.expect("status").message.contains("concurrent runs"));
+    let s1 = finished(&e, "g1").await;
+    let s2 = finished(&e, "g2").await;
+    assert_eq!((s1.phase, s2.phase), (RunPhase::Succeeded, RunPhase::Succeeded));
+    assert!(s2.started_at.expect("t").0 >= s1.finished_at.expect("t").0, "g2 started after g1 finished");
 }
