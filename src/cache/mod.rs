@@ -65,6 +65,7 @@ pub struct CacheManager {
     tier: Option<ConfigMapTier>,
     loaded: tokio::sync::Mutex<HashSet<String>>,
     metrics: CacheMetrics,
+    events: std::sync::OnceLock<crate::events::Dispatcher>,
 }
 
 fn now_ms() -> i64 {
@@ -79,7 +80,13 @@ impl CacheManager {
             tier,
             loaded: Default::default(),
             metrics,
+            events: Default::default(),
         }
+    }
+
+    /// Publishes evictions as `CacheEviction` events (correlation id `cache/<namespace>`).
+    pub fn publish_to(&self, events: crate::events::Dispatcher) {
+        let _ = self.events.set(events);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryCache> {
@@ -143,12 +150,26 @@ impl CacheManager {
         if evicted.is_empty() {
             return;
         }
-        for (_, why) in evicted {
+        let mut batch = Vec::new();
+        for (key, why) in evicted {
             let reason = match why {
                 Eviction::Expired => "expired",
                 Eviction::Capacity => "capacity",
             };
             self.metrics.evictions.with_label_values(&[reason]).inc();
+            if let Some(d) = self.events.get() {
+                let mut e = d.event(
+                    crate::events::EventKind::CacheEviction,
+                    &format!("cache/{namespace}"),
+                    namespace,
+                    "StepCache".into(),
+                );
+                e.message = format!("entry {key} evicted ({reason})");
+                batch.push(e);
+            }
+        }
+        if let Some(d) = self.events.get() {
+            d.publish(crate::events::Batch { events: batch, reference: None });
         }
         if let Some(tier) = &self.tier {
             let keys: Vec<String> = evicted.iter().map(|(k, _)| k.clone()).collect();
@@ -241,6 +262,32 @@ mod tests {
         let e: Result<String, &str> = m.memoize("ns", "bad", None, || async { Err("boom") }).await;
         assert_eq!(e, Err("boom"));
         assert!(m.get("ns", "bad").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn evictions_are_events() {
+        let args = CacheArgs {
+            strategy: CacheStrategy::Fifo,
+            ttl: Duration::from_secs(60),
+            max_entries: 1,
+            max_bytes: 1 << 20,
+        };
+        let m = CacheManager::new(&args, CacheMetrics::register(&Registry::new()), None);
+        let log = std::sync::Arc::new(crate::events::EventLog::new(10));
+        let d = crate::events::Dispatcher::start(vec![(0, log.clone())], crate::metrics::Metrics::new());
+        m.publish_to(d);
+        m.put("ns", "a".into(), Entry { value: "1".into(), ..Default::default() }, None).await;
+        m.put("ns", "b".into(), Entry { value: "2".into(), ..Default::default() }, None).await;
+        for _ in 0..100 {
+            if !log.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let events = log.query(Some("cache/ns"), None, 10);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].message.contains("entry a evicted (capacity)"), "{:?}", events[0]);
+        assert_eq!(m.metrics.evictions.with_label_values(&["capacity"]).get(), 1);
     }
 
     #[test]

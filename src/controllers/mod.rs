@@ -155,6 +155,7 @@ pub async fn run(
         handlers.push((20, Arc::new(crate::events::CloudEventsSink::new(url.clone(), metrics.clone()))));
     }
     let dispatcher = crate::events::Dispatcher::start(handlers, metrics.clone());
+    cache.publish_to(dispatcher.clone());
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(health.system.clone().run(
         client.clone(),
