@@ -559,3 +559,89 @@ mod tests {
         assert!(m.contains("steps[0].agent.prompt: must not be empty"), "{m}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn arb_template() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z ]{0,12}",
+            Just("{{ params.p }}".to_string()),
+            Just("{{ steps.s0.output }}".to_string()),
+            Just("{{ steps.s1.json.x }}".to_string()),
+            Just("{{ nope }}".to_string()),
+            Just("{{ unclosed".to_string()),
+            Just("{% for i in range(3) %}{{ i }}{% endfor %}".to_string()),
+            ".{0,20}",
+        ]
+    }
+
+    fn arb_spec() -> impl Strategy<Value = WorkflowSpec> {
+        (1usize..12).prop_flat_map(|n| {
+            proptest::collection::vec(
+                (proptest::collection::vec(0usize..n + 2, 0..4), arb_template(), any::<bool>(), 0u8..4),
+                n,
+            )
+            .prop_map(move |rows| {
+                let steps = rows
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (deps, template, dup, kinds))| Step {
+                        id: if dup && i > 0 { "s0".to_string() } else { format!("s{i}") },
+                        depends_on: deps.into_iter().map(|d| format!("s{d}")).collect(),
+                        template: (kinds != 0).then_some(template),
+                        http: (kinds == 2)
+                            .then(|| crate::api::HttpStep { url: "http://x".into(), ..Default::default() }),
+                        ..Default::default()
+                    })
+                    .collect();
+                WorkflowSpec {
+                    params: vec![crate::api::ParamSpec { name: "p".into(), ..Default::default() }],
+                    steps,
+                    ..Default::default()
+                }
+            })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Validation never panics; a valid DAG's order puts dependencies first; every error
+        /// names a step or a field.
+        #[test]
+        fn validation_is_total_and_sound(spec in arb_spec()) {
+            match validate(&spec) {
+                Ok(dag) => {
+                    let pos: HashMap<usize, usize> = dag.topo_order().iter().enumerate().map(|(p, &i)| (i, p)).collect();
+                    prop_assert_eq!(pos.len(), dag.len());
+                    for i in 0..dag.len() {
+                        for &d in dag.deps(i) {
+                            prop_assert!(pos[&d] < pos[&i]);
+                        }
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(!e.0.is_empty());
+                    for err in &e.0 {
+                        prop_assert!(err.step.is_some() || !err.field.is_empty(), "{err}");
+                    }
+                }
+            }
+        }
+
+        /// Rendering arbitrary text against a context never panics.
+        #[test]
+        fn rendering_is_total(src in ".{0,40}", item in ".{0,10}") {
+            let mut ctx = template::Context::default();
+            ctx.item = Some((0, serde_json::Value::String(item)));
+            let _ = template::render(&src, &ctx);
+            let _ = template::eval_condition(&src, &ctx);
+            let _ = template::eval_list(&src, &ctx, 100);
+            let _ = template::parse_template(&src);
+        }
+    }
+}
