@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help deps test lint unit e2e crds demo build release clean-cache
+.PHONY: help deps test lint unit e2e crds demo build release clean-cache local-demo manifests
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -16,22 +16,41 @@ build: ## Build the operator (debug)
 release: ## Build the operator (release)
 	$(CARGO) build --release
 
-crds: build ## Regenerate crds/ from the Rust types
+crds: build ## Regenerate crds/ from the Rust types, and the chart's copies and manifests/install.yaml
 	./target/debug/volt-operator crd --out-dir crds
+	$(MAKE) manifests
+
+HELM ?= $(shell bash hack/control-plane.sh bin-dir)/helm
+
+manifests: ## Copy crds/ into the chart and render manifests/install.yaml from it (tests check both)
+	cp crds/*.yaml charts/volt-operator/crds/
+	{ printf '%s\n' \
+	    '# volt-operator: a plain install (kubectl apply -f manifests/install.yaml), rendered from' \
+	    '# charts/volt-operator by `make manifests`; do not edit. The command:' \
+	    '#   helm template volt-operator charts/volt-operator --namespace volt-system --include-crds --set namespace.create=true'; \
+	  $(HELM) template volt-operator charts/volt-operator --namespace volt-system --include-crds --set namespace.create=true; \
+	} > manifests/install.yaml
 
 lint: ## rustfmt and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-unit: ## Unit and property tests (no cluster)
+unit: ## Unit and property tests, and local mode end to end (no cluster)
 	$(CARGO) test --lib --bins
+	$(CARGO) test --test local
 
 e2e: deps ## End-to-end tests against a real kube-apiserver, etcd and kube-controller-manager on loopback
 	$(CARGO) test --test e2e -- --test-threads=$${E2E_THREADS:-4}
 
 test: deps lint ## Everything CI runs: deps, lint, unit and end-to-end tests
 	$(CARGO) test --lib --bins
+	$(CARGO) test --test local
 	$(CARGO) test --test e2e -- --test-threads=$${E2E_THREADS:-4}
 
 demo: deps build ## Start a local control plane and the operator, apply the examples, show `kubectl get volt`
 	bash hack/demo.sh
+
+local-demo: ## Run examples/local/pipeline.yaml on this machine (no cluster) twice: the second run comes from the cache
+	$(CARGO) build --release
+	./target/release/volt-operator local run examples/local/pipeline.yaml
+	./target/release/volt-operator local run examples/local/pipeline.yaml

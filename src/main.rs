@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 use volt_operator::config::{Cli, Command, CrdArgs, LogArgs, LogFormat, RunArgs};
 use volt_operator::controllers::{self, Health};
 use volt_operator::metrics::Metrics;
-use volt_operator::{api, http};
+use volt_operator::{api, http, leader};
 
 fn init_logging(log: &LogArgs) {
     let filter = EnvFilter::try_new(&log.log_level).unwrap_or_else(|e| {
@@ -59,7 +59,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("building the Kubernetes client: {e}"))?;
     let health = Arc::new(Health::default());
-    health.leader.store(true, Ordering::Relaxed);
+    let election =
+        if args.leader_elect { Some(leader::Settings::from_args(&args).map_err(|e| e.to_string())?) } else { None };
+    health.leader.store(election.is_none(), Ordering::Relaxed);
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();
@@ -70,13 +72,28 @@ async fn run(args: RunArgs) -> Result<(), String> {
         });
     }
     let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), health.clone(), shutdown.clone()));
-    controllers::run(client, args, metrics, health, None, shutdown.clone()).await;
+    // With leader election only the Lease holder runs the controllers; losing the Lease ends
+    // `run` with an error, so the process exits and comes back as a follower.
+    let elected = match election {
+        Some(settings) => {
+            let work = {
+                let (client, metrics, health) = (client.clone(), metrics.clone(), health.clone());
+                move |term| controllers::run(client, args, metrics, health, term)
+            };
+            leader::run(client, settings, health, &metrics, shutdown.clone(), work).await.map_err(|e| e.to_string())
+        }
+        None => {
+            controllers::run(client, args, metrics, health, shutdown.clone()).await;
+            Ok(())
+        }
+    };
     shutdown.cancel();
-    match server.await {
+    let served = match server.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("HTTP server: {e}")),
         Err(e) => Err(format!("HTTP server task: {e}")),
-    }
+    };
+    elected.and(served)
 }
 
 async fn shutdown_signal() {
@@ -104,6 +121,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Crd(args) => print_crds(&args),
+        Command::Local(cmd) => return volt_operator::local::main(cmd, &cli.log),
         Command::Run(args) => {
             init_logging(&cli.log);
             match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

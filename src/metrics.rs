@@ -25,6 +25,8 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     pub status_writes: IntCounterVec,
     pub events_dropped: IntCounterVec,
+    /// Agent steps: LLM calls and load-balancer picks.
+    pub llm: LlmMetrics,
 }
 
 impl Default for Metrics {
@@ -90,6 +92,7 @@ impl Metrics {
         );
         let status_writes =
             counter(&registry, "volt_status_writes_total", "Status writes, by kind of object.", &["kind"]);
+        let llm = LlmMetrics::register(&registry);
         let events_dropped = counter(
             &registry,
             "volt_events_dropped_total",
@@ -110,6 +113,7 @@ impl Metrics {
             api_requests,
             status_writes,
             events_dropped,
+            llm,
         }
     }
 
@@ -193,5 +197,75 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         self.counter.with_label_values(&[verb_of(req.method(), req.uri())]).inc();
         self.inner.call(req)
+    }
+}
+
+/// Metrics of agent steps: LLM calls, their latency and tokens per agent and replica, and the
+/// load balancer's picks (part of [`Metrics`], as `metrics.llm`).
+#[derive(Clone)]
+pub struct LlmMetrics {
+    /// `volt_llm_calls_total{namespace, agent, replica, outcome}`; outcome is `success`,
+    /// `error`, `rate_limited`, `timeout` or `rejected`.
+    pub calls: IntCounterVec,
+    /// `volt_llm_call_duration_seconds{namespace, agent, replica}`, successful calls.
+    pub latency: HistogramVec,
+    /// `volt_llm_tokens_total{namespace, agent, replica, kind}`; kind is `prompt` or `completion`.
+    pub tokens: IntCounterVec,
+    /// `volt_llm_retries_total{namespace, agent, reason}`.
+    pub retries: IntCounterVec,
+    /// `volt_lb_picks_total{namespace, agent, replica, strategy}`.
+    pub picks: IntCounterVec,
+    /// `volt_lb_queue_wait_seconds{strategy}`: time calls waited for a free replica.
+    pub queue_wait: HistogramVec,
+}
+
+impl LlmMetrics {
+    /// Registers the metrics in `registry` (a metric already registered there is left as is).
+    pub fn register(registry: &Registry) -> Self {
+        let replica = &["namespace", "agent", "replica"];
+        let new_counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            let _ = registry.register(Box::new(c.clone()));
+            c
+        };
+        let new_histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+            let _ = registry.register(Box::new(h.clone()));
+            h
+        };
+        Self {
+            calls: new_counter(
+                "volt_llm_calls_total",
+                "LLM call attempts, by agent, replica and outcome.",
+                &["namespace", "agent", "replica", "outcome"],
+            ),
+            latency: new_histogram(
+                "volt_llm_call_duration_seconds",
+                "Latency of successful LLM calls, by agent and replica.",
+                replica,
+                vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
+            ),
+            tokens: new_counter(
+                "volt_llm_tokens_total",
+                "Tokens used by LLM calls, by agent, replica and kind (prompt, completion).",
+                &["namespace", "agent", "replica", "kind"],
+            ),
+            retries: new_counter(
+                "volt_llm_retries_total",
+                "LLM calls retried within a step attempt, by agent and reason.",
+                &["namespace", "agent", "reason"],
+            ),
+            picks: new_counter(
+                "volt_lb_picks_total",
+                "Replicas picked by the load balancer, by agent, replica and strategy.",
+                &["namespace", "agent", "replica", "strategy"],
+            ),
+            queue_wait: new_histogram(
+                "volt_lb_queue_wait_seconds",
+                "Time calls waited in the load balancer's queue for a free replica, by strategy.",
+                &["strategy"],
+                vec![0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0],
+            ),
+        }
     }
 }

@@ -224,7 +224,7 @@ pub enum Strategy {
     RoundRobin,
     /// The replica with the fewest in-flight calls.
     LeastConnections,
-    /// At random, in proportion to the agents' `weight`.
+    /// In proportion to the agents' `weight` (smooth weighted round robin: even, interleaved).
     Weighted,
     /// The lowest expected latency from EWMA latency, error rate and in-flight calls.
     PerformanceBased,

@@ -25,6 +25,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print every CustomResourceDefinition as YAML (or write one file per CRD with --out-dir).
     Crd(CrdArgs),
+    /// Run or validate Workflows from YAML files on this machine, with no cluster.
+    #[command(subcommand)]
+    Local(crate::local::LocalCommand),
 }
 
 /// Logging.
@@ -66,6 +69,18 @@ pub struct RunArgs {
     /// Namespace of the leader-election Lease (defaults to the pod's namespace, else `default`).
     #[arg(long, env = "VOLT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
+
+    /// Name of the leader-election Lease; replicas with the same Lease share one leader.
+    #[arg(long, env = "VOLT_LEASE_NAME", default_value = "volt-operator")]
+    pub lease_name: String,
+
+    /// Seconds a leader holds the Lease without renewing it; a follower takes over after that.
+    #[arg(long, env = "VOLT_LEASE_DURATION", default_value_t = 15)]
+    pub lease_duration: u64,
+
+    /// Seconds before the Lease expires at which the leader renews it (also the clock skew tolerated).
+    #[arg(long, env = "VOLT_LEASE_GRACE", default_value_t = 5)]
+    pub lease_grace: u64,
 
     /// Namespaces to watch, comma-separated; empty watches all namespaces.
     #[arg(long, env = "VOLT_NAMESPACES", value_delimiter = ',')]

@@ -36,13 +36,28 @@ impl EventSink {
 
     /// Queues an event; never waits. A full queue drops it and counts the drop.
     pub fn publish(&self, reference: ObjectReference, warning: bool, reason: &str, action: &str, note: String) {
+        self.publish_related(reference, None, warning, reason, action, note)
+    }
+
+    /// Queues an event about `reference` that also concerns `related` (a replica's pod of an
+    /// Agent, say). Repeats of one reason on one object become a series; a related object
+    /// keeps the events of different related objects apart.
+    pub fn publish_related(
+        &self,
+        reference: ObjectReference,
+        related: Option<ObjectReference>,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let note: String = note.chars().take(1000).collect();
         let ev = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.into(),
             note: Some(note),
             action: action.into(),
-            secondary: None,
+            secondary: related,
         };
         if self.tx.try_send((ev, reference)).is_err() {
             self.metrics.events_dropped.with_label_values(&["kubernetes"]).inc();

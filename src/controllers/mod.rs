@@ -131,14 +131,16 @@ const EVENT_LOG_SIZE: usize = 10_000;
 
 /// Starts the Workflow, Agent and WorkflowRun controllers and runs them until `shutdown` is
 /// cancelled.
-pub async fn run(
-    client: Client,
-    args: RunArgs,
-    metrics: Metrics,
-    health: Arc<Health>,
-    agents: Option<Arc<dyn AgentCaller>>,
-    shutdown: CancellationToken,
-) {
+pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<Health>, shutdown: CancellationToken) {
+    // Agent steps: the Agent controllers feed the registry, the run controllers call through it.
+    let registry = Arc::new(crate::agents::Registry::default());
+    let caller = crate::agents::LlmCaller::new(
+        registry.clone(),
+        Arc::new(crate::agents::KubeSecrets::new(client.clone())),
+        args.lb_strategy,
+    )
+    .with_metrics(metrics.llm.clone());
+    let agents: Option<Arc<dyn AgentCaller>> = Some(Arc::new(caller));
     let events = events::EventSink::start(client.clone(), metrics.clone());
     let cache = health
         .cache
@@ -181,7 +183,8 @@ pub async fn run(
                 scope.clone(),
                 metrics.clone(),
                 events.clone(),
-                args.health_check_interval,
+                registry.clone(),
+                agent::AgentSettings { resync: args.health_check_interval, load_interval: args.metrics_interval },
                 shutdown.clone(),
             ),
         )));

@@ -355,8 +355,9 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     let mut decision = engine::advance(input, &mut status, events);
     let mut transitions = std::mem::take(&mut decision.transitions);
     let mut requeue_after = decision.requeue_after;
-    // Cache hits finish their steps at once; their dependents may start in the same pass.
-    for _ in 0..MAX_CACHE_ROUNDS {
+    // Cache hits finish their steps at once; their dependents may start in the same pass. Each
+    // round settles at least one step, so this ends.
+    loop {
         let hits = execute(&ctx, &run, &spec, &dag, &mut status, &decision.actions).await?;
         if hits.is_empty() {
             break;
@@ -383,9 +384,6 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
         None => Action::requeue(Duration::from_secs(300)),
     })
 }
-
-/// Most rounds of cache hits handled in one pass.
-const MAX_CACHE_ROUNDS: usize = 64;
 
 /// Carries the engine's actions out: creates or deletes pods, spawns or aborts in-process
 /// tasks. Steps whose result is cached do not run: their results come back as events.

@@ -636,8 +636,7 @@ mod properties {
         /// Rendering arbitrary text against a context never panics.
         #[test]
         fn rendering_is_total(src in ".{0,40}", item in ".{0,10}") {
-            let mut ctx = template::Context::default();
-            ctx.item = Some((0, serde_json::Value::String(item)));
+            let ctx = template::Context { item: Some((0, serde_json::Value::String(item))), ..Default::default() };
             let _ = template::render(&src, &ctx);
             let _ = template::eval_condition(&src, &ctx);
             let _ = template::eval_list(&src, &ctx, 100);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerStatus, Pod, PodSecurityContext, PodSpec, SeccompProfile, SecurityContext,
+    Capabilities, Container, ContainerStatus, EnvVar, Pod, PodSecurityContext, PodSpec, SeccompProfile, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -36,7 +36,7 @@ pub fn build_pod(run_name: &str, namespace: &str, owner: OwnerReference, task: &
         image: Some(image.clone()),
         command: (!command.is_empty()).then(|| command.clone()),
         args: (!args.is_empty()).then(|| args.clone()),
-        env: (!env.is_empty()).then(|| env.clone()),
+        env: Some(with_termination_log(env)),
         resources: resources.clone(),
         working_dir: working_dir.clone(),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -73,6 +73,20 @@ pub fn build_pod(run_name: &str, namespace: &str, owner: OwnerReference, task: &
         }),
         status: None,
     })
+}
+
+/// The step's env plus `VOLT_TERMINATION_LOG`, the file whose content becomes the output (local
+/// mode sets the same variable to its own file, so scripts work in both).
+fn with_termination_log(env: &[EnvVar]) -> Vec<EnvVar> {
+    let mut out = env.to_vec();
+    if !out.iter().any(|e| e.name == "VOLT_TERMINATION_LOG") {
+        out.push(EnvVar {
+            name: "VOLT_TERMINATION_LOG".into(),
+            value: Some("/dev/termination-log".into()),
+            value_from: None,
+        });
+    }
+    out
 }
 
 /// Reads a step pod's outcome from its status.

@@ -1,9 +1,11 @@
 //! End-to-end tests against a real kube-apiserver, etcd and kube-controller-manager.
+mod agents;
 mod cache;
 mod corpus;
 mod foundation;
 mod harness;
 mod observability;
 mod operator;
+mod packaging;
 mod runs;
 mod support;

@@ -32,6 +32,15 @@ impl Operator {
     /// Starts the controllers for namespace `ns`, after `tune` adjusts the settings.
     pub async fn start_with(ns: &str, tune: impl FnOnce(&mut RunArgs)) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube_config(control_plane::shared().kubeconfig_path()).await;
+        let metrics = Metrics::new();
+        let client = controllers::client_with_metrics(config, &metrics).await.expect("operator client");
+        Self::start_on(ns, client, metrics, tune).await
+    }
+
+    /// Starts the controllers for namespace `ns` on `client` (one a test built, say with another
+    /// identity or its own tower layer) reporting to `metrics`, after `tune` adjusts the settings.
+    pub async fn start_on(ns: &str, client: kube::Client, metrics: Metrics, tune: impl FnOnce(&mut RunArgs)) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("VOLT_TEST_LOG"))
             .with_test_writer()
@@ -40,13 +49,10 @@ impl Operator {
         args.namespaces = vec![ns.to_string()];
         args.health_check_interval = Duration::from_secs(1);
         tune(&mut args);
-        let metrics = Metrics::new();
-        let config = kube_config(control_plane::shared().kubeconfig_path()).await;
-        let client = controllers::client_with_metrics(config, &metrics).await.expect("operator client");
         let health = Arc::new(Health::default());
         health.leader.store(true, Ordering::Relaxed);
         let token = CancellationToken::new();
-        let handle = tokio::spawn(controllers::run(client, args, metrics.clone(), health.clone(), None, token.clone()));
+        let handle = tokio::spawn(controllers::run(client, args, metrics.clone(), health.clone(), token.clone()));
         let op = Self { metrics, health, token, handle: Some(handle) };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !op.health.synced.load(Ordering::Relaxed) {

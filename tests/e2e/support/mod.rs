@@ -4,6 +4,7 @@
 
 pub mod control_plane;
 pub mod kubelet;
+pub mod openai;
 
 use std::{future::Future, time::Duration};
 

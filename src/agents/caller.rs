@@ -1,0 +1,815 @@
+//! Agent steps: resolve the step's agents, pick a replica, and make an OpenAI chat completion
+//! call through async-openai, with retries that move to another replica.
+//!
+//! One call of a step:
+//! 1. Agents: by `ref` (in the run's namespace) or every agent of the namespace matching the
+//!    capability `selector`. An agent the registry does not know yet is waited for briefly (the
+//!    Agent controller may not have seen it yet after a restart); then the step fails.
+//! 2. A replica from the [`Balancer`](super::balancer::Balancer), by the step's strategy or the
+//!    operator's default. When none is free the call waits in the balancer's fair queue.
+//! 3. The API key from the agent's `apiKeySecretRef`. A missing Secret or key fails the step
+//!    at once, naming both; the key never appears in any message.
+//! 4. The chat completion: the agent's instructions as system message, the step's prompt as
+//!    user message, its model and parameters; one attempt lasts at most the agent's
+//!    `timeoutSeconds`, and the whole call at most the step's timeout.
+//! 5. On 429 (honouring `Retry-After`/`retry-after-ms`), 5xx, connection errors and timeouts,
+//!    the call is retried with backoff, on another healthy replica where there is one. Other
+//!    4xx answers fail the step without a retry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_openai::config::OpenAIConfig;
+use async_openai::error::OpenAIError;
+use async_openai::middleware::HttpRequestFactory;
+use async_openai::types::chat::{
+    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    CreateChatCompletionRequest, CreateChatCompletionResponse, StopConfiguration,
+};
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::api::{CapabilitySelector, Strategy, TokenUsage};
+use crate::engine::{TaskInfo, Work};
+use crate::executors::{AgentCaller, Failure, Outcome, Output};
+use crate::metrics::LlmMetrics;
+
+use super::balancer::{BalancerError, CallResult, Lease, PickRequest, ReplicaKey};
+use super::registry::{AgentEntry, Registry, Replica};
+use super::secrets::{ApiKey, SecretError, SecretSource};
+
+/// How calls are retried.
+#[derive(Clone, Debug)]
+pub struct RetrySettings {
+    /// Attempts of one call on replica failures (5xx, connection errors, timeouts).
+    pub max_attempts: u32,
+    /// Further attempts after rate limits (429), which wait as the replica asks.
+    pub max_rate_limited: u32,
+    /// First backoff between attempts; it doubles, with jitter.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Longest `Retry-After` honoured when the step has no timeout.
+    pub max_retry_after: Duration,
+    /// How long a step waits for an agent the registry does not know yet.
+    pub resolve_grace: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            max_rate_limited: 8,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(120),
+            resolve_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why an agent call failed. Messages name the agent and replica, never the API key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallError {
+    #[error("not an agent step")]
+    NotAgentWork,
+    #[error("agent step sets neither ref nor selector")]
+    NoAgentGiven,
+    #[error("agent {name:?} not found in namespace {namespace:?}")]
+    AgentNotFound { namespace: String, name: String },
+    #[error("no agent in namespace {namespace:?} matches the selector (capabilities {capabilities:?})")]
+    NoAgentMatches { namespace: String, capabilities: Vec<String> },
+    #[error("agent {agent:?} is invalid: {message}")]
+    InvalidAgent { agent: String, message: String },
+    #[error("agent {agents}: {source}")]
+    NoReplica { agents: String, source: BalancerError },
+    #[error("agent {agent:?} (spec.apiKeySecretRef): {source}")]
+    Secret { agent: String, source: SecretError },
+    #[error("agent {agent:?}, replica {replica}: {message}")]
+    Replica { agent: String, replica: String, message: String, kind: FailureKind },
+    #[error("agent {agent:?}: the step's time ran out after {attempts} attempts (last: {last})")]
+    OutOfTime { agent: String, attempts: u32, last: String },
+}
+
+/// What kind of failure a replica's answer was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Worth retrying on this or another replica.
+    Transient,
+    /// Rate limited: retry after the delay.
+    RateLimited(Option<Duration>),
+    /// Timed out.
+    Timeout,
+    /// The request itself was refused (4xx): retrying does not help.
+    Rejected,
+}
+
+impl CallError {
+    /// Whether the engine's retry policy may try the step again.
+    pub fn retryable(&self) -> bool {
+        match self {
+            CallError::NotAgentWork
+            | CallError::NoAgentGiven
+            | CallError::AgentNotFound { .. }
+            | CallError::NoAgentMatches { .. }
+            | CallError::InvalidAgent { .. } => false,
+            CallError::Secret { source, .. } => source.retryable(),
+            CallError::Replica { kind, .. } => *kind != FailureKind::Rejected,
+            CallError::NoReplica { .. } | CallError::OutOfTime { .. } => true,
+        }
+    }
+}
+
+/// An HTTP answer that was not a success, as the transport saw it (status, the delay the
+/// server asked for, and its error message).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("HTTP {status}: {message}")]
+struct HttpStatusError {
+    status: u16,
+    retry_after: Option<Duration>,
+    message: String,
+    quota: bool,
+}
+
+/// Largest error body read from a replica.
+const MAX_ERROR_BODY: usize = 8 * 1024;
+
+/// The HTTP transport under async-openai: one request per call, no retries of its own (the
+/// caller retries, across replicas), error answers turned into [`HttpStatusError`] with the
+/// headers async-openai would drop (`Retry-After`).
+#[derive(Clone)]
+struct Transport {
+    client: reqwest::Client,
+}
+
+impl tower::Service<HttpRequestFactory> for Transport {
+    type Response = reqwest::Response;
+    type Error = OpenAIError;
+    type Future = BoxFuture<'static, Result<reqwest::Response, OpenAIError>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let mut request = factory.build().await?;
+            // No key: send no Authorization header rather than an empty bearer token.
+            let empty_bearer = request
+                .headers()
+                .get(reqwest::header::AUTHORIZATION)
+                .is_some_and(|v| v.as_bytes().trim_ascii() == b"Bearer");
+            if empty_bearer {
+                request.headers_mut().remove(reqwest::header::AUTHORIZATION);
+            }
+            let response = client.execute(request).await.map_err(|e| OpenAIError::Reqwest(e.without_url()))?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            let retry_after = retry_after(response.headers(), jiff::Timestamp::now());
+            let body = read_limited(response, MAX_ERROR_BODY).await;
+            let (message, quota) = error_message(&body);
+            Err(OpenAIError::Boxed(Box::new(HttpStatusError { status: status.as_u16(), retry_after, message, quota })))
+        })
+    }
+}
+
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= limit {
+            body.truncate(limit);
+            break;
+        }
+    }
+    body
+}
+
+/// The message of an OpenAI error body (`{"error": {"message": ...}}`), or the body's text;
+/// and whether it says the quota is exhausted (a 429 that waiting does not cure).
+fn error_message(body: &[u8]) -> (String, bool) {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    let message = error
+        .and_then(|e| e.get("message").and_then(|m| m.as_str()).or_else(|| e.as_str()))
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+    let quota = error
+        .and_then(|e| e.get("type").or_else(|| e.get("code")))
+        .and_then(|t| t.as_str())
+        .is_some_and(|t| t == "insufficient_quota");
+    (clip(&message, 300), quota)
+}
+
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max).collect();
+    out.push('…');
+    out
+}
+
+/// The delay a 429 or 503 asks for: `retry-after-ms` (OpenAI), else `Retry-After` in seconds
+/// or as an HTTP date.
+pub fn retry_after(headers: &reqwest::header::HeaderMap, now: jiff::Timestamp) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = text("retry-after")?;
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+    let ms = at.as_millisecond() - now.as_millisecond();
+    Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+/// Sends agent steps to agent replicas.
+pub struct LlmCaller {
+    registry: Arc<Registry>,
+    secrets: Arc<dyn SecretSource>,
+    http: reqwest::Client,
+    default_strategy: Strategy,
+    metrics: Option<LlmMetrics>,
+    retry: RetrySettings,
+}
+
+/// The name of a strategy, as in the API.
+pub fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::RoundRobin => "round_robin",
+        Strategy::LeastConnections => "least_connections",
+        Strategy::Weighted => "weighted",
+        Strategy::PerformanceBased => "performance_based",
+    }
+}
+
+struct Attempt<'a> {
+    entry: &'a AgentEntry,
+    replica: &'a Replica,
+    key: Option<&'a ApiKey>,
+    prompt: &'a str,
+    timeout: Duration,
+    /// The timeout is what is left of the step's time, not the agent's `timeoutSeconds`: its
+    /// expiry says nothing about the replica.
+    step_bound: bool,
+}
+
+/// A successful chat completion.
+struct Answer {
+    text: String,
+    tokens: Option<TokenUsage>,
+}
+
+impl LlmCaller {
+    /// A caller over `registry`, reading API keys from `secrets`; steps that name no strategy
+    /// use `default_strategy`.
+    pub fn new(registry: Arc<Registry>, secrets: Arc<dyn SecretSource>, default_strategy: Strategy) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("volt-operator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Self { registry, secrets, http, default_strategy, metrics: None, retry: RetrySettings::default() }
+    }
+
+    /// Records calls, tokens and picks in `metrics`.
+    pub fn with_metrics(mut self, metrics: LlmMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn with_retry(mut self, retry: RetrySettings) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The agents a step may use.
+    async fn resolve(
+        &self,
+        namespace: &str,
+        name: Option<&str>,
+        selector: Option<&CapabilitySelector>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Arc<AgentEntry>>, CallError> {
+        let find = || match (name, selector) {
+            (Some(n), _) => self.registry.get(namespace, n).into_iter().collect::<Vec<_>>(),
+            (None, Some(sel)) => self.registry.select(namespace, sel),
+            (None, None) => Vec::new(),
+        };
+        if name.is_none() && selector.is_none() {
+            return Err(CallError::NoAgentGiven);
+        }
+        let mut changes = self.registry.subscribe();
+        let grace = Instant::now() + self.retry.resolve_grace;
+        let until = deadline.map_or(grace, |d| d.min(grace));
+        let mut agents = find();
+        while agents.is_empty() {
+            changes.borrow_and_update();
+            match tokio::time::timeout_at(until, changes.changed()).await {
+                Ok(Ok(())) => agents = find(),
+                _ => break,
+            }
+        }
+        if agents.is_empty() {
+            return Err(match name {
+                Some(n) => CallError::AgentNotFound { namespace: namespace.into(), name: n.into() },
+                None => CallError::NoAgentMatches {
+                    namespace: namespace.into(),
+                    capabilities: selector.map(|s| s.capabilities.clone()).unwrap_or_default(),
+                },
+            });
+        }
+        if let [only] = agents.as_slice()
+            && let Some(message) = &only.invalid
+        {
+            return Err(CallError::InvalidAgent { agent: only.key.name.clone(), message: message.clone() });
+        }
+        agents.retain(|a| a.invalid.is_none());
+        if agents.is_empty() {
+            return Err(CallError::NoAgentMatches {
+                namespace: namespace.into(),
+                capabilities: selector.map(|s| s.capabilities.clone()).unwrap_or_default(),
+            });
+        }
+        Ok(agents)
+    }
+
+    fn backoff(&self, retry: u32) -> Duration {
+        use rand::Rng;
+        let exp = self.retry.initial_backoff.saturating_mul(1u32 << retry.saturating_sub(1).min(16));
+        let base = exp.min(self.retry.max_backoff);
+        // Full jitter on the upper half, so retries of a fan-out do not land together.
+        let half = base / 2;
+        half + Duration::from_secs_f64(rand::rng().random_range(0.0..=half.as_secs_f64().max(0.0)))
+    }
+
+    fn count(&self, key: &ReplicaKey, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.calls.with_label_values(&[&key.agent.namespace, &key.agent.name, &key.replica, outcome]).inc();
+        }
+    }
+
+    fn count_retry(&self, key: &ReplicaKey, reason: &str) {
+        if let Some(m) = &self.metrics {
+            m.retries.with_label_values(&[&key.agent.namespace, &key.agent.name, reason]).inc();
+        }
+    }
+
+    async fn call_work(&self, namespace: &str, work: &Work, timeout: Option<Duration>) -> Result<Output, Failure> {
+        let Work::Agent { agent, selector, strategy, prompt } = work else {
+            return Err(failure(&CallError::NotAgentWork, TaskInfo::default()));
+        };
+        let start = Instant::now();
+        // Keep a little of the step's time to report a clear message before the runner's own
+        // timeout cuts the call.
+        let deadline = timeout.map(|t| start + t.saturating_sub((t / 20).min(Duration::from_millis(250))));
+        let agents = self
+            .resolve(namespace, agent.as_deref(), selector.as_ref(), deadline)
+            .await
+            .map_err(|e| failure(&e, TaskInfo::default()))?;
+        let strategy = strategy.unwrap_or(self.default_strategy);
+        let keys = agents.iter().map(|a| a.key.clone()).collect();
+        let names = agents.iter().map(|a| a.key.name.as_str()).collect::<Vec<_>>().join(", ");
+        let mut request = PickRequest::new(keys, strategy);
+        let (mut failures, mut rate_limited, mut vanished) = (0u32, 0u32, 0u32);
+        let mut info = TaskInfo::default();
+        let mut last: Option<CallError> = None;
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let err = CallError::OutOfTime {
+                    agent: names.clone(),
+                    attempts: failures + rate_limited,
+                    last: last.map(|e| e.to_string()).unwrap_or_else(|| "none".into()),
+                };
+                return Err(failure(&err, info));
+            }
+            let lease = match self.registry.balancer().acquire(request.clone(), deadline).await {
+                Ok(lease) => lease,
+                Err(source) => {
+                    let err = CallError::NoReplica { agents: names.clone(), source };
+                    let message = match &last {
+                        Some(prev) => format!("{err}; last attempt: {prev}"),
+                        None => err.to_string(),
+                    };
+                    return Err(Failure { message, retryable: err.retryable(), info });
+                }
+            };
+            let key = lease.key().clone();
+            if let Some(m) = &self.metrics {
+                let labels = [&key.agent.namespace, &key.agent.name, &key.replica, strategy_name(strategy)];
+                m.picks.with_label_values(&labels).inc();
+                m.queue_wait.with_label_values(&[strategy_name(strategy)]).observe(lease.waited().as_secs_f64());
+            }
+            let Some(entry) = agents.iter().find(|a| a.key == key.agent) else {
+                // Cannot happen: the balancer only gives replicas of the agents asked for.
+                return Err(Failure::retryable(format!("agent {names}: the balancer gave an unknown replica {key}")));
+            };
+            // The registry may have a newer view of the replica than the agents resolved above
+            // (or, for an instant during an update, an older one).
+            let current = self.registry.get(&key.agent.namespace, &key.agent.name);
+            let replica =
+                current.as_ref().and_then(|a| a.replica(&key.replica)).or_else(|| entry.replica(&key.replica));
+            let Some(replica) = replica.cloned() else {
+                drop(lease);
+                vanished += 1;
+                if vanished > 100 {
+                    return Err(Failure::retryable(format!("agent {names}: replica {key} keeps vanishing")));
+                }
+                tokio::task::yield_now().await;
+                continue;
+            };
+            info = TaskInfo {
+                agent: Some(key.agent.name.clone()),
+                replica: Some(key.replica.clone()),
+                tokens: None,
+                cached: false,
+            };
+            let secret = entry.spec.api_key_secret_ref.as_ref();
+            let api_key = match self.secrets.api_key(&key.agent.namespace, &key.agent.name, secret).await {
+                Ok(k) => k,
+                Err(source) => {
+                    drop(lease);
+                    return Err(failure(&CallError::Secret { agent: key.agent.name.clone(), source }, info));
+                }
+            };
+            let agent_timeout = Duration::from_secs(u64::from(entry.spec.timeout_seconds.max(1)));
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let (timeout, step_bound) = match remaining {
+                Some(r) if r < agent_timeout => (r, true),
+                _ => (agent_timeout, false),
+            };
+            let attempt = Attempt { entry, replica: &replica, key: api_key.as_ref(), prompt, timeout, step_bound };
+            match self.attempt(attempt, lease).await {
+                Ok(answer) => {
+                    info.tokens = answer.tokens;
+                    return Ok(Output { text: answer.text, info });
+                }
+                Err(err) => {
+                    let err = redact(err, api_key.as_ref());
+                    let kind = match &err {
+                        CallError::Replica { kind, .. } => *kind,
+                        CallError::OutOfTime { last, .. } => {
+                            let attempts = failures + rate_limited + 1;
+                            let err = CallError::OutOfTime { agent: names.clone(), attempts, last: last.clone() };
+                            return Err(failure(&err, info));
+                        }
+                        _ => FailureKind::Rejected,
+                    };
+                    debug!(agent = %key.agent, replica = %key.replica, error = %err, "agent call failed");
+                    match kind {
+                        FailureKind::Rejected => return Err(failure(&err, info)),
+                        FailureKind::RateLimited(wait) => {
+                            rate_limited += 1;
+                            self.count_retry(&key, "rate_limited");
+                            let wait = wait.unwrap_or_else(|| self.backoff(rate_limited));
+                            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                            let limit = remaining.unwrap_or(self.retry.max_retry_after);
+                            if rate_limited > self.retry.max_rate_limited || wait > limit {
+                                let message = format!(
+                                    "{err}; gave up after {rate_limited} rate-limited attempts (the replica asks to wait {:.1}s)",
+                                    wait.as_secs_f64()
+                                );
+                                return Err(Failure { message, retryable: true, info });
+                            }
+                            // The balancer keeps the replica out of rotation for `wait`; the
+                            // next acquire goes elsewhere or waits for it.
+                        }
+                        FailureKind::Transient | FailureKind::Timeout => {
+                            failures += 1;
+                            if failures >= self.retry.max_attempts.max(1) {
+                                let message = format!("{err} (after {failures} attempts)");
+                                return Err(Failure { message, retryable: true, info });
+                            }
+                            self.count_retry(&key, if kind == FailureKind::Timeout { "timeout" } else { "error" });
+                            let pause = self.backoff(failures);
+                            let pause = match deadline {
+                                Some(d) => pause.min(d.saturating_duration_since(Instant::now())),
+                                None => pause,
+                            };
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                    request = request.avoiding(Some(key));
+                    last = Some(err);
+                }
+            }
+        }
+    }
+
+    /// One chat completion on one replica; reports the outcome to the balancer.
+    async fn attempt(&self, a: Attempt<'_>, lease: Lease) -> Result<Answer, CallError> {
+        let key = lease.key().clone();
+        let agent = a.entry.key.name.clone();
+        let replica_err = |message: String, kind: FailureKind| CallError::Replica {
+            agent: agent.clone(),
+            replica: key.replica.clone(),
+            message,
+            kind,
+        };
+        let request = match build_request(a.entry, a.prompt) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(lease);
+                return Err(replica_err(format!("building the request: {e}"), FailureKind::Rejected));
+            }
+        };
+        let config = OpenAIConfig::new()
+            .with_api_base(a.replica.base_url.clone())
+            .with_api_key(a.key.map(|k| k.expose().to_string()).unwrap_or_default())
+            .with_org_id("")
+            .with_project_id("");
+        let client = async_openai::Client::build(self.http.clone(), config)
+            .with_http_service(Transport { client: self.http.clone() });
+        let result = tokio::time::timeout(a.timeout, client.chat().create(request)).await;
+        let ns = key.agent.namespace.clone();
+        match result {
+            Err(_) if a.step_bound => {
+                drop(lease);
+                self.count(&key, "timeout");
+                Err(CallError::OutOfTime {
+                    agent: agent.clone(),
+                    attempts: 1,
+                    last: format!("replica {} had not answered yet", key.replica),
+                })
+            }
+            Err(_) => {
+                lease.finish(CallResult::Failure);
+                self.count(&key, "timeout");
+                Err(replica_err(format!("no answer within {:.1}s", a.timeout.as_secs_f64()), FailureKind::Timeout))
+            }
+            Ok(Ok(response)) => match answer_of(response) {
+                Ok(answer) => {
+                    let latency = lease.finish(CallResult::Success);
+                    self.count(&key, "success");
+                    if let Some(m) = &self.metrics {
+                        let labels = [ns.as_str(), &key.agent.name, &key.replica];
+                        m.latency.with_label_values(&labels).observe(latency.as_secs_f64());
+                        if let Some(t) = answer.tokens {
+                            m.tokens
+                                .with_label_values(&[&ns, &key.agent.name, &key.replica, "prompt"])
+                                .inc_by(t.prompt);
+                            m.tokens
+                                .with_label_values(&[&ns, &key.agent.name, &key.replica, "completion"])
+                                .inc_by(t.completion);
+                        }
+                    }
+                    debug!(agent = %key.agent, replica = %key.replica, ms = latency.as_millis() as u64, "agent call answered");
+                    Ok(answer)
+                }
+                Err((message, kind)) => {
+                    lease.finish(if kind == FailureKind::Rejected {
+                        CallResult::Rejected
+                    } else {
+                        CallResult::Failure
+                    });
+                    self.count(&key, if kind == FailureKind::Rejected { "rejected" } else { "error" });
+                    Err(replica_err(message, kind))
+                }
+            },
+            Ok(Err(e)) => {
+                let (message, kind) = classify(&e);
+                match kind {
+                    FailureKind::RateLimited(wait) => {
+                        let wait = wait.unwrap_or_else(|| self.backoff(1));
+                        lease.finish(CallResult::RateLimited(wait));
+                        self.count(&key, "rate_limited");
+                    }
+                    FailureKind::Rejected => {
+                        lease.finish(CallResult::Rejected);
+                        self.count(&key, "rejected");
+                    }
+                    FailureKind::Transient | FailureKind::Timeout => {
+                        lease.finish(CallResult::Failure);
+                        self.count(&key, "error");
+                    }
+                }
+                Err(replica_err(message, kind))
+            }
+        }
+    }
+}
+
+fn failure(err: &CallError, info: TaskInfo) -> Failure {
+    Failure { message: err.to_string(), retryable: err.retryable(), info }
+}
+
+/// Removes the API key from an error, should a server ever echo it.
+fn redact(err: CallError, key: Option<&ApiKey>) -> CallError {
+    let Some(key) = key.map(ApiKey::expose).filter(|k| !k.is_empty()) else { return err };
+    match err {
+        CallError::Replica { agent, replica, message, kind } if message.contains(key) => {
+            CallError::Replica { agent, replica, message: message.replace(key, "[redacted]"), kind }
+        }
+        other => other,
+    }
+}
+
+/// The chat completion request of a step.
+#[allow(deprecated)] // `max_tokens` and `seed`: what self-hosted servers (vLLM, Ollama, llama.cpp) read.
+fn build_request(entry: &AgentEntry, prompt: &str) -> Result<CreateChatCompletionRequest, String> {
+    let spec = &entry.spec;
+    let mut messages: Vec<ChatCompletionRequestMessage> = Vec::with_capacity(2);
+    if !spec.instructions.is_empty() {
+        messages
+            .push(ChatCompletionRequestSystemMessage { content: spec.instructions.clone().into(), name: None }.into());
+    }
+    messages.push(ChatCompletionRequestUserMessage { content: prompt.to_string().into(), name: None }.into());
+    let p = &spec.parameters;
+    let f = |v: Option<f64>| v.map(|x| x as f32);
+    if p.stop.len() > 4 {
+        return Err(format!("spec.parameters.stop has {} sequences; at most 4 are allowed", p.stop.len()));
+    }
+    Ok(CreateChatCompletionRequest {
+        messages,
+        model: spec.model.clone(),
+        temperature: f(p.temperature),
+        top_p: f(p.top_p),
+        max_tokens: p.max_tokens,
+        presence_penalty: f(p.presence_penalty),
+        frequency_penalty: f(p.frequency_penalty),
+        stop: (!p.stop.is_empty()).then(|| StopConfiguration::StringArray(p.stop.clone())),
+        seed: p.seed,
+        ..Default::default()
+    })
+}
+
+fn answer_of(response: CreateChatCompletionResponse) -> Result<Answer, (String, FailureKind)> {
+    let tokens = response
+        .usage
+        .as_ref()
+        .map(|u| TokenUsage { prompt: u64::from(u.prompt_tokens), completion: u64::from(u.completion_tokens) });
+    let Some(choice) = response.choices.into_iter().next() else {
+        return Err(("the answer has no choices".into(), FailureKind::Transient));
+    };
+    match (choice.message.content, choice.message.refusal) {
+        (Some(text), _) => Ok(Answer { text, tokens }),
+        (None, Some(refusal)) => Err((format!("the model refused: {}", clip(&refusal, 300)), FailureKind::Rejected)),
+        (None, None) => Ok(Answer { text: String::new(), tokens }),
+    }
+}
+
+/// What an async-openai error means for retrying.
+fn classify(e: &OpenAIError) -> (String, FailureKind) {
+    match e {
+        OpenAIError::Boxed(inner) => match inner.downcast_ref::<HttpStatusError>() {
+            Some(h) => {
+                let kind = match h.status {
+                    429 if h.quota => FailureKind::Rejected,
+                    429 => FailureKind::RateLimited(h.retry_after),
+                    503 if h.retry_after.is_some() => FailureKind::RateLimited(h.retry_after),
+                    408 | 425 | 500..=599 => FailureKind::Transient,
+                    _ => FailureKind::Rejected,
+                };
+                (h.to_string(), kind)
+            }
+            None => (inner.to_string(), FailureKind::Transient),
+        },
+        OpenAIError::Reqwest(e) => {
+            let what = if e.is_connect() {
+                "connection failed"
+            } else if e.is_timeout() {
+                "request timed out"
+            } else {
+                "connection error"
+            };
+            (format!("{what}: {}", error_chain(e)), FailureKind::Transient)
+        }
+        OpenAIError::JSONDeserialize(err, _) => {
+            (format!("the answer is not a chat completion: {err}"), FailureKind::Transient)
+        }
+        OpenAIError::ApiError(api) => {
+            let status = api.status_code.as_u16();
+            let kind = match status {
+                429 => FailureKind::RateLimited(None),
+                408 | 500..=599 => FailureKind::Transient,
+                _ => FailureKind::Rejected,
+            };
+            (format!("HTTP {status}: {}", clip(&api.api_error.message, 300)), kind)
+        }
+        OpenAIError::InvalidArgument(m) => (format!("invalid request: {m}"), FailureKind::Rejected),
+        other => {
+            warn!(error = %other, "unexpected error from the OpenAI client");
+            (other.to_string(), FailureKind::Transient)
+        }
+    }
+}
+
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+impl AgentCaller for LlmCaller {
+    fn call<'a>(&'a self, namespace: &'a str, work: &'a Work, timeout: Option<Duration>) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.call_work(namespace, work, timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn retry_after_reads_milliseconds_seconds_and_dates() {
+        let now: jiff::Timestamp = "2024-01-01T00:00:00Z".parse().expect("time");
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h, now), None);
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(2)));
+        h.insert("retry-after", HeaderValue::from_static("Mon, 01 Jan 2024 00:00:05 GMT"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(5)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn error_bodies_give_their_message() {
+        let (m, quota) = error_message(br#"{"error":{"message":"Rate limit reached","type":"requests"}}"#);
+        assert_eq!((m.as_str(), quota), ("Rate limit reached", false));
+        let (_, quota) = error_message(br#"{"error":{"message":"quota","type":"insufficient_quota"}}"#);
+        assert!(quota);
+        assert_eq!(error_message(b"  upstream connect error  ").0, "upstream connect error");
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let boxed = |status: u16, retry_after: Option<Duration>, quota: bool| {
+            OpenAIError::Boxed(Box::new(HttpStatusError { status, retry_after, message: "m".into(), quota }))
+        };
+        let kind = |e: OpenAIError| classify(&e).1;
+        assert_eq!(
+            kind(boxed(429, Some(Duration::from_secs(1)), false)),
+            FailureKind::RateLimited(Some(Duration::from_secs(1)))
+        );
+        assert_eq!(kind(boxed(429, None, true)), FailureKind::Rejected);
+        assert_eq!(kind(boxed(500, None, false)), FailureKind::Transient);
+        assert_eq!(
+            kind(boxed(503, Some(Duration::from_secs(2)), false)),
+            FailureKind::RateLimited(Some(Duration::from_secs(2)))
+        );
+        assert_eq!(kind(boxed(400, None, false)), FailureKind::Rejected);
+        assert_eq!(kind(boxed(401, None, false)), FailureKind::Rejected);
+    }
+
+    #[test]
+    fn keys_are_redacted_from_replica_messages() {
+        let err = CallError::Replica {
+            agent: "a".into(),
+            replica: "r".into(),
+            message: "bad key sk-123 given".into(),
+            kind: FailureKind::Rejected,
+        };
+        let out = redact(err, Some(&ApiKey::new("sk-123")));
+        assert!(!out.to_string().contains("sk-123"), "{out}");
+        assert!(!out.retryable());
+    }
+
+    #[test]
+    fn requests_carry_instructions_prompt_model_and_parameters() {
+        let spec: crate::api::AgentSpec = serde_json::from_value(serde_json::json!({
+            "model": "m", "instructions": "be brief",
+            "parameters": {"temperature": 0.5, "maxTokens": 64, "stop": ["END"], "seed": 7}
+        }))
+        .expect("spec");
+        let entry = AgentEntry {
+            key: super::super::balancer::AgentKey::new("ns", "a"),
+            spec,
+            labels: Default::default(),
+            replicas: vec![],
+            invalid: None,
+        };
+        let req = build_request(&entry, "hello").expect("request");
+        let json = serde_json::to_value(&req).expect("json");
+        assert_eq!(json["model"], "m");
+        assert_eq!(json["messages"][0], serde_json::json!({"role": "system", "content": "be brief"}));
+        assert_eq!(json["messages"][1], serde_json::json!({"role": "user", "content": "hello"}));
+        assert_eq!(json["temperature"], 0.5);
+        assert_eq!(json["max_tokens"], 64);
+        assert_eq!(json["stop"], serde_json::json!(["END"]));
+        assert_eq!(json["seed"], 7);
+        assert!(json.get("stream").is_none());
+    }
+}

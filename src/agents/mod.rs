@@ -1,0 +1,28 @@
+//! Agents at run time: which replicas serve each agent, how calls are spread across them, and
+//! the LLM call itself.
+//!
+//! - [`registry`]: agents and their replicas, fed by the Agent controller (or built from a
+//!   list of Agents without a cluster, for local mode: [`Registry::from_agents`]).
+//! - [`balancer`]: the load balancer (strategies, fair queue, circuit breaker, live load); pure,
+//!   no Kubernetes or HTTP.
+//! - [`caller`]: the [`AgentCaller`](crate::executors::AgentCaller) of agent steps: resolves
+//!   agents, picks replicas, calls async-openai with retries across replicas.
+//! - [`secrets`]: API keys from Secrets (or given up front), never shown.
+//!
+//! Wiring in the cluster:
+//!
+//! ```text
+//! Agent controller --update(agent, replicas)--> Registry --Balancer--> LlmCaller --> replica
+//!        ^                                          |
+//!        +---- live load (on an interval) ----------+
+//! ```
+
+pub mod balancer;
+pub mod caller;
+pub mod registry;
+pub mod secrets;
+
+pub use balancer::{AgentKey, Balancer, BalancerConfig, ReplicaKey, ReplicaLoad};
+pub use caller::{CallError, LlmCaller, RetrySettings};
+pub use registry::{AgentEntry, Registry, RegistryError, Replica};
+pub use secrets::{ApiKey, KubeSecrets, SecretError, SecretSource, StaticSecrets};

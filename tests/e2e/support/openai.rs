@@ -1,0 +1,381 @@
+//! OpenAI-compatible stub servers (`POST /v1/chat/completions`, `GET /v1/models`) that tests
+//! and the balancer benchmark start on loopback addresses. A stub answers like a real server:
+//! a chat completion with token usage, after a configurable latency; scripted replies (429 with
+//! `Retry-After`, 500...) come first; it counts what it sees (requests, answers, the most
+//! calls in flight at once, the Authorization header, the messages).
+//!
+//! Agents of the `replicas` form reach pods at `podIP:port`, one port for every pod, so a
+//! group of stubs shares one port on distinct addresses (`127.B.x.y`, B from the process id so
+//! concurrent test processes do not collide). Linux routes all of 127.0.0.0/8 to loopback.
+//!
+//! [`Stub::kill`] makes the stub die like a crashed replica: it stops accepting, and every
+//! open connection, in flight or idle, fails at once.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// What a stub answers to one request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    /// A chat completion.
+    Ok,
+    /// An error status with an OpenAI error body.
+    Status(u16),
+    /// 429 with `Retry-After` (whole seconds, rounded up).
+    RateLimited { retry_after: Duration },
+}
+
+/// One request a stub saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub at: Instant,
+    pub model: String,
+    pub system: Option<String>,
+    pub user: String,
+    pub authorization: Option<String>,
+    pub status: u16,
+}
+
+struct Shared {
+    name: String,
+    latency: Mutex<Duration>,
+    script: Mutex<VecDeque<Reply>>,
+    always: Mutex<Option<Reply>>,
+    requests: AtomicUsize,
+    answered: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+    kill: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running stub; stops when dropped.
+pub struct Stub {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.shared.kill.cancel();
+    }
+}
+
+static NEXT_IP: AtomicU32 = AtomicU32::new(0);
+
+/// A loopback address no other stub of this process uses.
+pub fn next_ip() -> Ipv4Addr {
+    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
+    let block = (std::process::id() % 200 + 20) as u8;
+    Ipv4Addr::new(127, block, (n / 250) as u8, (n % 250 + 2) as u8)
+}
+
+impl Stub {
+    /// Starts one stub named `name` on a fresh loopback address and a free port.
+    pub async fn start(name: &str, latency: Duration) -> Stub {
+        Self::group(&[(name, latency)]).await.pop().expect("one stub")
+    }
+
+    /// Starts stubs on distinct loopback addresses sharing one port (as pods of a replica
+    /// set share their container port).
+    pub async fn group(specs: &[(&str, Duration)]) -> Vec<Stub> {
+        for _ in 0..50 {
+            let ips: Vec<Ipv4Addr> = specs.iter().map(|_| next_ip()).collect();
+            let Some(first) = ips.first() else { return Vec::new() };
+            let Ok(listener) = TcpListener::bind((*first, 0)).await else { continue };
+            let Ok(port) = listener.local_addr().map(|a| a.port()) else { continue };
+            let mut listeners = vec![listener];
+            for ip in &ips[1..] {
+                match TcpListener::bind((*ip, port)).await {
+                    Ok(l) => listeners.push(l),
+                    Err(_) => break,
+                }
+            }
+            if listeners.len() != specs.len() {
+                continue;
+            }
+            return listeners
+                .into_iter()
+                .zip(specs)
+                .map(|(l, (name, latency))| Self::serve(l, name, *latency))
+                .collect();
+        }
+        panic!("could not bind {} stub servers on one port", specs.len());
+    }
+
+    fn serve(listener: TcpListener, name: &str, latency: Duration) -> Stub {
+        let addr = listener.local_addr().expect("bound address");
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            latency: Mutex::new(latency),
+            script: Mutex::default(),
+            always: Mutex::default(),
+            requests: AtomicUsize::new(0),
+            answered: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            seen: Mutex::default(),
+            kill: CancellationToken::new(),
+        });
+        let router = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models))
+            .with_state(shared.clone());
+        let kill = shared.kill.clone();
+        let listener = KillableListener { inner: listener, kill: kill.clone() };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = axum::serve(listener, router) => {}
+                _ = kill.cancelled() => {}
+            }
+        });
+        Stub { addr, shared }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.addr.ip()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `http://ip:port/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.shared.latency) = latency;
+    }
+
+    /// Replies given to the next requests, in order, before the usual ones.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        lock(&self.shared.script).extend(replies);
+    }
+
+    /// The reply to every request once the script is used up (default: [`Reply::Ok`]).
+    pub fn always(&self, reply: Reply) {
+        *lock(&self.shared.always) = Some(reply);
+    }
+
+    /// Dies like a crashed replica: no new connections, open ones fail.
+    pub fn kill(&self) {
+        self.shared.kill.cancel();
+    }
+
+    /// Requests received (whatever their outcome).
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Chat completions answered with 200.
+    pub fn answered(&self) -> usize {
+        self.shared.answered.load(Ordering::Relaxed)
+    }
+
+    /// The most requests in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.shared.seen).clone()
+    }
+}
+
+async fn models() -> impl IntoResponse {
+    axum::Json(json!({"object": "list", "data": [{"id": "stub-model", "object": "model", "owned_by": "volt-tests"}]}))
+}
+
+fn words(s: &str) -> u64 {
+    s.split_whitespace().count() as u64
+}
+
+fn content_of(messages: &[Value], role: &str) -> Option<String> {
+    messages.iter().filter(|m| m["role"] == role).filter_map(|m| m["content"].as_str()).next_back().map(str::to_string)
+}
+
+fn error_body(status: u16, message: &str, type_: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, axum::Json(json!({"error": {"message": message, "type": type_, "param": null, "code": null}})))
+        .into_response()
+}
+
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let at = Instant::now();
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    let now = s.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    s.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    let _guard = InFlight(&s);
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    let model = request["model"].as_str().unwrap_or_default().to_string();
+    let user = content_of(&messages, "user").unwrap_or_default();
+    let system = content_of(&messages, "system");
+    let reply = lock(&s.script).pop_front().or_else(|| lock(&s.always).clone()).unwrap_or(Reply::Ok);
+    let status = match &reply {
+        Reply::Ok => 200,
+        Reply::Status(code) => *code,
+        Reply::RateLimited { .. } => 429,
+    };
+    lock(&s.seen).push(Seen {
+        at,
+        model: model.clone(),
+        system,
+        user: user.clone(),
+        authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string),
+        status,
+    });
+    if messages.is_empty() || model.is_empty() {
+        return error_body(400, "'messages' and 'model' are required", "invalid_request_error");
+    }
+    let latency = *lock(&s.latency);
+    tokio::select! {
+        _ = tokio::time::sleep(latency) => {}
+        // Killed: the connection fails as this answer is written.
+        _ = s.kill.cancelled() => return error_body(500, "killed", "server_error"),
+    }
+    match reply {
+        Reply::Status(code) => error_body(code, &format!("stub {} fails on purpose", s.name), "server_error"),
+        Reply::RateLimited { retry_after } => {
+            let secs = retry_after.as_millis().div_ceil(1000).to_string();
+            let mut response = error_body(429, "Rate limit reached for requests", "requests");
+            if let Ok(v) = secs.parse() {
+                response.headers_mut().insert("retry-after", v);
+            }
+            response
+        }
+        Reply::Ok => {
+            let n = s.answered.fetch_add(1, Ordering::Relaxed) + 1;
+            let content = format!("{}: {}", s.name, user);
+            let prompt_tokens: u64 = messages.iter().filter_map(|m| m["content"].as_str()).map(words).sum();
+            let completion_tokens = words(&content);
+            let created = jiff::Timestamp::now().as_second();
+            axum::Json(json!({
+                "id": format!("chatcmpl-{}-{n}", s.name),
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "logprobs": null}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}
+            }))
+            .into_response()
+        }
+    }
+}
+
+/// Accepts connections whose IO fails once the stub is killed.
+struct KillableListener {
+    inner: TcpListener,
+    kill: CancellationToken,
+}
+
+impl axum::serve::Listener for KillableListener {
+    type Io = KillableIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (KillableIo::new(stream, self.kill.clone()), addr);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+struct KillableIo {
+    inner: TcpStream,
+    kill: CancellationToken,
+    killed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl KillableIo {
+    fn new(inner: TcpStream, kill: CancellationToken) -> Self {
+        let killed = Box::pin(kill.clone().cancelled_owned());
+        Self { inner, kill, killed }
+    }
+
+    fn dead(&mut self, cx: &mut Context<'_>) -> bool {
+        self.kill.is_cancelled() || self.killed.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn killed() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, "stub server killed")
+}
+
+impl AsyncRead for KillableIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.dead(cx) {
+            return Poll::Ready(Err(killed()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for KillableIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.dead(cx) {
+            return Poll::Ready(Err(killed()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.dead(cx) {
+            return Poll::Ready(Err(killed()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,368 @@
+//! Local mode end to end: the built binary on example files, with no cluster.
+//!
+//! Each test uses its own cache directory (`XDG_CACHE_HOME` in a temporary directory).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_volt-operator");
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Run {
+    fn json(&self) -> Json {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+}
+
+fn volt(cache: &Path, args: &[&str]) -> Run {
+    let started = Instant::now();
+    let out: Output = Command::new(BIN)
+        .args(args)
+        .env("XDG_CACHE_HOME", cache)
+        .env_remove("VOLT_LOCAL_CACHE_DIR")
+        .env_remove("OPENAI_API_KEY")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the binary runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: started.elapsed(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write a test file");
+    p.display().to_string()
+}
+
+const WORKFLOW: &str = "apiVersion: volt.dev/v1alpha1\nkind: Workflow\n";
+
+#[test]
+fn the_example_pipeline_succeeds_and_a_second_run_hits_the_cache() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let example = repo("examples/local/pipeline.yaml").display().to_string();
+
+    let first = volt(tmp.path(), &["local", "run", &example, "--output", "json"]);
+    assert_eq!(first.code, 0, "stderr:\n{}", first.stderr);
+    let status = first.json();
+    assert_eq!(status["phase"], "Succeeded", "{status:#}");
+    assert_eq!(status["progress"], "6/6");
+    let steps = &status["steps"];
+    assert_eq!(steps["plan"]["output"], r#"["api","engine","executors","local"]"#);
+    assert_eq!(steps["build"]["items"], 4);
+    assert_eq!(steps["test"]["output"], "4 artifacts tested");
+    assert_eq!(steps["describe"]["phase"], "Skipped");
+    assert_eq!(steps["report"]["output"], "run local-demo-local Succeeded");
+    assert!(steps["build[0]"]["message"].as_str().is_some_and(|m| m.contains("image alpine:3.20 not used")));
+    assert_eq!(steps["build"]["cached"], Json::Null, "nothing cached on the first run");
+    assert!(
+        status["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    );
+    let cache_dir = tmp.path().join("volt-operator/local-cache");
+    let entries = std::fs::read_dir(&cache_dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(entries, 5, "four build items and the test step are cached in {}", cache_dir.display());
+
+    let second = volt(tmp.path(), &["local", "run", &example, "--output", "json"]);
+    assert_eq!(second.code, 0, "stderr:\n{}", second.stderr);
+    let again = second.json();
+    for key in ["build", "build[0]", "build[3]", "test"] {
+        assert_eq!(again["steps"][key]["cached"], true, "{key} comes from the cache: {again:#}");
+    }
+    assert_eq!(again["steps"]["notes"]["output"], steps["notes"]["output"]);
+    // The first run sleeps through its container steps (about 3 s); the second runs none.
+    assert!(second.took < first.took, "second {:?} vs first {:?}", second.took, first.took);
+    assert!(first.took >= Duration::from_secs(2), "the first run runs its steps: {:?}", first.took);
+    eprintln!("example pipeline: first run {:?}, second run (cache hits) {:?}", first.took, second.took);
+}
+
+#[test]
+fn text_output_has_a_summary_table_and_plain_lines_without_a_terminal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        tmp.path(),
+        "hello.yaml",
+        &format!(
+            "{WORKFLOW}metadata: {{name: hello}}\nspec:\n  params: [{{name: who, default: world}}]\n  steps:\n  \
+             - {{id: greet, template: 'Hello, {{{{ params.who }}}}'}}\n  \
+             - id: shout\n    dependsOn: [greet]\n    container: {{image: busybox, command: [sh, -c, 'echo \"{{{{ steps.greet.output }}}}!\" > /dev/termination-log']}}\n"
+        ),
+    );
+    let run = volt(tmp.path(), &["local", "run", &file, "--param", "who=you"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.starts_with("STEP"), "{}", run.stdout);
+    assert!(run.stdout.lines().any(|l| l.starts_with("shout") && l.contains("Succeeded")), "{}", run.stdout);
+    assert!(run.stdout.contains("output: Hello, you!"), "{}", run.stdout);
+    assert!(run.stdout.contains("run hello-local Succeeded"), "{}", run.stdout);
+    assert!(run.stdout.contains("container steps (shout) ran as local processes; their images were not used"));
+    assert!(run.stderr.contains("greet") && run.stderr.contains("Succeeded"), "plain lines on stderr: {}", run.stderr);
+}
+
+#[test]
+fn a_failing_step_fails_the_run_with_exit_code_1_and_finally_still_runs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        tmp.path(),
+        "fail.yaml",
+        &format!(
+            "{WORKFLOW}metadata: {{name: broken}}\nspec:\n  steps:\n  - id: flaky\n    retry: {{limit: 1, backoff: {{initialSeconds: 0.1}}}}\n    \
+             container: {{image: busybox, command: [sh, -c, 'echo disk full >&2; exit 7']}}\n  \
+             - {{id: after, dependsOn: [flaky], template: never}}\n  \
+             - {{id: image-only, container: {{image: busybox}}, continueOnError: true}}\n  \
+             finally:\n  - {{id: report, template: '{{{{ run.phase }}}}'}}\n"
+        ),
+    );
+    let run = volt(tmp.path(), &["local", "run", &file, "-o", "json"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let status = run.json();
+    assert_eq!(status["phase"], "Failed");
+    let flaky = &status["steps"]["flaky"];
+    assert_eq!(flaky["attempts"], 2);
+    let msg = flaky["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("exited with code 7") && msg.contains("disk full"), "{msg}");
+    assert_eq!(status["steps"]["after"]["phase"], "Skipped");
+    let image_only = status["steps"]["image-only"]["message"].as_str().unwrap_or_default();
+    assert!(image_only.contains("local mode cannot run images"), "{image_only}");
+    assert_eq!(status["steps"]["report"]["output"], "Failed");
+}
+
+#[test]
+fn invalid_files_exit_2_naming_file_object_step_and_field() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        tmp.path(),
+        "bad.yaml",
+        &format!(
+            "{WORKFLOW}metadata: {{name: bad}}\nspec:\n  steps:\n  - {{id: a, template: x}}\n  \
+             - {{id: b, dependsOn: [a, nope], template: why}}\n  - {{id: c, template: z, retry: {{limit: 1000}}}}\n  \
+             - {{id: d, dependOn: [a], template: w}}\n"
+        ),
+    );
+    for cmd in ["validate", "run"] {
+        let run = volt(tmp.path(), &["local", cmd, &file]);
+        assert_eq!(run.code, 2, "{cmd}: {}", run.stderr);
+        let want = format!(
+            "error: {file}: Workflow/bad: step \"c\": spec.steps[2].retry.limit: 1000 is more than the maximum 100"
+        );
+        assert!(run.stderr.contains(&want), "{cmd}: {}", run.stderr);
+        let want = format!(
+            "error: {file}: Workflow/bad: step \"d\": spec.steps[3].dependOn: unknown field; did you mean \"dependsOn\"?"
+        );
+        assert!(run.stderr.contains(&want), "{cmd}: {}", run.stderr);
+    }
+    // Once the schema is right, the controller's DAG checks speak.
+    let file = write(
+        tmp.path(),
+        "dag.yaml",
+        &format!(
+            "{WORKFLOW}metadata: {{name: dag}}\nspec:\n  steps:\n  - {{id: a, template: x}}\n  - {{id: b, dependsOn: [a, nope], template: why}}\n"
+        ),
+    );
+    let run = volt(tmp.path(), &["local", "validate", &file]);
+    assert_eq!(run.code, 2);
+    let want = format!("error: {file}: Workflow/dag: step \"b\": spec.steps[1].dependsOn: unknown step \"nope\"");
+    assert!(run.stderr.contains(&want), "{}", run.stderr);
+}
+
+#[test]
+fn validate_accepts_the_examples_and_checks_runs_and_params() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = volt(tmp.path(), &["local", "validate", "examples/local", "examples/spec"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.starts_with("valid: 4 files: 3 Agents, 2 Workflows, 1 WorkflowRun"), "{}", run.stdout);
+
+    let file = write(
+        tmp.path(),
+        "run.yaml",
+        "apiVersion: volt.dev/v1alpha1\nkind: WorkflowRun\nmetadata: {generateName: dev-}\n\
+         spec: {workflowRef: {name: development-pipeline}, params: {technology: Go}}\n",
+    );
+    let spec_wf = repo("examples/spec/workflow.yaml").display().to_string();
+    let run = volt(tmp.path(), &["local", "validate", &spec_wf, &file]);
+    assert_eq!(run.code, 2);
+    let want = format!("error: {file}: WorkflowRun/dev-*: spec.params: required parameter \"requirements\" is missing");
+    assert!(run.stderr.contains(&want), "{}", run.stderr);
+
+    // Missing parameters on the command line are invalid input too.
+    let run = volt(tmp.path(), &["local", "run", &spec_wf, "--param", "technology=Go"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("required parameter \"requirements\" is missing"), "{}", run.stderr);
+}
+
+#[test]
+fn multi_document_files_with_a_run_and_json_params() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        tmp.path(),
+        "all.yaml",
+        &format!(
+            "{WORKFLOW}metadata: {{name: fan}}\nspec:\n  params: [{{name: items, required: true}}]\n  steps:\n  \
+             - id: each\n    forEach: '{{{{ params.items }}}}'\n    container: {{image: x, command: [sh, -c, 'printf %s $(( {{{{ item }}}} * 2 )) > $VOLT_TERMINATION_LOG']}}\n  \
+             - {{id: sum, dependsOn: [each], template: \"{{{{ steps.each.json | map('int') | sum }}}}\"}}\n---\n\
+             apiVersion: volt.dev/v1alpha1\nkind: WorkflowRun\nmetadata: {{name: fan-1, namespace: team}}\n\
+             spec: {{workflowRef: {{name: fan}}, params: {{items: [1, 2]}}}}\n"
+        ),
+    );
+    let run = volt(tmp.path(), &["local", "run", &file, "-o", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.json()["steps"]["sum"]["output"], "6");
+    let run = volt(tmp.path(), &["local", "run", &file, "-o", "json", "--param", "items:=[1,2,3,4]"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let status = run.json();
+    assert_eq!(status["steps"]["sum"]["output"], "20");
+    assert_eq!(status["steps"]["each"]["items"], 4);
+    assert_eq!(status["workflowName"], "fan");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_cancels_the_run_and_finally_steps_still_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let started = tmp.path().join("started");
+    let marker = tmp.path().join("still-running");
+    let file = write(
+        tmp.path(),
+        "slow.yaml",
+        &format!(
+            "{WORKFLOW}metadata: {{name: slow}}\nspec:\n  steps:\n  - id: wait\n    \
+             container: {{image: x, command: [sh, -c, 'touch {}; sleep 2; touch {}; sleep 30']}}\n  \
+             finally:\n  - {{id: report, template: '{{{{ run.phase }}}}'}}\n",
+            started.display(),
+            marker.display()
+        ),
+    );
+    let child = Command::new(BIN)
+        .args(["local", "run", &file, "-o", "json"])
+        .env("XDG_CACHE_HOME", tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let waiting = Instant::now();
+    while !started.exists() && waiting.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: signals the child process this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let out = child.wait_with_output().expect("exits");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Json = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(status["phase"], "Cancelled");
+    assert_eq!(status["steps"]["wait"]["phase"], "Cancelled");
+    assert_eq!(status["steps"]["report"]["output"], "Cancelled");
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(!marker.exists(), "the step's process was killed");
+}
+
+/// A one-endpoint OpenAI-compatible server on loopback: answers every chat completion with
+/// `reply`, and records each request's Authorization header and body.
+/// (authorization header, request body) of each call the fake server received.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+fn fake_llm(reply: &'static str) -> (String, Seen) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("address");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        // Bounded: a test makes a handful of calls.
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let (mut auth, mut len) = (String::new(), 0usize);
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) && line != "\r\n" {
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if lower.starts_with("authorization:") {
+                    auth = line["authorization:".len()..].trim().to_string();
+                }
+                line.clear();
+            }
+            let mut body = vec![0; len];
+            let _ = reader.read_exact(&mut body);
+            record.lock().expect("lock").push((auth, String::from_utf8_lossy(&body).into_owned()));
+            let answer = serde_json::json!({"id": "c1", "object": "chat.completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}})
+            .to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    (format!("http://{addr}/v1"), seen)
+}
+
+#[test]
+fn agent_steps_call_any_openai_compatible_server_with_the_key_from_the_environment() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (base_url, seen) = fake_llm("A tidy release.");
+    // A second file replaces the example's `writer` Agent with one at the fake server.
+    let agent = write(
+        tmp.path(),
+        "agent.yaml",
+        &format!(
+            "apiVersion: volt.dev/v1alpha1\nkind: Agent\nmetadata:\n  name: writer\n  annotations: {{volt.dev/api-key-env: VOLT_TEST_KEY}}\n\
+             spec: {{model: fake-model, instructions: Be brief., capabilities: [prose], endpoint: {{baseUrl: '{base_url}'}}}}\n"
+        ),
+    );
+    let example = repo("examples/local/pipeline.yaml").display().to_string();
+    let args = ["local", "run", &example, &agent, "--param", "llm=true", "--param", "modules:=[\"api\"]", "-o", "json"];
+    let out = Command::new(BIN)
+        .args(args)
+        .env("XDG_CACHE_HOME", tmp.path())
+        .env("VOLT_TEST_KEY", "sk-local-test")
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let status: Json = serde_json::from_slice(&out.stdout).expect("JSON");
+    let describe = &status["steps"]["describe"];
+    assert_eq!(describe["phase"], "Succeeded", "{status:#}");
+    assert_eq!(describe["output"], "A tidy release.");
+    assert_eq!(describe["agent"], "writer");
+    assert_eq!(describe["tokens"], serde_json::json!({"prompt": 12, "completion": 4}));
+    {
+        let calls = seen.lock().expect("lock");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].0, "Bearer sk-local-test");
+        let body: Json = serde_json::from_str(&calls[0].1).expect("request JSON");
+        assert_eq!(body["model"], "fake-model");
+        assert_eq!(body["messages"][0]["content"], "Be brief.");
+        assert!(body["messages"][1]["content"].as_str().is_some_and(|p| p.contains("volt release: api-")), "{body}");
+    }
+    // The agent step is cached too: a second run makes no call.
+    let again = Command::new(BIN).args(args).env("XDG_CACHE_HOME", tmp.path()).output().expect("runs");
+    assert_eq!(again.status.code(), Some(0));
+    let status: Json = serde_json::from_slice(&again.stdout).expect("JSON");
+    assert_eq!(status["steps"]["describe"]["cached"], true);
+    assert_eq!(status["steps"]["describe"]["tokens"]["prompt"], 12);
+    assert_eq!(seen.lock().expect("lock").len(), 1);
+}
