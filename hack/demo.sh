@@ -31,7 +31,6 @@ curl -fsS http://127.0.0.1:18080/readyz && echo
 
 echo "== kubectl apply -f examples/spec/ -f examples/demo/"
 kubectl apply -f examples/spec/agents.yaml -f examples/spec/workflow.yaml -f examples/demo/hello.yaml
-kubectl create -f examples/spec/run.yaml
 
 for _ in $(seq 1 60); do
   phase=$(kubectl get wfr hello-1 -o jsonpath='{.status.phase}' 2>/dev/null || true)
