@@ -205,6 +205,33 @@ impl CacheManager {
     }
 }
 
+/// The cache key of a task's work run in `namespace`; agent steps include the model,
+/// instructions and parameters of every agent in `agents` that may serve them (the caller
+/// passes the agents of the namespace).
+pub fn work_key<'a>(namespace: &str, work: &Work, agents: impl IntoIterator<Item = &'a crate::api::Agent>) -> String {
+    use kube::ResourceExt;
+    let identity = match work {
+        Work::Agent { agent, selector, .. } => {
+            let mut matching: Vec<serde_json::Value> = agents
+                .into_iter()
+                .filter(|a| match (agent, selector) {
+                    (Some(name), _) => &a.name_any() == name,
+                    (None, Some(sel)) => sel.capabilities.iter().all(|c| a.spec.capabilities.contains(c)),
+                    (None, None) => false,
+                })
+                .map(|a| {
+                    json!({"name": a.name_any(), "model": a.spec.model, "instructions": a.spec.instructions,
+                           "parameters": a.spec.parameters})
+                })
+                .collect();
+            matching.sort_by_key(|v| v["name"].as_str().unwrap_or_default().to_string());
+            serde_json::Value::Array(matching)
+        }
+        _ => serde_json::Value::Null,
+    };
+    step_key(namespace, work, &identity)
+}
+
 /// The cache key of a step's work: a hash of the namespace, the step kind, the rendered work
 /// (prompt, request, image, command, args, env) and `identity` (for agent steps, the model,
 /// instructions and parameters of the agents that may serve it).

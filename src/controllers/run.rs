@@ -481,29 +481,8 @@ async fn execute(
 /// The cache key of a task's work; agent steps include the model, instructions and parameters
 /// of every agent that may serve them.
 fn cache_key(ctx: &Ctx, ns: &str, work: &Work) -> String {
-    let identity = match work {
-        Work::Agent { agent, selector, .. } => {
-            let mut agents: Vec<serde_json::Value> = ctx
-                .agents
-                .state()
-                .iter()
-                .filter(|a| a.namespace().as_deref() == Some(ns))
-                .filter(|a| match (agent, selector) {
-                    (Some(name), _) => &a.name_any() == name,
-                    (None, Some(sel)) => sel.capabilities.iter().all(|c| a.spec.capabilities.contains(c)),
-                    (None, None) => false,
-                })
-                .map(|a| {
-                    json!({"name": a.name_any(), "model": a.spec.model, "instructions": a.spec.instructions,
-                           "parameters": a.spec.parameters})
-                })
-                .collect();
-            agents.sort_by_key(|v| v["name"].as_str().unwrap_or_default().to_string());
-            serde_json::Value::Array(agents)
-        }
-        _ => serde_json::Value::Null,
-    };
-    cache::step_key(ns, work, &identity)
+    let agents = ctx.agents.state();
+    cache::work_key(ns, work, agents.iter().map(|a| &**a).filter(|a| a.namespace().as_deref() == Some(ns)))
 }
 
 /// Stores the results of cacheable tasks that just succeeded.

@@ -13,8 +13,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::ResourceExt;
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::AbortHandle;
@@ -349,27 +348,7 @@ impl Loop<'_> {
 /// The cache key of a task's work, as the controller computes it: agent steps include the
 /// model, instructions and parameters of every agent that may serve them.
 pub fn cache_key(plan: &Plan, work: &Work) -> String {
-    let identity = match work {
-        Work::Agent { agent, selector, .. } => {
-            let mut agents: Vec<Json> = plan
-                .agents
-                .iter()
-                .filter(|a| match (agent, selector) {
-                    (Some(name), _) => &a.name_any() == name,
-                    (None, Some(sel)) => sel.capabilities.iter().all(|c| a.spec.capabilities.contains(c)),
-                    (None, None) => false,
-                })
-                .map(|a| {
-                    json!({"name": a.name_any(), "model": a.spec.model, "instructions": a.spec.instructions,
-                           "parameters": a.spec.parameters})
-                })
-                .collect();
-            agents.sort_by_key(|v| v["name"].as_str().unwrap_or_default().to_string());
-            Json::Array(agents)
-        }
-        _ => Json::Null,
-    };
-    crate::cache::step_key(&plan.run.namespace, work, &identity)
+    crate::cache::work_key(&plan.run.namespace, work, plan.agents.iter())
 }
 
 /// The kind of the step a status key belongs to.
