@@ -21,6 +21,19 @@ pub struct Entry {
     pub tokens: Option<(u64, u64)>,
 }
 
+impl Entry {
+    /// The engine event of a cache hit for attempt `attempt` of step key `key`.
+    pub fn into_hit(self, key: String, attempt: u32) -> crate::engine::Event {
+        let info = crate::engine::TaskInfo {
+            agent: self.agent,
+            replica: self.replica,
+            tokens: self.tokens.map(|(prompt, completion)| crate::api::TokenUsage { prompt, completion }),
+            cached: true,
+        };
+        crate::engine::Event::Succeeded { key, attempt, output: self.value, info }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Slot {
     entry: Entry,

@@ -407,20 +407,7 @@ async fn execute(
                 if let Some(cache) = &task.cache {
                     let key = cache_key(ctx, &ns, &task.work);
                     if let Some(hit) = ctx.cache.get(&ns, &key).await {
-                        let info = engine::TaskInfo {
-                            agent: hit.agent,
-                            replica: hit.replica,
-                            tokens: hit
-                                .tokens
-                                .map(|(prompt, completion)| crate::api::TokenUsage { prompt, completion }),
-                            cached: true,
-                        };
-                        hits.push(Event::Succeeded {
-                            key: task.key.clone(),
-                            attempt: task.attempt,
-                            output: hit.value,
-                            info,
-                        });
+                        hits.push(hit.into_hit(task.key.clone(), task.attempt));
                         continue;
                     }
                     let ttl = cache.ttl_seconds.map(|s| Duration::from_secs(u64::from(s)));

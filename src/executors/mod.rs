@@ -39,6 +39,15 @@ impl Failure {
 
 pub type Outcome = Result<Output, Failure>;
 
+/// The engine event of an attempt's outcome.
+pub fn outcome_event(key: String, attempt: u32, outcome: Outcome) -> crate::engine::Event {
+    use crate::engine::Event;
+    match outcome {
+        Ok(out) => Event::Succeeded { key, attempt, output: out.text, info: out.info },
+        Err(f) => Event::Failed { key, attempt, message: f.message, retryable: f.retryable, info: f.info },
+    }
+}
+
 /// Runs agent steps: picks an agent and a replica, and calls it.
 pub trait AgentCaller: Send + Sync {
     fn call<'a>(&'a self, namespace: &'a str, work: &'a Work, timeout: Option<Duration>) -> BoxFuture<'a, Outcome>;

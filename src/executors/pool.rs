@@ -65,16 +65,7 @@ impl TaskPool {
             let permit = pool.permits.clone().acquire_owned().await;
             let outcome = pool.runner.run(&run.namespace, &task.work, task.timeout).await;
             drop(permit);
-            let event = match outcome {
-                Ok(out) => Event::Succeeded { key: task.key.clone(), attempt, output: out.text, info: out.info },
-                Err(f) => Event::Failed {
-                    key: task.key.clone(),
-                    attempt,
-                    message: f.message,
-                    retryable: f.retryable,
-                    info: f.info,
-                },
-            };
+            let event = super::outcome_event(task.key.clone(), attempt, outcome);
             {
                 let mut state = pool.lock();
                 let k = (run.uid.clone(), task.key.clone());

@@ -19,10 +19,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{
-    Agent, KState, RunPhase, StepKind, StepPhase, TokenUsage, WorkflowRunStatus, WorkflowSpec, set_kstatus,
-};
-use crate::engine::{self, Action, Dag, Event, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work};
+use crate::api::{Agent, KState, RunPhase, StepKind, StepPhase, WorkflowRunStatus, WorkflowSpec, set_kstatus};
+use crate::engine::{self, Action, Dag, Event, RunInfo, Settings, TaskStart, Transition, Work};
 use crate::executors::http::HttpExecutor;
 use crate::executors::{AgentCaller, Failure, InProcessRunner, Outcome};
 
@@ -268,18 +266,7 @@ impl Loop<'_> {
                         let key = cache_key(self.plan, &task.work);
                         if let Some(hit) = self.exec.cache.get(&key).await {
                             self.stats.cache_hits += 1;
-                            let info = TaskInfo {
-                                agent: hit.agent,
-                                replica: hit.replica,
-                                tokens: hit.tokens.map(|(prompt, completion)| TokenUsage { prompt, completion }),
-                                cached: true,
-                            };
-                            hits.push(Event::Succeeded {
-                                key: task.key.clone(),
-                                attempt: task.attempt,
-                                output: hit.value,
-                                info,
-                            });
+                            hits.push(hit.into_hit(task.key.clone(), task.attempt));
                             continue;
                         }
                         self.stats.cache_misses += 1;
@@ -329,16 +316,7 @@ impl Loop<'_> {
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| Err(Failure::permanent("the step's executor panicked")));
-            let event = match outcome {
-                Ok(out) => Event::Succeeded { key: task.key.clone(), attempt, output: out.text, info: out.info },
-                Err(f) => Event::Failed {
-                    key: task.key.clone(),
-                    attempt,
-                    message: f.message,
-                    retryable: f.retryable,
-                    info: f.info,
-                },
-            };
+            let event = crate::executors::outcome_event(task.key.clone(), attempt, outcome);
             let _ = tx.send(event);
         });
         self.live.insert(key, (attempt, handle.abort_handle()));
