@@ -6,7 +6,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the operator exports.
@@ -24,6 +24,7 @@ pub struct Metrics {
     pub inprocess_tasks: IntGauge,
     pub api_requests: IntCounterVec,
     pub status_writes: IntCounterVec,
+    pub status_writes_deferred: IntCounter,
     pub events_dropped: IntCounterVec,
     /// Agent steps: LLM calls and load-balancer picks.
     pub llm: LlmMetrics,
@@ -92,6 +93,12 @@ impl Metrics {
         );
         let status_writes =
             counter(&registry, "volt_status_writes_total", "Status writes, by kind of object.", &["kind"]);
+        let status_writes_deferred = IntCounter::new(
+            "volt_status_writes_deferred_total",
+            "Status changes that waited to share a later write (see --status-flush-interval).",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(status_writes_deferred.clone())).expect("metric registered once");
         let llm = LlmMetrics::register(&registry);
         let events_dropped = counter(
             &registry,
@@ -112,6 +119,7 @@ impl Metrics {
             inprocess_tasks,
             api_requests,
             status_writes,
+            status_writes_deferred,
             events_dropped,
             llm,
         }

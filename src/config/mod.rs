@@ -118,6 +118,12 @@ pub struct RunArgs {
     #[arg(long, env = "VOLT_RETRY_BACKOFF", default_value = "1", value_parser = parse_secs)]
     pub retry_backoff: Duration,
 
+    /// Longest a run's step progress waits, in seconds, before its status and Kubernetes Event
+    /// are written, so that many steps share one write; a run starting or finishing is written
+    /// at once (and so are failures' Events). 0 writes on every change.
+    #[arg(long, env = "VOLT_STATUS_FLUSH_INTERVAL", default_value = "1", value_parser = parse_secs)]
+    pub status_flush_interval: Duration,
+
     /// Step outputs larger than this many bytes go to a ConfigMap instead of the run's status.
     #[arg(long, env = "VOLT_INLINE_OUTPUT_LIMIT", default_value_t = 4096)]
     pub inline_output_limit: usize,

@@ -61,9 +61,11 @@ pub struct Ctx {
     expectations: Mutex<HashMap<String, Instant>>,
     /// Validated DAGs by (run uid, spec hash).
     dags: Mutex<HashMap<String, (String, Arc<Dag>)>>,
-    /// The last status this process wrote per run (uid -> (resourceVersion, status)): the
+    /// The status this process last wrote, or decided and has yet to write, per run uid: the
     /// watch cache may still hold an older object when the next pass starts.
-    written: Mutex<HashMap<String, (String, WorkflowRunStatus)>>,
+    written: Mutex<HashMap<String, Written>>,
+    /// Longest step progress waits before it is written (see [`write_status`]).
+    flush_interval: Duration,
     /// Cache keys of running cacheable attempts, by (run uid, step key, attempt).
     pending_cache: Mutex<HashMap<AttemptKey, (String, Option<Duration>)>>,
     cache: Arc<CacheManager>,
@@ -71,6 +73,19 @@ pub struct Ctx {
     /// Large outputs stored in ConfigMaps, by (run uid, key).
     outputs: Mutex<HashMap<(String, String), String>>,
     wake: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
+}
+
+/// A run's status as this process knows it.
+struct Written {
+    namespace: String,
+    name: String,
+    /// The resourceVersion of the last write (None: never written by this process).
+    resource_version: Option<String>,
+    status: WorkflowRunStatus,
+    /// Decided but not written yet: newer than anything the API server has.
+    dirty: bool,
+    /// When this process last wrote the status.
+    at: Option<Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -162,15 +177,23 @@ impl Ctx {
         let uid = run.uid().unwrap_or_default();
         let cached = run.status.clone().unwrap_or_default();
         let mut written = lock(&self.written);
-        let Some((rv, status)) = written.get(&uid) else { return cached };
-        let older = match (run.resource_version().and_then(|r| r.parse::<u64>().ok()), rv.parse::<u64>().ok()) {
+        let Some(w) = written.get(&uid) else { return cached };
+        if w.dirty {
+            return w.status.clone();
+        }
+        let ours = w.resource_version.as_deref().and_then(|r| r.parse::<u64>().ok());
+        let older = match (run.resource_version().and_then(|r| r.parse::<u64>().ok()), ours) {
             (Some(seen), Some(ours)) => seen < ours,
             _ => false,
         };
         if older {
-            status.clone()
+            w.status.clone()
         } else {
-            written.remove(&uid);
+            // The cache caught up. Keep when we last wrote (coalescing needs it) while the run
+            // is active; forget a finished run.
+            if cached.phase.is_finished() {
+                written.remove(&uid);
+            }
             cached
         }
     }
@@ -265,8 +288,8 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
                             r.name
                         );
                         conditions_for(&mut status, generation, now);
-                        write_status(&run, &ctx, &before, &status).await?;
-                        return Ok(Action::requeue(Duration::from_secs(15)));
+                        let flush = write_status(&run, &ctx, &before, &status).await?;
+                        return Ok(Action::requeue(flush.unwrap_or(Duration::from_secs(15))));
                     }
                 }
             }
@@ -295,8 +318,8 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
                 status.phase = RunPhase::Queued;
                 status.message = msg;
                 conditions_for(&mut status, generation, now);
-                write_status(&run, &ctx, &before, &status).await?;
-                return Ok(Action::requeue(Duration::from_secs(30)));
+                let flush = write_status(&run, &ctx, &before, &status).await?;
+                return Ok(Action::requeue(flush.unwrap_or(Duration::from_secs(30))));
             }
             Admission::Forbid(msg) => return fail_run(&run, &ctx, &before, status, msg, now).await,
         }
@@ -373,7 +396,9 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     externalize_outputs(&ctx, &run, &mut status).await?;
     conditions_for(&mut status, generation, now);
     record_transitions(&ctx, &run, &spec, &dag, &transitions, &status);
-    write_status(&run, &ctx, &before, &status).await?;
+    if let Some(flush) = write_status(&run, &ctx, &before, &status).await? {
+        requeue_after = Some(requeue_after.map_or(flush, |r| r.min(flush)));
+    }
 
     if status.phase.is_finished() {
         ctx.release(&uid);
@@ -721,24 +746,97 @@ fn record_transitions(
     ctx.events.publish(Batch { events, reference: Some(run.object_ref(&())) });
 }
 
+/// Writes the run's status (one server-side apply of the whole status), coalescing step
+/// progress: a change that leaves the run's phase as it was waits until `flush_interval` has
+/// passed since the last write, so a run's many step transitions share one write. Returns when
+/// a pass must come back to write what waits.
+///
+/// What waits lives in `written`, and every pass starts from it, so nothing is lost while it
+/// waits. A crash loses it: the steps it recorded run again (pods are found by their
+/// deterministic names, in-process steps are retried: at-least-once).
 async fn write_status(
     run: &WorkflowRun,
     ctx: &Ctx,
     before: &WorkflowRunStatus,
     status: &WorkflowRunStatus,
-) -> Result<(), Error> {
-    if before == status {
-        return Ok(());
+) -> Result<Option<Duration>, Error> {
+    let uid = run.uid().unwrap_or_default();
+    let (dirty, last) = lock(&ctx.written).get(&uid).map(|w| (w.dirty, w.at)).unwrap_or((false, None));
+    if before == status && !dirty {
+        return Ok(None);
     }
-    let api: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let since = last.map(|t| t.elapsed());
+    let urgent = before.phase != status.phase
+        || status.phase.is_finished()
+        || ctx.flush_interval.is_zero()
+        || since.is_none_or(|s| s >= ctx.flush_interval);
+    if !urgent {
+        let mut written = lock(&ctx.written);
+        let w = written.entry(uid).or_insert_with(|| Written {
+            namespace: run.namespace().unwrap_or_default(),
+            name: run.name_any(),
+            resource_version: None,
+            status: WorkflowRunStatus::default(),
+            dirty: true,
+            at: last,
+        });
+        if w.status != *status {
+            ctx.metrics.status_writes_deferred.inc();
+        }
+        w.status = status.clone();
+        w.dirty = true;
+        return Ok(Some(ctx.flush_interval.saturating_sub(since.unwrap_or_default())));
+    }
+    let rv =
+        patch_status(&ctx.client, &ctx.metrics, &run.namespace().unwrap_or_default(), &run.name_any(), status).await?;
+    lock(&ctx.written).insert(
+        uid,
+        Written {
+            namespace: run.namespace().unwrap_or_default(),
+            name: run.name_any(),
+            resource_version: rv,
+            status: status.clone(),
+            dirty: false,
+            at: Some(Instant::now()),
+        },
+    );
+    Ok(None)
+}
+
+/// One server-side apply of a run's whole status; the new resourceVersion.
+async fn patch_status(
+    client: &Client,
+    metrics: &Metrics,
+    ns: &str,
+    name: &str,
+    status: &WorkflowRunStatus,
+) -> Result<Option<String>, Error> {
+    let api: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
     let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": status});
-    let written =
-        api.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    ctx.metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
-    if let (Some(uid), Some(rv)) = (run.uid(), written.resource_version()) {
-        lock(&ctx.written).insert(uid, (rv, status.clone()));
+    let written = api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
+    Ok(written.resource_version())
+}
+
+/// On shutdown: writes every status that still waits, so a restart reruns nothing.
+async fn flush_all(ctx: &Ctx) {
+    let waiting: Vec<(String, String, String, WorkflowRunStatus)> = lock(&ctx.written)
+        .iter()
+        .filter(|(_, w)| w.dirty)
+        .map(|(uid, w)| (uid.clone(), w.namespace.clone(), w.name.clone(), w.status.clone()))
+        .collect();
+    for (uid, ns, name, status) in waiting {
+        match patch_status(&ctx.client, &ctx.metrics, &ns, &name, &status).await {
+            Ok(_) => {
+                if let Some(w) = lock(&ctx.written).get_mut(&uid) {
+                    w.dirty = false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(run = %name, namespace = %ns, error = %e, "cannot write a run's status at shutdown")
+            }
+        }
     }
-    Ok(())
 }
 
 async fn fail_run(
@@ -865,6 +963,7 @@ pub async fn controller(
         expectations: Default::default(),
         dags: Default::default(),
         written: Default::default(),
+        flush_interval: args.status_flush_interval,
         pending_cache: Default::default(),
         cache,
         agents: agent_reader.clone(),
@@ -924,6 +1023,7 @@ pub async fn controller(
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx.clone());
     drain("workflowrun", stream).await;
+    flush_all(&ctx).await;
     wf_task.abort();
     agent_task.abort();
     gauges.abort();

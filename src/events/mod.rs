@@ -10,8 +10,10 @@
 mod cloudevents;
 mod log;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use jiff::Timestamp;
@@ -154,10 +156,64 @@ impl Dispatcher {
     }
 }
 
-/// Publishes each batch as one Kubernetes Event on the involved object (a series when it
-/// repeats), rather than one per transition.
+/// Publishes the transitions of an object as Kubernetes Events (a series when one repeats),
+/// coalesced: step progress on one object within `window` becomes one Event; the object's own
+/// transitions (a run starting or finishing) and warnings are published at once, with the
+/// progress gathered before them.
 pub struct KubernetesEvents {
-    pub sink: EventSink,
+    sink: EventSink,
+    window: Duration,
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
+}
+
+struct Pending {
+    reference: ObjectReference,
+    events: Vec<VoltEvent>,
+    since: Instant,
+}
+
+fn object_key(r: &ObjectReference) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        r.kind.as_deref().unwrap_or_default(),
+        r.namespace.as_deref().unwrap_or_default(),
+        r.name.as_deref().unwrap_or_default(),
+        r.uid.as_deref().unwrap_or_default()
+    )
+}
+
+impl KubernetesEvents {
+    /// A handler that coalesces progress over `window` (zero: one Event per batch). Starts its
+    /// flushing task, which ends when the handler is dropped.
+    pub fn new(sink: EventSink, window: Duration) -> Self {
+        let pending: Arc<Mutex<HashMap<String, Pending>>> = Arc::default();
+        if !window.is_zero() {
+            let weak = Arc::downgrade(&pending);
+            let flusher = sink.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval((window / 4).max(Duration::from_millis(10)));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(pending) = weak.upgrade() else { return };
+                    let due: Vec<Pending> = {
+                        let mut map = lock(&pending);
+                        let keys: Vec<String> =
+                            map.iter().filter(|(_, p)| p.since.elapsed() >= window).map(|(k, _)| k.clone()).collect();
+                        keys.iter().filter_map(|k| map.remove(k)).collect()
+                    };
+                    for p in due {
+                        publish_events(&flusher, &p.reference, &p.events);
+                    }
+                }
+            });
+        }
+        Self { sink, window, pending }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Handler for KubernetesEvents {
@@ -168,38 +224,62 @@ impl Handler for KubernetesEvents {
     fn handle<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let Some(reference) = &batch.reference else { return };
-            let warning = batch.events.iter().any(|e| e.kind.is_warning());
-            // The run's own transition names the event; otherwise a step failure, otherwise
-            // plain progress.
-            let reason = match batch.events.iter().find(|e| e.step.is_none()) {
-                Some(run_event) => format!("{:?}", run_event.kind),
-                None if warning => "StepFailed".to_string(),
-                None => "StepsProgressed".to_string(),
-            };
-            let mut notes: Vec<String> = batch
-                .events
-                .iter()
-                .map(|e| {
-                    let what = match &e.step {
-                        Some(s) => format!("step {s} {}", kind_verb(e.kind)),
-                        None => format!("run {}", kind_verb(e.kind)),
-                    };
-                    if e.message.is_empty() { what } else { format!("{what} ({})", e.message) }
-                })
-                .collect();
-            notes.dedup();
-            let mut note = notes.join("; ");
-            if note.len() > 900 {
-                let mut end = 900;
-                while !note.is_char_boundary(end) {
-                    end -= 1;
+            let urgent = self.window.is_zero() || batch.events.iter().any(|e| e.step.is_none() || e.kind.is_warning());
+            let key = object_key(reference);
+            let mut events = {
+                let mut map = lock(&self.pending);
+                let p = map.entry(key.clone()).or_insert_with(|| Pending {
+                    reference: reference.clone(),
+                    events: Vec::new(),
+                    since: Instant::now(),
+                });
+                p.events.extend(batch.events.iter().cloned());
+                if !urgent && p.since.elapsed() < self.window {
+                    return;
                 }
-                note.truncate(end);
-                note.push_str("...");
-            }
-            self.sink.publish(reference.clone(), warning, &reason, "Reconcile", note);
+                map.remove(&key).map(|p| p.events).unwrap_or_default()
+            };
+            events.sort_by_key(|e| e.id);
+            publish_events(&self.sink, reference, &events);
         })
     }
+}
+
+/// One Kubernetes Event for `events` (transitions of one object).
+fn publish_events(sink: &EventSink, reference: &ObjectReference, events: &[VoltEvent]) {
+    if events.is_empty() {
+        return;
+    }
+    let warning = events.iter().any(|e| e.kind.is_warning());
+    // The object's own transition names the event (the last one: a run that started and
+    // finished in one window is named by its end); otherwise a step failure, otherwise plain
+    // progress.
+    let reason = match events.iter().rev().find(|e| e.step.is_none()) {
+        Some(run_event) => format!("{:?}", run_event.kind),
+        None if warning => "StepFailed".to_string(),
+        None => "StepsProgressed".to_string(),
+    };
+    let mut notes: Vec<String> = events
+        .iter()
+        .map(|e| {
+            let what = match &e.step {
+                Some(s) => format!("step {s} {}", kind_verb(e.kind)),
+                None => format!("run {}", kind_verb(e.kind)),
+            };
+            if e.message.is_empty() { what } else { format!("{what} ({})", e.message) }
+        })
+        .collect();
+    notes.dedup();
+    let mut note = notes.join("; ");
+    if note.len() > 900 {
+        let mut end = 900;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    sink.publish(reference.clone(), warning, &reason, "Reconcile", note);
 }
 
 fn kind_verb(k: EventKind) -> &'static str {

@@ -530,3 +530,62 @@ async fn the_operator_wide_limit_queues_runs_of_any_workflow() {
     assert_eq!((s1.phase, s2.phase), (RunPhase::Succeeded, RunPhase::Succeeded));
     assert!(s2.started_at.expect("t").0 >= s1.finished_at.expect("t").0, "g2 started after g1 finished");
 }
+
+#[tokio::test]
+async fn step_progress_of_pod_steps_shares_status_writes_and_events() {
+    let e = env("coalesce").await;
+    let op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(50)).await;
+    let steps: Vec<serde_json::Value> = (0..8)
+        .map(|i| {
+            let deps: Vec<String> = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
+            json!({"id": format!("s{i}"), "dependsOn": deps, "container": container(&format!("out-{i}"))})
+        })
+        .collect();
+    apply(&e, run_obj("chain8", json!({"steps": steps}))).await;
+    let s = finished(&e, "chain8").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    for i in 0..8 {
+        let row = step(&s, &format!("s{i}"));
+        assert_eq!(row.output.as_deref(), Some(format!("out-{i}").as_str()), "nothing is lost while it waits");
+        assert_eq!(row.phase, StepPhase::Succeeded);
+    }
+    let writes = op.metrics.status_writes.with_label_values(&["WorkflowRun"]).get();
+    let deferred = op.metrics.status_writes_deferred.get();
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(e.client.clone(), &e.ns);
+    let on_run = events.list(&ListParams::default()).await.expect("events").items.len();
+    eprintln!("8 pod steps in a chain: {writes} status writes ({deferred} changes deferred), {on_run} Events");
+    assert!(deferred > 0, "step progress waits to share a write");
+    assert!(writes < 8, "8 pod steps must take fewer than 8 status writes, took {writes}");
+    assert!(on_run < 8, "8 pod steps must take fewer than 8 Events, took {on_run}");
+}
+
+#[tokio::test]
+async fn progress_that_waits_is_written_within_the_flush_interval() {
+    let e = env("flush").await;
+    let op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(50)).await;
+    let long = json!({"image": "busybox", "env": [{"name": "RUN_FOREVER", "value": "1"}]});
+    let wf = json!({"steps": [
+        {"id": "a", "container": container("first")},
+        {"id": "b", "dependsOn": ["a"], "container": long}
+    ]});
+    apply(&e, run_obj("f1", wf)).await;
+    // a's success and b's start wait (same phase), then are written: no other change wakes
+    // the run while b runs forever.
+    let run = wait_for(&e.runs, "f1", Duration::from_secs(10), |r| {
+        r.status.as_ref().is_some_and(|s| {
+            s.steps.get("a").is_some_and(|a| a.phase == StepPhase::Succeeded)
+                && s.steps.get("b").is_some_and(|b| b.phase == StepPhase::Running && b.pod.is_some())
+        })
+    })
+    .await;
+    assert_eq!(run.status.and_then(|s| s.steps.get("a").and_then(|a| a.output.clone())).as_deref(), Some("first"));
+    assert!(op.metrics.status_writes_deferred.get() > 0, "the progress waited before it was written");
+    e.runs
+        .patch("f1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}})))
+        .await
+        .expect("cancel");
+    let s = finished(&e, "f1").await;
+    assert_eq!(s.phase, RunPhase::Cancelled);
+}
