@@ -118,11 +118,17 @@ pub struct RunArgs {
     #[arg(long, env = "VOLT_RETRY_BACKOFF", default_value = "1", value_parser = parse_secs)]
     pub retry_backoff: Duration,
 
-    /// Longest a run's step progress waits, in seconds, before its status and Kubernetes Event
-    /// are written, so that many steps share one write; a run starting or finishing is written
-    /// at once (and so are failures' Events). 0 writes on every change.
+    /// Longest a run's step progress waits, in seconds, before its status is written, so that
+    /// many steps share one write; a run starting or finishing is written at once. Writes never
+    /// hold up the next steps. 0 writes on every change.
     #[arg(long, env = "VOLT_STATUS_FLUSH_INTERVAL", default_value = "1", value_parser = parse_secs)]
     pub status_flush_interval: Duration,
+
+    /// Step progress on one object within this many seconds becomes one Kubernetes Event; run
+    /// transitions and failures are published at once. (The event log and CloudEvents get
+    /// every transition.) 0 publishes one Event per reconcile.
+    #[arg(long, env = "VOLT_EVENT_WINDOW", default_value = "5", value_parser = parse_secs)]
+    pub event_window: Duration,
 
     /// Step outputs larger than this many bytes go to a ConfigMap instead of the run's status.
     #[arg(long, env = "VOLT_INLINE_OUTPUT_LIMIT", default_value_t = 4096)]

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod events;
 pub mod run;
+mod status_writer;
 pub mod workflow;
 
 use std::sync::Arc;
@@ -151,10 +152,8 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
         })
         .clone();
     let log = health.events.get_or_init(|| Arc::new(crate::events::EventLog::new(EVENT_LOG_SIZE))).clone();
-    let mut handlers: Vec<(i32, Arc<dyn crate::events::Handler>)> = vec![
-        (0, log),
-        (10, Arc::new(crate::events::KubernetesEvents::new(events.clone(), args.status_flush_interval))),
-    ];
+    let mut handlers: Vec<(i32, Arc<dyn crate::events::Handler>)> =
+        vec![(0, log), (10, Arc::new(crate::events::KubernetesEvents::new(events.clone(), args.event_window)))];
     if let Some(url) = &args.cloudevents_url {
         handlers.push((20, Arc::new(crate::events::CloudEventsSink::new(url.clone(), metrics.clone()))));
     }

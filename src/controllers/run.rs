@@ -34,6 +34,7 @@ use crate::executors::{AgentCaller, InProcessRunner};
 use crate::metrics::Metrics;
 use crate::naming;
 
+use super::status_writer::StatusWriter;
 use super::{Error, Health, api_for, drain, error_requeue};
 use crate::events::{Batch, Dispatcher, EventKind};
 
@@ -61,11 +62,8 @@ pub struct Ctx {
     expectations: Mutex<HashMap<String, Instant>>,
     /// Validated DAGs by (run uid, spec hash).
     dags: Mutex<HashMap<String, (String, Arc<Dag>)>>,
-    /// The status this process last wrote, or decided and has yet to write, per run uid: the
-    /// watch cache may still hold an older object when the next pass starts.
-    written: Mutex<HashMap<String, Written>>,
-    /// Longest step progress waits before it is written (see [`write_status`]).
-    flush_interval: Duration,
+    /// Writes run status off the reconcile path, and knows the newest status of each run.
+    status: Arc<StatusWriter>,
     /// Cache keys of running cacheable attempts, by (run uid, step key, attempt).
     pending_cache: Mutex<HashMap<AttemptKey, (String, Option<Duration>)>>,
     cache: Arc<CacheManager>,
@@ -73,19 +71,6 @@ pub struct Ctx {
     /// Large outputs stored in ConfigMaps, by (run uid, key).
     outputs: Mutex<HashMap<(String, String), String>>,
     wake: mpsc::UnboundedSender<ObjectRef<WorkflowRun>>,
-}
-
-/// A run's status as this process knows it.
-struct Written {
-    namespace: String,
-    name: String,
-    /// The resourceVersion of the last write (None: never written by this process).
-    resource_version: Option<String>,
-    status: WorkflowRunStatus,
-    /// Decided but not written yet: newer than anything the API server has.
-    dirty: bool,
-    /// When this process last wrote the status.
-    at: Option<Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -171,33 +156,6 @@ impl Ctx {
         Admission::Admit
     }
 
-    /// The run's status as last known: the cached object's, unless this process has written a
-    /// newer one that the cache does not show yet (resourceVersions are etcd revisions).
-    fn fresh_status(&self, run: &WorkflowRun) -> WorkflowRunStatus {
-        let uid = run.uid().unwrap_or_default();
-        let cached = run.status.clone().unwrap_or_default();
-        let mut written = lock(&self.written);
-        let Some(w) = written.get(&uid) else { return cached };
-        if w.dirty {
-            return w.status.clone();
-        }
-        let ours = w.resource_version.as_deref().and_then(|r| r.parse::<u64>().ok());
-        let older = match (run.resource_version().and_then(|r| r.parse::<u64>().ok()), ours) {
-            (Some(seen), Some(ours)) => seen < ours,
-            _ => false,
-        };
-        if older {
-            w.status.clone()
-        } else {
-            // The cache caught up. Keep when we last wrote (coalescing needs it) while the run
-            // is active; forget a finished run.
-            if cached.phase.is_finished() {
-                written.remove(&uid);
-            }
-            cached
-        }
-    }
-
     /// Frees a run's slot and wakes the queued runs.
     fn release(&self, uid: &str) {
         let was = lock(&self.admitted).remove(uid).is_some();
@@ -252,10 +210,10 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     let now = Timestamp::now();
     if run.metadata.deletion_timestamp.is_some() {
         ctx.release(&uid);
-        lock(&ctx.written).remove(&uid);
+        ctx.status.forget(&uid);
         return Ok(Action::await_change());
     }
-    let before = ctx.fresh_status(&run);
+    let before = ctx.status.fresh(&run);
     let mut status = before.clone();
     let generation = run.metadata.generation;
 
@@ -288,8 +246,8 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
                             r.name
                         );
                         conditions_for(&mut status, generation, now);
-                        let flush = write_status(&run, &ctx, &before, &status).await?;
-                        return Ok(Action::requeue(flush.unwrap_or(Duration::from_secs(15))));
+                        ctx.status.stage(&run, &before, &status);
+                        return Ok(Action::requeue(Duration::from_secs(15)));
                     }
                 }
             }
@@ -318,8 +276,8 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
                 status.phase = RunPhase::Queued;
                 status.message = msg;
                 conditions_for(&mut status, generation, now);
-                let flush = write_status(&run, &ctx, &before, &status).await?;
-                return Ok(Action::requeue(flush.unwrap_or(Duration::from_secs(30))));
+                ctx.status.stage(&run, &before, &status);
+                return Ok(Action::requeue(Duration::from_secs(30)));
             }
             Admission::Forbid(msg) => return fail_run(&run, &ctx, &before, status, msg, now).await,
         }
@@ -396,9 +354,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     externalize_outputs(&ctx, &run, &mut status).await?;
     conditions_for(&mut status, generation, now);
     record_transitions(&ctx, &run, &spec, &dag, &transitions, &status);
-    if let Some(flush) = write_status(&run, &ctx, &before, &status).await? {
-        requeue_after = Some(requeue_after.map_or(flush, |r| r.min(flush)));
-    }
+    ctx.status.stage(&run, &before, &status);
 
     if status.phase.is_finished() {
         ctx.release(&uid);
@@ -746,99 +702,6 @@ fn record_transitions(
     ctx.events.publish(Batch { events, reference: Some(run.object_ref(&())) });
 }
 
-/// Writes the run's status (one server-side apply of the whole status), coalescing step
-/// progress: a change that leaves the run's phase as it was waits until `flush_interval` has
-/// passed since the last write, so a run's many step transitions share one write. Returns when
-/// a pass must come back to write what waits.
-///
-/// What waits lives in `written`, and every pass starts from it, so nothing is lost while it
-/// waits. A crash loses it: the steps it recorded run again (pods are found by their
-/// deterministic names, in-process steps are retried: at-least-once).
-async fn write_status(
-    run: &WorkflowRun,
-    ctx: &Ctx,
-    before: &WorkflowRunStatus,
-    status: &WorkflowRunStatus,
-) -> Result<Option<Duration>, Error> {
-    let uid = run.uid().unwrap_or_default();
-    let (dirty, last) = lock(&ctx.written).get(&uid).map(|w| (w.dirty, w.at)).unwrap_or((false, None));
-    if before == status && !dirty {
-        return Ok(None);
-    }
-    let since = last.map(|t| t.elapsed());
-    let urgent = before.phase != status.phase
-        || status.phase.is_finished()
-        || ctx.flush_interval.is_zero()
-        || since.is_none_or(|s| s >= ctx.flush_interval);
-    if !urgent {
-        let mut written = lock(&ctx.written);
-        let w = written.entry(uid).or_insert_with(|| Written {
-            namespace: run.namespace().unwrap_or_default(),
-            name: run.name_any(),
-            resource_version: None,
-            status: WorkflowRunStatus::default(),
-            dirty: true,
-            at: last,
-        });
-        if w.status != *status {
-            ctx.metrics.status_writes_deferred.inc();
-        }
-        w.status = status.clone();
-        w.dirty = true;
-        return Ok(Some(ctx.flush_interval.saturating_sub(since.unwrap_or_default())));
-    }
-    let rv =
-        patch_status(&ctx.client, &ctx.metrics, &run.namespace().unwrap_or_default(), &run.name_any(), status).await?;
-    lock(&ctx.written).insert(
-        uid,
-        Written {
-            namespace: run.namespace().unwrap_or_default(),
-            name: run.name_any(),
-            resource_version: rv,
-            status: status.clone(),
-            dirty: false,
-            at: Some(Instant::now()),
-        },
-    );
-    Ok(None)
-}
-
-/// One server-side apply of a run's whole status; the new resourceVersion.
-async fn patch_status(
-    client: &Client,
-    metrics: &Metrics,
-    ns: &str,
-    name: &str,
-    status: &WorkflowRunStatus,
-) -> Result<Option<String>, Error> {
-    let api: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
-    let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": status});
-    let written = api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
-    Ok(written.resource_version())
-}
-
-/// On shutdown: writes every status that still waits, so a restart reruns nothing.
-async fn flush_all(ctx: &Ctx) {
-    let waiting: Vec<(String, String, String, WorkflowRunStatus)> = lock(&ctx.written)
-        .iter()
-        .filter(|(_, w)| w.dirty)
-        .map(|(uid, w)| (uid.clone(), w.namespace.clone(), w.name.clone(), w.status.clone()))
-        .collect();
-    for (uid, ns, name, status) in waiting {
-        match patch_status(&ctx.client, &ctx.metrics, &ns, &name, &status).await {
-            Ok(_) => {
-                if let Some(w) = lock(&ctx.written).get_mut(&uid) {
-                    w.dirty = false;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(run = %name, namespace = %ns, error = %e, "cannot write a run's status at shutdown")
-            }
-        }
-    }
-}
-
 async fn fail_run(
     run: &WorkflowRun,
     ctx: &Ctx,
@@ -863,7 +726,7 @@ async fn fail_run(
         e.message = message;
         ctx.events.publish(Batch { events: vec![e], reference: Some(run.object_ref(&())) });
     }
-    write_status(run, ctx, before, &status).await?;
+    ctx.status.stage(run, before, &status);
     finished(run, ctx, &status, now).await
 }
 
@@ -947,6 +810,13 @@ pub async fn controller(
     });
     let runner = Arc::new(InProcessRunner::new(HttpExecutor::new(), agents));
     let pool = TaskPool::new(args.max_inprocess_tasks, runner, notify);
+    let status_writer = StatusWriter::new(client.clone(), metrics.clone(), args.status_flush_interval);
+    let writer_stop = CancellationToken::new();
+    let writer = {
+        let health = health.clone();
+        let still_leader = move || health.leader.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(status_writer.clone().run(writer_stop.clone(), still_leader))
+    };
     let ctx = Arc::new(Ctx {
         client,
         metrics: metrics.clone(),
@@ -962,8 +832,7 @@ pub async fn controller(
         admitted: Default::default(),
         expectations: Default::default(),
         dags: Default::default(),
-        written: Default::default(),
-        flush_interval: args.status_flush_interval,
+        status: status_writer.clone(),
         pending_cache: Default::default(),
         cache,
         agents: agent_reader.clone(),
@@ -1023,7 +892,9 @@ pub async fn controller(
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx.clone());
     drain("workflowrun", stream).await;
-    flush_all(&ctx).await;
+    // What waits is written once no pass can stage more.
+    writer_stop.cancel();
+    let _ = writer.await;
     wf_task.abort();
     agent_task.abort();
     gauges.abort();

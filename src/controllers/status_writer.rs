@@ -1,0 +1,217 @@
+//! Writes WorkflowRun status off the reconcile path.
+//!
+//! A pass decides a run's new status and hands it to the [`StatusWriter`] ([`StatusWriter::stage`]);
+//! a background task writes it with one server-side apply of the whole status. The pass never
+//! waits for the API server, so a step that finishes while a status write is in flight starts
+//! its dependents at once.
+//!
+//! Writes are coalesced: a change that leaves the run's phase as it was waits until
+//! `interval` has passed since the run's last write, so a run's many step transitions share one
+//! write; a run starting, finishing or failing is written at once. Every pass starts from the
+//! staged status ([`StatusWriter::fresh`]), which is newer than the watch cache, so nothing is
+//! lost while it waits. A crash loses what waits: the steps it recorded run again (pods are
+//! found by their deterministic names; in-process steps are retried, at-least-once).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::api::{FIELD_MANAGER, WorkflowRun, WorkflowRunStatus};
+use crate::metrics::Metrics;
+
+/// Status writes in flight at once.
+const CONCURRENT_WRITES: usize = 16;
+
+/// A run's status as this process knows it.
+struct Entry {
+    namespace: String,
+    name: String,
+    /// The resourceVersion of this process's last write (None: none yet).
+    resource_version: Option<String>,
+    status: WorkflowRunStatus,
+    /// Staged and not written yet: newer than anything the API server has.
+    dirty: bool,
+    /// Write as soon as possible (the run's phase changed).
+    urgent: bool,
+    /// Bumped on every stage, so a write knows whether it wrote the latest.
+    version: u64,
+    writing: bool,
+    /// When this process last wrote the status (or failed to).
+    at: Option<Instant>,
+}
+
+pub struct StatusWriter {
+    client: Client,
+    metrics: Metrics,
+    interval: Duration,
+    entries: Mutex<HashMap<String, Entry>>,
+    wake: Notify,
+    writes: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn rv_number(rv: Option<&str>) -> Option<u64> {
+    rv.and_then(|r| r.parse::<u64>().ok())
+}
+
+impl StatusWriter {
+    pub fn new(client: Client, metrics: Metrics, interval: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            metrics,
+            interval,
+            entries: Mutex::default(),
+            wake: Notify::new(),
+            writes: Arc::new(Semaphore::new(CONCURRENT_WRITES)),
+        })
+    }
+
+    /// The run's status as last known: the staged one while it waits, else what this process
+    /// last wrote while the watch cache does not show it yet (resourceVersions are etcd
+    /// revisions), else the cached object's.
+    pub fn fresh(&self, run: &WorkflowRun) -> WorkflowRunStatus {
+        let uid = run.uid().unwrap_or_default();
+        let cached = run.status.clone().unwrap_or_default();
+        let mut entries = lock(&self.entries);
+        let Some(e) = entries.get(&uid) else { return cached };
+        if e.dirty || e.writing {
+            return e.status.clone();
+        }
+        let older = match (rv_number(run.resource_version().as_deref()), rv_number(e.resource_version.as_deref())) {
+            (Some(seen), Some(ours)) => seen < ours,
+            _ => false,
+        };
+        if older {
+            return e.status.clone();
+        }
+        // The cache caught up. Keep the entry (when we last wrote) while the run is active.
+        if cached.phase.is_finished() {
+            entries.remove(&uid);
+        }
+        cached
+    }
+
+    /// Hands a pass's status over for writing. `before` is what the pass started from.
+    pub fn stage(&self, run: &WorkflowRun, before: &WorkflowRunStatus, status: &WorkflowRunStatus) {
+        if before == status {
+            return;
+        }
+        let urgent = before.phase != status.phase || status.phase.is_finished() || self.interval.is_zero();
+        {
+            let mut entries = lock(&self.entries);
+            let e = entries.entry(run.uid().unwrap_or_default()).or_insert_with(|| Entry {
+                namespace: run.namespace().unwrap_or_default(),
+                name: run.name_any(),
+                resource_version: None,
+                status: WorkflowRunStatus::default(),
+                dirty: false,
+                urgent: false,
+                version: 0,
+                writing: false,
+                at: None,
+            });
+            e.status = status.clone();
+            e.dirty = true;
+            e.urgent |= urgent;
+            e.version += 1;
+            if !e.urgent {
+                self.metrics.status_writes_deferred.inc();
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Forgets a deleted run.
+    pub fn forget(&self, uid: &str) {
+        lock(&self.entries).remove(uid);
+    }
+
+    /// Writes what is due until `shutdown`; then, if `still_leader` says so, everything that
+    /// waits (a replica that lost the Lease must not overwrite the new leader's writes).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, still_leader: impl Fn() -> bool) {
+        let tick = (self.interval / 10).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+            }
+            self.start_due(false);
+        }
+        if still_leader() {
+            self.start_due(true);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while lock(&self.entries).values().any(|e| e.writing) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// Starts a write for every run whose status is due (all that wait, with `all`).
+    fn start_due(self: &Arc<Self>, all: bool) {
+        let due: Vec<(String, String, String, WorkflowRunStatus, u64)> = {
+            let mut entries = lock(&self.entries);
+            entries
+                .iter_mut()
+                .filter(|(_, e)| {
+                    e.dirty && !e.writing && (all || e.urgent || e.at.is_none_or(|t| t.elapsed() >= self.interval))
+                })
+                .map(|(uid, e)| {
+                    e.writing = true;
+                    (uid.clone(), e.namespace.clone(), e.name.clone(), e.status.clone(), e.version)
+                })
+                .collect()
+        };
+        for (uid, ns, name, status, version) in due {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let Ok(_permit) = this.writes.clone().acquire_owned().await else { return };
+                let result = this.write(&ns, &name, &status).await;
+                let mut entries = lock(&this.entries);
+                let Some(e) = entries.get_mut(&uid) else { return };
+                e.writing = false;
+                e.at = Some(Instant::now());
+                match result {
+                    Ok(rv) => {
+                        e.resource_version = rv;
+                        if e.version == version {
+                            e.dirty = false;
+                            e.urgent = false;
+                        } else if e.urgent {
+                            this.wake.notify_one();
+                        }
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => {
+                        debug!(run = %name, namespace = %ns, "run deleted before its status was written");
+                        entries.remove(&uid);
+                    }
+                    Err(err) => {
+                        // Kept dirty: retried after the interval.
+                        e.urgent = false;
+                        warn!(run = %name, namespace = %ns, error = %err, "writing a run's status failed; will retry");
+                        this.metrics.reconcile_errors.with_label_values(&["workflowrun", "status_write"]).inc();
+                    }
+                }
+            });
+        }
+    }
+
+    /// One server-side apply of a run's whole status; the new resourceVersion.
+    async fn write(&self, ns: &str, name: &str, status: &WorkflowRunStatus) -> Result<Option<String>, kube::Error> {
+        let api: Api<WorkflowRun> = Api::namespaced(self.client.clone(), ns);
+        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": status});
+        let written = api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        self.metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
+        Ok(written.resource_version())
+    }
+}
