@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help deps test lint unit e2e crds demo build release clean-cache local-demo manifests
+.PHONY: help deps test lint unit e2e crds demo build release clean-cache local-demo manifests bench
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,3 +54,9 @@ local-demo: ## Run examples/local/pipeline.yaml on this machine (no cluster) twi
 	$(CARGO) build --release
 	./target/release/volt-operator local run examples/local/pipeline.yaml
 	./target/release/volt-operator local run examples/local/pipeline.yaml
+
+BENCH_ARGS ?=
+
+bench: deps ## Benchmarks (release build against a local control plane): prints a table and one JSON line per scenario; BENCH_ARGS="--scale 0.1" for a quick look
+	$(CARGO) build --release --bin volt-operator --example bench
+	./target/release/examples/bench $(BENCH_ARGS)
