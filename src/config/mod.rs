@@ -149,7 +149,8 @@ pub struct RunArgs {
 /// `0.0.0.0`/`::` always are.
 #[derive(Debug, Clone, Args)]
 pub struct HttpStepArgs {
-    /// CIDRs (or addresses) HTTP steps may reach, comma-separated.
+    /// CIDRs (or addresses) HTTP steps may reach, comma-separated. The cluster API's addresses
+    /// stay denied unless listed here exactly (10.96.0.1 or 10.96.0.1/32).
     #[arg(long = "http-step-allow", env = "VOLT_HTTP_STEP_ALLOW", value_name = "CIDRS",
           default_value = "0.0.0.0/0,::/0", value_parser = CidrList::parse)]
     pub allow: CidrList,
