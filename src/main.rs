@@ -50,11 +50,13 @@ fn print_crds(args: &CrdArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> Result<(), String> {
+async fn run(mut args: RunArgs) -> Result<(), String> {
     let metrics = Metrics::new();
     let config = kube::Config::infer()
         .await
         .map_err(|e| format!("no Kubernetes configuration (KUBECONFIG or in-cluster): {e}"))?;
+    // HTTP steps may not reach the cluster API.
+    args.cluster_url = Some(config.cluster_url.clone());
     let client = controllers::client_with_metrics(config, &metrics)
         .await
         .map_err(|e| format!("building the Kubernetes client: {e}"))?;

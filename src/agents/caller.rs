@@ -163,6 +163,16 @@ impl tower::Service<HttpRequestFactory> for Transport {
             if empty_bearer {
                 request.headers_mut().remove(reqwest::header::AUTHORIZATION);
             }
+            // The key, to take out of error messages that echo it (before they are cut short,
+            // which could leave part of it); and the header marked sensitive, so that HTTP
+            // libraries never print it.
+            let key = match request.headers_mut().get_mut(reqwest::header::AUTHORIZATION) {
+                Some(value) => {
+                    value.set_sensitive(true);
+                    value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(|k| k.trim().to_string())
+                }
+                None => None,
+            };
             let response = client.execute(request).await.map_err(|e| OpenAIError::Reqwest(e.without_url()))?;
             let status = response.status();
             if status.is_success() {
@@ -170,7 +180,7 @@ impl tower::Service<HttpRequestFactory> for Transport {
             }
             let retry_after = retry_after(response.headers(), jiff::Timestamp::now());
             let body = read_limited(response, MAX_ERROR_BODY).await;
-            let (message, quota) = error_message(&body);
+            let (message, quota) = error_message(&body, key.as_deref());
             Err(OpenAIError::Boxed(Box::new(HttpStatusError { status: status.as_u16(), retry_after, message, quota })))
         })
     }
@@ -188,9 +198,10 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Vec<u8> 
     body
 }
 
-/// The message of an OpenAI error body (`{"error": {"message": ...}}`), or the body's text;
-/// and whether it says the quota is exhausted (a 429 that waiting does not cure).
-fn error_message(body: &[u8]) -> (String, bool) {
+/// The message of an OpenAI error body (`{"error": {"message": ...}}`), or the body's text,
+/// with `key` (the API key sent) taken out; and whether it says the quota is exhausted (a 429
+/// that waiting does not cure).
+fn error_message(body: &[u8], key: Option<&str>) -> (String, bool) {
     let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let error = parsed.as_ref().and_then(|v| v.get("error"));
     let message = error
@@ -201,6 +212,10 @@ fn error_message(body: &[u8]) -> (String, bool) {
         .and_then(|e| e.get("type").or_else(|| e.get("code")))
         .and_then(|t| t.as_str())
         .is_some_and(|t| t == "insufficient_quota");
+    let message = match key.filter(|k| !k.is_empty()) {
+        Some(key) => message.replace(key, "[redacted]"),
+        None => message,
+    };
     (clip(&message, 300), quota)
 }
 
@@ -747,11 +762,24 @@ mod tests {
 
     #[test]
     fn error_bodies_give_their_message() {
-        let (m, quota) = error_message(br#"{"error":{"message":"Rate limit reached","type":"requests"}}"#);
+        let (m, quota) = error_message(br#"{"error":{"message":"Rate limit reached","type":"requests"}}"#, None);
         assert_eq!((m.as_str(), quota), ("Rate limit reached", false));
-        let (_, quota) = error_message(br#"{"error":{"message":"quota","type":"insufficient_quota"}}"#);
+        let (_, quota) = error_message(br#"{"error":{"message":"quota","type":"insufficient_quota"}}"#, None);
         assert!(quota);
-        assert_eq!(error_message(b"  upstream connect error  ").0, "upstream connect error");
+        assert_eq!(error_message(b"  upstream connect error  ", None).0, "upstream connect error");
+    }
+
+    #[test]
+    fn echoed_keys_are_taken_out_before_messages_are_cut_short() {
+        let key = "sk-0123456789abcdef0123456789abcdef";
+        // The key straddles the 300-character cut: cutting first would leave part of it.
+        let body = format!(r#"{{"error":{{"message":"{} {key} is not valid"}}}}"#, "x".repeat(280));
+        let (m, _) = error_message(body.as_bytes(), Some(key));
+        assert!(!m.contains("0123456789abcdef"), "{m}");
+        assert!(m.contains("[redacted]"), "{m}");
+        let (m, _) = error_message(format!("bad key {key}").as_bytes(), Some(key));
+        assert_eq!(m, "bad key [redacted]");
+        assert_eq!(error_message(b"no key here", Some("")).0, "no key here");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::api::Strategy;
+pub use crate::executors::http_policy::CidrList;
 
 /// volt-operator: orchestrates AI-agent workflows on Kubernetes.
 #[derive(Debug, Parser)]
@@ -144,6 +145,31 @@ pub struct RunArgs {
     /// Export metrics and telemetry (the /metrics endpoint stays, but no collection happens when off).
     #[arg(long, env = "VOLT_TELEMETRY", default_value_t = true, action = clap::ArgAction::Set)]
     pub telemetry: bool,
+
+    #[command(flatten)]
+    pub http_step: HttpStepArgs,
+
+    /// The cluster API's URL, from the Kubernetes client configuration (not a flag: `run`
+    /// fills it in). HTTP steps may not reach its addresses (see [`HttpStepArgs`]).
+    #[arg(skip)]
+    pub cluster_url: Option<http::Uri>,
+}
+
+/// Which addresses HTTP steps may reach (against server-side request forgery). Decided on the
+/// addresses a URL's host resolves to, redirects included. Besides these ranges, the cluster
+/// API's own addresses are denied unless `--http-step-allow` lists that exact address, and
+/// `0.0.0.0`/`::` always are.
+#[derive(Debug, Clone, Args)]
+pub struct HttpStepArgs {
+    /// CIDRs (or addresses) HTTP steps may reach, comma-separated. The cluster API's addresses
+    /// stay denied unless listed here exactly (10.96.0.1 or 10.96.0.1/32).
+    #[arg(long = "http-step-allow", env = "VOLT_HTTP_STEP_ALLOW", value_name = "CIDRS",
+          default_value = "0.0.0.0/0,::/0", value_parser = CidrList::parse)]
+    pub allow: CidrList,
+    /// CIDRs (or addresses) HTTP steps may not reach, comma-separated; wins over --http-step-allow.
+    #[arg(long = "http-step-deny", env = "VOLT_HTTP_STEP_DENY", value_name = "CIDRS",
+          default_value = "169.254.0.0/16,fe80::/10", value_parser = CidrList::parse)]
+    pub deny: CidrList,
 }
 
 /// Step-result cache settings.
@@ -215,7 +241,31 @@ mod tests {
     }
 
     #[test]
+    fn http_step_ranges_default_to_all_but_link_local() {
+        let args = RunArgs::defaults();
+        assert_eq!(args.http_step.allow.to_string(), "0.0.0.0/0,::/0");
+        assert_eq!(args.http_step.deny.to_string(), "169.254.0.0/16,fe80::/10");
+        assert_eq!(args.cluster_url, None);
+        let cli = Cli::try_parse_from([
+            "volt-operator",
+            "run",
+            "--http-step-allow",
+            "10.0.0.0/8, fd00::/8",
+            "--http-step-deny=",
+        ])
+        .expect("parses");
+        let Command::Run(args) = cli.command else { panic!("run expected") };
+        assert_eq!(args.http_step.allow.to_string(), "10.0.0.0/8,fd00::/8");
+        assert_eq!(args.http_step.deny, CidrList::default());
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
+        for flag in ["--http-step-allow", "--http-step-deny"] {
+            let err = Cli::try_parse_from(["volt-operator", "run", flag, "10.0.0.0/8,169.254.0.0/33"]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(flag) && text.contains("\"169.254.0.0/33\" is not a CIDR"), "{text}");
+        }
         let err = Cli::try_parse_from(["volt-operator", "run", "--lb-strategy", "fastest"]).unwrap_err();
         assert!(err.to_string().contains("--lb-strategy"), "{err}");
         let err = Cli::try_parse_from(["volt-operator", "run", "--cache-ttl=-3"]).unwrap_err();

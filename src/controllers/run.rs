@@ -28,6 +28,7 @@ use crate::cache::{self, CacheManager};
 use crate::config::RunArgs;
 use crate::engine::{self, Action as EngineAction, Dag, Event, RunInfo, Settings, Work};
 use crate::executors::http::HttpExecutor;
+use crate::executors::http_policy::{HttpStepPolicy, cluster_api_addresses};
 use crate::executors::pod::{PodState, build_pod, pod_state};
 use crate::executors::pool::{RunRef, TaskPool};
 use crate::executors::{AgentCaller, InProcessRunner};
@@ -808,7 +809,13 @@ pub async fn controller(
     let notify: crate::executors::pool::Notify = Arc::new(move |ns: &str, name: &str| {
         let _ = notify_tx.send(ObjectRef::new(name).within(ns));
     });
-    let runner = Arc::new(InProcessRunner::new(HttpExecutor::new(), agents));
+    let policy = HttpStepPolicy::new(
+        &args.http_step.allow,
+        &args.http_step.deny,
+        cluster_api_addresses(args.cluster_url.as_ref()).await,
+    );
+    info!(namespace = scope.as_deref().unwrap_or("<all>"), policy = %policy.describe(), "HTTP step policy");
+    let runner = Arc::new(InProcessRunner::new(HttpExecutor::with_policy(policy), agents));
     let pool = TaskPool::new(args.max_inprocess_tasks, runner, notify);
     let status_writer = StatusWriter::new(client.clone(), metrics.clone(), args.status_flush_interval);
     let writer_stop = CancellationToken::new();

@@ -3,6 +3,7 @@
 //! engine itself.
 
 pub mod http;
+pub mod http_policy;
 pub mod pod;
 pub mod pool;
 

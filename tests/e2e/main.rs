@@ -8,4 +8,5 @@ mod observability;
 mod operator;
 mod packaging;
 mod runs;
+mod security;
 mod support;
