@@ -161,19 +161,25 @@ pub struct PickRequest {
     /// The agents whose replicas may serve the call.
     pub agents: Vec<AgentKey>,
     pub strategy: Strategy,
-    /// A replica to avoid when another one can serve (the one a retry moves away from).
-    pub avoid: Option<ReplicaKey>,
+    /// Replicas to avoid while another one can serve (those a call's retries moved away from).
+    pub avoid: Vec<ReplicaKey>,
 }
 
 impl PickRequest {
     pub fn new(mut agents: Vec<AgentKey>, strategy: Strategy) -> Self {
         agents.sort();
         agents.dedup();
-        Self { agents, strategy, avoid: None }
+        Self { agents, strategy, avoid: Vec::new() }
     }
 
+    /// Also avoids `replica`: a call's retries go to replicas it has not tried yet, while there
+    /// are some whose circuit is closed.
     pub fn avoiding(mut self, replica: Option<ReplicaKey>) -> Self {
-        self.avoid = replica;
+        if let Some(r) = replica
+            && !self.avoid.contains(&r)
+        {
+            self.avoid.push(r);
+        }
         self
     }
 }
@@ -492,11 +498,10 @@ impl State {
                 .filter_map(|k| Some(format!("{} ({})", k.replica, self.replicas.get(k)?.unavailable_reason(now))));
             return Pick::NoneHealthy(open.chain(unhealthy).collect::<Vec<_>>().join(", "));
         }
-        if let Some(avoid) = &req.avoid
-            && keys.len() > 1
-            && keys.iter().any(|k| k != avoid && self.replicas.get(k).is_some_and(|r| !r.circuit.is_open()))
+        if !req.avoid.is_empty()
+            && keys.iter().any(|k| !req.avoid.contains(k) && self.replicas.get(k).is_some_and(|r| !r.circuit.is_open()))
         {
-            keys.retain(|k| k != avoid);
+            keys.retain(|k| !req.avoid.contains(k));
         }
         let views: Vec<View> = keys
             .iter()
@@ -1255,6 +1260,19 @@ mod tests {
             assert_eq!(lease.key().replica, "r2");
             lease.finish(CallResult::Success);
         }
+        // Every replica a call tried is avoided while an untried one is left.
+        let b = balancer(&[("r1", 4), ("r2", 4), ("r3", 4)]);
+        let key = |r: &str| Some(ReplicaKey { agent: agent("a"), replica: r.into() });
+        for _ in 0..6 {
+            let request = req(Strategy::RoundRobin).avoiding(key("r1")).avoiding(key("r2")).avoiding(key("r1"));
+            assert_eq!(request.avoid.len(), 2);
+            let lease = b.acquire(request, None).await.expect("lease");
+            assert_eq!(lease.key().replica, "r3");
+            lease.finish(CallResult::Success);
+        }
+        let all = req(Strategy::RoundRobin).avoiding(key("r1")).avoiding(key("r2")).avoiding(key("r3"));
+        let lease = b.acquire(all, None).await.expect("all tried: any will do");
+        lease.finish(CallResult::Success);
         // With one replica, the retry goes back to it.
         let b = balancer(&[("r1", 4)]);
         let lease = b.acquire(req(Strategy::RoundRobin).avoiding(Some(avoid)), None).await.expect("lease");
