@@ -6,10 +6,13 @@
 //! - When none is free, the call waits in a fair queue: waiters are served first come, first
 //!   served, each time a slot frees (a call ends, a replica appears or recovers). There is no
 //!   polling: a waiter sleeps on a channel, and on a timer only when a circuit or a rate limit
-//!   ends at a known instant.
+//!   ends at a known instant. When every healthy replica the call may use has an open circuit,
+//!   it does not wait: it fails at once, like a call with no healthy replica.
 //! - A replica that fails `failure_threshold` calls in a row is taken out of rotation (its
-//!   circuit opens) for a back-off that doubles on each new failure, up to a bound. After the
-//!   back-off one probe call is let through: success closes the circuit, failure opens it again.
+//!   circuit opens) for a back-off. After the back-off one probe call is let through: success
+//!   closes the circuit, failure opens it again for twice as long, up to a bound. Failures of
+//!   calls that began before the circuit opened change nothing.
+//! - A retry avoids the replicas its call already tried, while an untried one is in rotation.
 //!
 //! The strategies themselves are the pure function [`choose`]. Nothing here knows about
 //! Kubernetes or HTTP.
