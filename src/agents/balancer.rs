@@ -6,10 +6,13 @@
 //! - When none is free, the call waits in a fair queue: waiters are served first come, first
 //!   served, each time a slot frees (a call ends, a replica appears or recovers). There is no
 //!   polling: a waiter sleeps on a channel, and on a timer only when a circuit or a rate limit
-//!   ends at a known instant.
+//!   ends at a known instant. When every healthy replica the call may use has an open circuit,
+//!   it does not wait: it fails at once, like a call with no healthy replica.
 //! - A replica that fails `failure_threshold` calls in a row is taken out of rotation (its
-//!   circuit opens) for a back-off that doubles on each new failure, up to a bound. After the
-//!   back-off one probe call is let through: success closes the circuit, failure opens it again.
+//!   circuit opens) for a back-off. After the back-off one probe call is let through: success
+//!   closes the circuit, failure opens it again for twice as long, up to a bound. Failures of
+//!   calls that began before the circuit opened change nothing.
+//! - A retry avoids the replicas its call already tried, while an untried one is in rotation.
 //!
 //! The strategies themselves are the pure function [`choose`]. Nothing here knows about
 //! Kubernetes or HTTP.
@@ -161,19 +164,25 @@ pub struct PickRequest {
     /// The agents whose replicas may serve the call.
     pub agents: Vec<AgentKey>,
     pub strategy: Strategy,
-    /// A replica to avoid when another one can serve (the one a retry moves away from).
-    pub avoid: Option<ReplicaKey>,
+    /// Replicas to avoid while another one can serve (those a call's retries moved away from).
+    pub avoid: Vec<ReplicaKey>,
 }
 
 impl PickRequest {
     pub fn new(mut agents: Vec<AgentKey>, strategy: Strategy) -> Self {
         agents.sort();
         agents.dedup();
-        Self { agents, strategy, avoid: None }
+        Self { agents, strategy, avoid: Vec::new() }
     }
 
+    /// Also avoids `replica`: a call's retries go to replicas it has not tried yet, while there
+    /// are some whose circuit is closed.
     pub fn avoiding(mut self, replica: Option<ReplicaKey>) -> Self {
-        self.avoid = replica;
+        if let Some(r) = replica
+            && !self.avoid.contains(&r)
+        {
+            self.avoid.push(r);
+        }
         self
     }
 }
@@ -183,8 +192,12 @@ impl PickRequest {
 pub enum BalancerError {
     #[error("no healthy replica: {detail}")]
     NoHealthyReplica { detail: String },
-    #[error("no replica was free within {waited:?} ({queued} calls waiting)")]
-    Timeout { waited: Duration, queued: usize },
+    #[error("no replica was free within {:.1}s ({why})", waited.as_secs_f64())]
+    Timeout {
+        waited: Duration,
+        /// Why each replica could not be had when the wait ended.
+        why: String,
+    },
 }
 
 /// One replica as a strategy sees it.
@@ -330,6 +343,30 @@ impl Replica {
             && self.in_flight < self.spec.max_concurrency.max(1)
     }
 
+    /// Why the (healthy) replica cannot take a call now.
+    fn unavailable_reason(&self, now: Instant) -> String {
+        let secs = |t: Instant| t.saturating_duration_since(now).as_secs_f64();
+        match self.circuit {
+            Circuit::Open { until, .. } if until > now => {
+                return format!(
+                    "circuit open for {:.1}s more after {} failed calls in a row",
+                    secs(until),
+                    self.consecutive_failures
+                );
+            }
+            Circuit::Open { .. } if self.in_flight > 0 => return "circuit open, waiting for its calls to end".into(),
+            Circuit::HalfOpen { .. } => return "circuit half-open, its probe call in flight".into(),
+            _ => {}
+        }
+        if let Some(t) = self.throttled_until.filter(|t| *t > now) {
+            return format!("rate limited for {:.1}s more", secs(t));
+        }
+        if self.in_flight >= self.spec.max_concurrency.max(1) {
+            return format!("busy with {} calls (maxConcurrency {})", self.in_flight, self.spec.max_concurrency.max(1));
+        }
+        "free".into()
+    }
+
     /// When time alone makes the replica available again (a circuit or rate limit ending).
     fn available_at(&self, now: Instant) -> Option<Instant> {
         let circuit = match self.circuit {
@@ -455,11 +492,19 @@ impl State {
         if keys.is_empty() {
             return Pick::NoneHealthy(if unhealthy.is_empty() { "no replicas".into() } else { unhealthy.join(", ") });
         }
-        if let Some(avoid) = &req.avoid
-            && keys.len() > 1
-            && keys.iter().any(|k| k != avoid && self.replicas.get(k).is_some_and(|r| !r.circuit.is_open()))
+        // Replicas whose circuit is open are out of rotation: when that is all there is, the
+        // call fails now rather than wait out the back-off (a circuit fails fast).
+        let open_for = |r: &Replica| matches!(r.circuit, Circuit::Open { until, .. } if until > now);
+        if keys.iter().all(|k| self.replicas.get(k).is_some_and(open_for)) {
+            let open = keys
+                .iter()
+                .filter_map(|k| Some(format!("{} ({})", k.replica, self.replicas.get(k)?.unavailable_reason(now))));
+            return Pick::NoneHealthy(open.chain(unhealthy).collect::<Vec<_>>().join(", "));
+        }
+        if !req.avoid.is_empty()
+            && keys.iter().any(|k| !req.avoid.contains(k) && self.replicas.get(k).is_some_and(|r| !r.circuit.is_open()))
         {
-            keys.retain(|k| k != avoid);
+            keys.retain(|k| !req.avoid.contains(k));
         }
         let views: Vec<View> = keys
             .iter()
@@ -539,7 +584,10 @@ impl State {
                     Circuit::Open { until: now + backoff, backoff }
                 };
                 r.circuit = match r.circuit {
-                    Circuit::HalfOpen { backoff } | Circuit::Open { backoff, .. } => reopen(backoff.saturating_mul(2)),
+                    // The probe failed: twice as long.
+                    Circuit::HalfOpen { backoff } => reopen(backoff.saturating_mul(2)),
+                    // A call that began before the circuit opened: no news.
+                    open @ Circuit::Open { .. } => open,
                     Circuit::Closed if r.consecutive_failures >= config.failure_threshold.max(1) => {
                         reopen(config.open_for)
                     }
@@ -597,6 +645,19 @@ impl State {
                 self.release(&key, None, now, config);
             }
         }
+    }
+
+    /// Why no replica of `req` could be had, one clause per replica.
+    fn why_waiting(&self, req: &PickRequest, now: Instant) -> String {
+        let mut why = Vec::new();
+        for key in req.agents.iter().filter_map(|a| self.by_agent.get(a)).flatten() {
+            match self.replicas.get(key) {
+                Some(r) if r.spec.healthy => why.push(format!("{}: {}", key.replica, r.unavailable_reason(now))),
+                Some(r) => why.push(format!("{}: {}", key.replica, r.spec.reason)),
+                None => {}
+            }
+        }
+        if why.is_empty() { "no replicas".into() } else { why.join(", ") }
     }
 
     fn next_change(&self, req: &PickRequest, now: Instant) -> Option<Instant> {
@@ -791,7 +852,7 @@ impl Balancer {
         loop {
             let next = self.inner.lock().next_change(&request, Instant::now());
             let Some(rx) = place.rx.as_mut() else {
-                return Err(BalancerError::Timeout { waited: start.elapsed(), queued: self.queued() });
+                return Err(self.timeout(&request, start));
             };
             let timer = async {
                 match next {
@@ -812,17 +873,21 @@ impl Balancer {
                         Ok(Ok(key)) => Ok(self.lease(key, start)),
                         Ok(Err(detail)) => Err(BalancerError::NoHealthyReplica { detail }),
                         // The balancer never drops a waiter it did not answer.
-                        Err(_) => Err(BalancerError::Timeout { waited: start.elapsed(), queued: self.queued() }),
+                        Err(_) => Err(self.timeout(&request, start)),
                     };
                 }
                 _ = timer => self.settle(),
                 _ = expiry => {
-                    let queued = self.queued().saturating_sub(1);
                     drop(place);
-                    return Err(BalancerError::Timeout { waited: start.elapsed(), queued });
+                    return Err(self.timeout(&request, start));
                 }
             }
         }
+    }
+
+    fn timeout(&self, request: &PickRequest, start: Instant) -> BalancerError {
+        let why = self.inner.lock().why_waiting(request, Instant::now());
+        BalancerError::Timeout { waited: start.elapsed(), why }
     }
 
     fn lease(&self, key: ReplicaKey, start: Instant) -> Lease {
@@ -1060,7 +1125,29 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(2);
         let err = b.acquire(req(Strategy::RoundRobin), Some(deadline)).await.expect_err("times out");
         assert!(matches!(err, BalancerError::Timeout { .. }), "{err}");
+        assert_eq!(err.to_string(), "no replica was free within 2.0s (only: busy with 1 calls (maxConcurrency 1))");
         assert_eq!(b.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_ends_says_why_no_replica_was_free() {
+        let b = balancer(&[("bad", 4)]);
+        for _ in 0..3 {
+            pick(&b, Strategy::RoundRobin).await.finish(CallResult::Failure);
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let _probe = pick(&b, Strategy::RoundRobin).await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let err = b.acquire(req(Strategy::RoundRobin), Some(deadline)).await.expect_err("probe in flight");
+        assert_eq!(
+            err.to_string(),
+            "no replica was free within 1.0s (bad: circuit half-open, its probe call in flight)"
+        );
+        let b = balancer(&[("slow", 4)]);
+        pick(&b, Strategy::RoundRobin).await.finish(CallResult::RateLimited(Duration::from_secs(10)));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let err = b.acquire(req(Strategy::RoundRobin), Some(deadline)).await.expect_err("rate limited");
+        assert_eq!(err.to_string(), "no replica was free within 1.0s (slow: rate limited for 9.0s more)");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1114,6 +1201,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn calls_fail_at_once_while_every_circuit_is_open_and_stragglers_do_not_lengthen_it() {
+        let b = balancer(&[("only", 8)]);
+        // Five calls in flight; they all fail (a hung replica): the third opens the circuit.
+        let leases: Vec<Lease> = futures::future::join_all((0..5).map(|_| pick(&b, Strategy::RoundRobin))).await;
+        for lease in leases {
+            lease.finish(CallResult::Failure);
+        }
+        let only = |b: &Balancer| b.load(&agent("a"))[0].circuit;
+        let Circuit::Open { backoff, .. } = only(&b) else { panic!("open: {:?}", only(&b)) };
+        assert_eq!(backoff, Duration::from_secs(5), "failures of calls begun before it opened are no probes");
+        // No waiting out the back-off: the call fails now, saying why.
+        let err = b.acquire(req(Strategy::RoundRobin), None).await.expect_err("fails fast");
+        assert_eq!(
+            err.to_string(),
+            "no healthy replica: only (circuit open for 5.0s more after 5 failed calls in a row)"
+        );
+        assert_eq!(b.queued(), 0);
+        // After the back-off, the probe goes through.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let probe = pick(&b, Strategy::RoundRobin).await;
+        assert!(matches!(only(&b), Circuit::HalfOpen { .. }));
+        probe.finish(CallResult::Success);
+        assert_eq!(only(&b), Circuit::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn circuit_changes_are_reported() {
         let changes = Arc::new(Mutex::new(Vec::new()));
         let seen = changes.clone();
@@ -1150,6 +1263,19 @@ mod tests {
             assert_eq!(lease.key().replica, "r2");
             lease.finish(CallResult::Success);
         }
+        // Every replica a call tried is avoided while an untried one is left.
+        let b = balancer(&[("r1", 4), ("r2", 4), ("r3", 4)]);
+        let key = |r: &str| Some(ReplicaKey { agent: agent("a"), replica: r.into() });
+        for _ in 0..6 {
+            let request = req(Strategy::RoundRobin).avoiding(key("r1")).avoiding(key("r2")).avoiding(key("r1"));
+            assert_eq!(request.avoid.len(), 2);
+            let lease = b.acquire(request, None).await.expect("lease");
+            assert_eq!(lease.key().replica, "r3");
+            lease.finish(CallResult::Success);
+        }
+        let all = req(Strategy::RoundRobin).avoiding(key("r1")).avoiding(key("r2")).avoiding(key("r3"));
+        let lease = b.acquire(all, None).await.expect("all tried: any will do");
+        lease.finish(CallResult::Success);
         // With one replica, the retry goes back to it.
         let b = balancer(&[("r1", 4)]);
         let lease = b.acquire(req(Strategy::RoundRobin).avoiding(Some(avoid)), None).await.expect("lease");

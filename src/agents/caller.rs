@@ -15,8 +15,14 @@
 //! 5. On 429 (honouring `Retry-After`/`retry-after-ms`), 5xx, connection errors and timeouts,
 //!    the call is retried with backoff, on another healthy replica where there is one. Other
 //!    4xx answers fail the step without a retry.
+//! 6. A reply is read by this module, not by async-openai: at most
+//!    [`MAX_REPLY_BYTES`] (a longer one fails the attempt as soon as that much has come), and it
+//!    must be JSON of a chat completion. The attempt's timeout covers the whole reply, so a
+//!    server that sends its body a few bytes at a time is cut like one that never answers.
+//!    These failures are retried like 5xx answers.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_openai::config::OpenAIConfig;
@@ -134,12 +140,54 @@ struct HttpStatusError {
 /// Largest error body read from a replica.
 const MAX_ERROR_BODY: usize = 8 * 1024;
 
+/// Largest chat completion read from a replica, by default: far more than any model writes in
+/// one answer, and about what a step's output can hold (a ConfigMap's 1 MiB).
+pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
+
+/// A successful (2xx) answer that is not a usable chat completion.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+enum ReplyError {
+    #[error("reply larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("reply is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("reply is not a chat completion: {0}")]
+    NotChatCompletion(String),
+}
+
+/// How far the answer to one attempt has come, for the message when its time runs out.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The HTTP status, once the headers came (0 before).
+    status: AtomicU16,
+    /// Body bytes received.
+    body: AtomicUsize,
+}
+
+impl Progress {
+    /// Why an attempt cut after `timeout` failed.
+    fn timed_out(&self, timeout: Duration) -> String {
+        let secs = timeout.as_secs_f64();
+        match self.status.load(Ordering::Relaxed) {
+            0 => format!("no answer within {secs:.1}s"),
+            status => format!(
+                "reply not complete within {secs:.1}s (HTTP {status}, {} bytes of the body received)",
+                self.body.load(Ordering::Relaxed)
+            ),
+        }
+    }
+}
+
 /// The HTTP transport under async-openai: one request per call, no retries of its own (the
 /// caller retries, across replicas), error answers turned into [`HttpStatusError`] with the
-/// headers async-openai would drop (`Retry-After`).
+/// headers async-openai would drop (`Retry-After`). It reads successful answers itself, at most
+/// `max_reply` bytes, and checks they are chat completions: async-openai would read a body of
+/// any size, and log the whole of one it cannot parse.
 #[derive(Clone)]
 struct Transport {
     client: reqwest::Client,
+    max_reply: usize,
+    progress: Arc<Progress>,
 }
 
 impl tower::Service<HttpRequestFactory> for Transport {
@@ -152,7 +200,7 @@ impl tower::Service<HttpRequestFactory> for Transport {
     }
 
     fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
-        let client = self.client.clone();
+        let Transport { client, max_reply, progress } = self.clone();
         Box::pin(async move {
             let mut request = factory.build().await?;
             // No key: send no Authorization header rather than an empty bearer token.
@@ -175,14 +223,53 @@ impl tower::Service<HttpRequestFactory> for Transport {
             };
             let response = client.execute(request).await.map_err(|e| OpenAIError::Reqwest(e.without_url()))?;
             let status = response.status();
+            progress.status.store(status.as_u16(), Ordering::Relaxed);
             if status.is_success() {
-                return Ok(response);
+                return read_reply(response, max_reply, &progress).await;
             }
             let retry_after = retry_after(response.headers(), jiff::Timestamp::now());
             let body = read_limited(response, MAX_ERROR_BODY).await;
             let (message, quota) = error_message(&body, key.as_deref());
             Err(OpenAIError::Boxed(Box::new(HttpStatusError { status: status.as_u16(), retry_after, message, quota })))
         })
+    }
+}
+
+/// Reads a successful answer, at most `limit` bytes, checks it is a chat completion, and gives
+/// it back as a response whose body is in memory.
+async fn read_reply(
+    mut response: reqwest::Response,
+    limit: usize,
+    progress: &Progress,
+) -> Result<reqwest::Response, OpenAIError> {
+    let too_large = || OpenAIError::Boxed(Box::new(ReplyError::TooLarge { limit }));
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| OpenAIError::Reqwest(e.without_url()))? {
+        if body.len() + chunk.len() > limit {
+            // Dropping the response closes the connection: the rest is never read.
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+        progress.body.store(body.len(), Ordering::Relaxed);
+    }
+    check_reply(&body).map_err(|e| OpenAIError::Boxed(Box::new(e)))?;
+    let mut out = http::Response::new(body);
+    *out.status_mut() = response.status();
+    *out.version_mut() = response.version();
+    *out.headers_mut() = std::mem::take(response.headers_mut());
+    Ok(reqwest::Response::from(out))
+}
+
+/// Whether `body` is a chat completion, with the parser's reason when it is not.
+fn check_reply(body: &[u8]) -> Result<(), ReplyError> {
+    use serde_json::error::Category;
+    match serde_json::from_slice::<CreateChatCompletionResponse>(body) {
+        Ok(_) => Ok(()),
+        Err(e) if e.classify() == Category::Data => Err(ReplyError::NotChatCompletion(clip(&e.to_string(), 200))),
+        Err(e) => Err(ReplyError::NotJson(clip(&e.to_string(), 200))),
     }
 }
 
@@ -253,6 +340,7 @@ pub struct LlmCaller {
     default_strategy: Strategy,
     metrics: Option<LlmMetrics>,
     retry: RetrySettings,
+    max_reply: usize,
 }
 
 /// The name of a strategy, as in the API.
@@ -292,7 +380,15 @@ impl LlmCaller {
             .user_agent(concat!("volt-operator/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_default();
-        Self { registry, secrets, http, default_strategy, metrics: None, retry: RetrySettings::default() }
+        Self {
+            registry,
+            secrets,
+            http,
+            default_strategy,
+            metrics: None,
+            retry: RetrySettings::default(),
+            max_reply: MAX_REPLY_BYTES,
+        }
     }
 
     /// Records calls, tokens and picks in `metrics`.
@@ -303,6 +399,13 @@ impl LlmCaller {
 
     pub fn with_retry(mut self, retry: RetrySettings) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Fails (and retries) attempts whose reply is longer than `bytes` (default
+    /// [`MAX_REPLY_BYTES`]).
+    pub fn with_max_reply_bytes(mut self, bytes: usize) -> Self {
+        self.max_reply = bytes.max(1);
         self
     }
 
@@ -545,8 +648,9 @@ impl LlmCaller {
             .with_api_key(a.key.map(|k| k.expose().to_string()).unwrap_or_default())
             .with_org_id("")
             .with_project_id("");
-        let client = async_openai::Client::build(self.http.clone(), config)
-            .with_http_service(Transport { client: self.http.clone() });
+        let progress = Arc::new(Progress::default());
+        let transport = Transport { client: self.http.clone(), max_reply: self.max_reply, progress: progress.clone() };
+        let client = async_openai::Client::build(self.http.clone(), config).with_http_service(transport);
         let result = tokio::time::timeout(a.timeout, client.chat().create(request)).await;
         let ns = key.agent.namespace.clone();
         match result {
@@ -556,13 +660,13 @@ impl LlmCaller {
                 Err(CallError::OutOfTime {
                     agent: agent.clone(),
                     attempts: 1,
-                    last: format!("replica {} had not answered yet", key.replica),
+                    last: format!("replica {}: {}", key.replica, progress.timed_out(a.timeout)),
                 })
             }
             Err(_) => {
                 lease.finish(CallResult::Failure);
                 self.count(&key, "timeout");
-                Err(replica_err(format!("no answer within {:.1}s", a.timeout.as_secs_f64()), FailureKind::Timeout))
+                Err(replica_err(progress.timed_out(a.timeout), FailureKind::Timeout))
             }
             Ok(Ok(response)) => match answer_of(response) {
                 Ok(answer) => {
@@ -678,6 +782,7 @@ fn answer_of(response: CreateChatCompletionResponse) -> Result<Answer, (String, 
 /// What an async-openai error means for retrying.
 fn classify(e: &OpenAIError) -> (String, FailureKind) {
     match e {
+        OpenAIError::Boxed(inner) if inner.is::<ReplyError>() => (inner.to_string(), FailureKind::Transient),
         OpenAIError::Boxed(inner) => match inner.downcast_ref::<HttpStatusError>() {
             Some(h) => {
                 let kind = match h.status {
@@ -800,6 +905,98 @@ mod tests {
         );
         assert_eq!(kind(boxed(400, None, false)), FailureKind::Rejected);
         assert_eq!(kind(boxed(401, None, false)), FailureKind::Rejected);
+    }
+
+    #[test]
+    fn replies_that_are_not_chat_completions_are_named() {
+        let good = br#"{"id":"c","object":"chat.completion","created":1,"model":"m",
+            "choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+        assert_eq!(check_reply(good), Ok(()));
+        let bad = check_reply(br#"{"id": "c", "choices": [{"#).expect_err("truncated");
+        assert!(matches!(bad, ReplyError::NotJson(_)), "{bad:?}");
+        assert!(bad.to_string().starts_with("reply is not valid JSON: EOF while parsing"), "{bad}");
+        let bad = check_reply(b"<html>502 Bad Gateway</html>").expect_err("html");
+        assert!(matches!(bad, ReplyError::NotJson(_)), "{bad:?}");
+        let bad = check_reply(br#"{"result": "hi"}"#).expect_err("wrong shape");
+        assert!(bad.to_string().starts_with("reply is not a chat completion: missing field"), "{bad}");
+        let (message, kind) = classify(&OpenAIError::Boxed(Box::new(bad)));
+        assert_eq!(kind, FailureKind::Transient);
+        assert!(message.starts_with("reply is not a chat completion"), "{message}");
+    }
+
+    #[test]
+    fn timeouts_say_how_far_the_reply_came() {
+        let p = Progress::default();
+        assert_eq!(p.timed_out(Duration::from_millis(1500)), "no answer within 1.5s");
+        p.status.store(200, Ordering::Relaxed);
+        p.body.store(42, Ordering::Relaxed);
+        assert_eq!(
+            p.timed_out(Duration::from_secs(2)),
+            "reply not complete within 2.0s (HTTP 200, 42 bytes of the body received)"
+        );
+    }
+
+    /// A server on loopback that answers 200 with a chunked body that never ends; returns its
+    /// address and the bytes it managed to write.
+    async fn endless_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let written = Arc::new(AtomicUsize::new(0));
+        let count = written.clone();
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+            while socket.write_all(chunk.as_bytes()).await.is_ok() {
+                count.fetch_add(0x10000, Ordering::Relaxed);
+            }
+        });
+        (addr, written)
+    }
+
+    #[tokio::test]
+    async fn an_endless_reply_is_cut_at_the_limit() {
+        let (addr, written) = endless_server().await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+        let response = client.post(format!("http://{addr}/v1/chat/completions")).send().await.expect("headers");
+        let progress = Progress::default();
+        let limit = 256 * 1024;
+        let read = tokio::time::timeout(Duration::from_secs(10), read_reply(response, limit, &progress)).await;
+        let err = read.expect("an endless body must be cut, not read forever").expect_err("too large");
+        assert_eq!(classify(&err), ("reply larger than 262144 bytes".to_string(), FailureKind::Transient));
+        assert!(progress.body.load(Ordering::Relaxed) <= limit);
+        // What the server could write is the limit plus what the socket buffers hold: far less
+        // than a body read to its end (which here has none).
+        let sent = written.load(Ordering::Relaxed);
+        assert!(sent < 64 * 1024 * 1024, "{sent} bytes sent");
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_fails_before_reading() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n{";
+            let _ = socket.write_all(head.as_bytes()).await;
+            // Never sends the rest.
+            std::future::pending::<()>().await;
+        });
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let response = reqwest::Client::new().get(format!("http://{addr}/")).send().await.expect("headers");
+        let read = tokio::time::timeout(Duration::from_secs(5), read_reply(response, 1024, &Progress::default())).await;
+        let err = read.expect("no wait for a body that is too large anyway").expect_err("too large");
+        assert_eq!(classify(&err).0, "reply larger than 1024 bytes");
     }
 
     #[test]

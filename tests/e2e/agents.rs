@@ -1,6 +1,6 @@
 //! Agents end to end: replica health from pod status, load balancing across replicas and LLM
 //! steps, against OpenAI-compatible stub servers on loopback addresses that the kubelet
-//! stand-in reports as the replicas' pod IPs.
+//! stand-in reports as the replicas' pod IPs. `llm_faults` reuses the helpers.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,15 +20,16 @@ use crate::support::openai::{Reply, Stub};
 const LONG: Duration = Duration::from_secs(90);
 const MODEL: &str = "stub-model";
 
-struct Env {
-    client: Client,
-    ns: String,
-    runs: Api<WorkflowRun>,
-    pods: Api<Pod>,
-    agents: Api<Agent>,
+#[derive(Clone)]
+pub(crate) struct Env {
+    pub client: Client,
+    pub ns: String,
+    pub runs: Api<WorkflowRun>,
+    pub pods: Api<Pod>,
+    pub agents: Api<Agent>,
 }
 
-async fn env(prefix: &str) -> Env {
+pub(crate) async fn env(prefix: &str) -> Env {
     let cp = control_plane::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, prefix).await;
@@ -42,11 +43,11 @@ async fn env(prefix: &str) -> Env {
 }
 
 /// The operator, refreshing live load every second.
-async fn operator(e: &Env) -> Operator {
+pub(crate) async fn operator(e: &Env) -> Operator {
     Operator::start_with(&e.ns, |a| a.metrics_interval = Duration::from_secs(1)).await
 }
 
-async fn apply(e: &Env, obj: Value) {
+pub(crate) async fn apply(e: &Env, obj: Value) {
     let kind = obj["kind"].as_str().unwrap_or_default().to_string();
     let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
     let ar = match kind.as_str() {
@@ -61,7 +62,7 @@ async fn apply(e: &Env, obj: Value) {
 }
 
 /// An Agent of the `replicas` form: pods labelled `app=<app>`, serving on `port`.
-fn replicas_agent(name: &str, app: &str, port: u16, extra: Value) -> Value {
+pub(crate) fn replicas_agent(name: &str, app: &str, port: u16, extra: Value) -> Value {
     let mut spec = json!({
         "model": MODEL,
         "instructions": "Answer briefly.",
@@ -75,7 +76,7 @@ fn replicas_agent(name: &str, app: &str, port: u16, extra: Value) -> Value {
 }
 
 /// An Agent of the `endpoint` form.
-fn endpoint_agent(name: &str, base_url: &str, extra: Value) -> Value {
+pub(crate) fn endpoint_agent(name: &str, base_url: &str, extra: Value) -> Value {
     let mut spec = json!({"model": MODEL, "timeoutSeconds": 10, "endpoint": {"baseUrl": base_url}});
     merge(&mut spec, extra);
     json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "metadata": {"name": name}, "spec": spec})
@@ -88,7 +89,7 @@ fn merge(into: &mut Value, extra: Value) {
 }
 
 /// A run fanning `items` agent calls out, `max_parallel` at once.
-fn fan_out(name: &str, agent: Value, items: usize, max_parallel: u32) -> Value {
+pub(crate) fn fan_out(name: &str, agent: Value, items: usize, max_parallel: u32) -> Value {
     let list = serde_json::to_string(&(0..items).collect::<Vec<_>>()).expect("json");
     let mut call = json!({"prompt": "item {{ item }}"});
     merge(&mut call, agent);
@@ -101,24 +102,27 @@ fn fan_out(name: &str, agent: Value, items: usize, max_parallel: u32) -> Value {
 }
 
 /// A run with one agent step.
-fn single(name: &str, agent: Value) -> Value {
+pub(crate) fn single(name: &str, agent: Value) -> Value {
     let mut call = json!({"prompt": "Say hello"});
     merge(&mut call, agent);
     json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
            "spec": {"workflow": {"steps": [{"id": "ask", "agent": call}]}}})
 }
 
-async fn finished(e: &Env, name: &str) -> WorkflowRunStatus {
+pub(crate) async fn finished(e: &Env, name: &str) -> WorkflowRunStatus {
     let run = wait_for(&e.runs, name, LONG, |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).await;
     run.status.unwrap_or_default()
 }
 
 /// The fan-out children's rows.
-fn children<'a>(s: &'a WorkflowRunStatus, step: &str) -> Vec<&'a StepStatus> {
+pub(crate) fn children<'a>(s: &'a WorkflowRunStatus, step: &str) -> Vec<&'a StepStatus> {
     s.steps.iter().filter(|(k, _)| k.starts_with(&format!("{step}["))).map(|(_, v)| v).collect()
 }
 
-fn by<'a>(rows: &[&'a StepStatus], f: impl Fn(&'a StepStatus) -> Option<&'a String>) -> BTreeMap<String, usize> {
+pub(crate) fn by<'a>(
+    rows: &[&'a StepStatus],
+    f: impl Fn(&'a StepStatus) -> Option<&'a String>,
+) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for r in rows {
         *counts.entry(f(r).cloned().unwrap_or_default()).or_default() += 1;
@@ -128,7 +132,7 @@ fn by<'a>(rows: &[&'a StepStatus], f: impl Fn(&'a StepStatus) -> Option<&'a Stri
 
 /// A replica pod labelled `app=<app>` (with a finalizer when `hold`, so that deleting it
 /// leaves it terminating).
-async fn replica_pod(e: &Env, name: &str, app: &str, hold: bool) {
+pub(crate) async fn replica_pod(e: &Env, name: &str, app: &str, hold: bool) {
     let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {"app": app}},
@@ -143,14 +147,18 @@ async fn replica_pod(e: &Env, name: &str, app: &str, hold: bool) {
 }
 
 /// Replica pods `names`, running and Ready at the stubs' addresses.
-async fn running_replicas(e: &Env, app: &str, stubs: &[Stub]) {
+pub(crate) async fn running_replicas(e: &Env, app: &str, stubs: &[Stub]) {
     for stub in stubs {
         replica_pod(e, stub.name(), app, false).await;
         kubelet::set_running(&e.client, &e.ns, stub.name(), &stub.ip().to_string(), true).await.expect("running");
     }
 }
 
-async fn agent_status(e: &Env, name: &str, check: impl Fn(&volt_operator::api::AgentStatus) -> bool) -> Agent {
+pub(crate) async fn agent_status(
+    e: &Env,
+    name: &str,
+    check: impl Fn(&volt_operator::api::AgentStatus) -> bool,
+) -> Agent {
     wait_for(&e.agents, name, LONG, |a| a.status.as_ref().is_some_and(&check)).await
 }
 

@@ -4,6 +4,7 @@ mod cache;
 mod corpus;
 mod foundation;
 mod harness;
+mod llm_faults;
 mod observability;
 mod operator;
 mod packaging;

@@ -10,6 +10,12 @@
 //!
 //! [`Stub::kill`] makes the stub die like a crashed replica: it stops accepting, and every
 //! open connection, in flight or idle, fails at once.
+//!
+//! Misbehaving servers, as [`Reply`]s: one that accepts and never answers ([`Reply::Hang`]), a
+//! 200 whose body is not JSON ([`Reply::Malformed`]) or JSON of another API
+//! ([`Reply::WrongShape`]), a 200 of megabytes ([`Reply::Huge`]), and a valid answer sent a few
+//! bytes at a time ([`Reply::Drip`]). [`Stub::body_bytes_sent`] counts the body bytes of
+//! streamed replies that went to the socket.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -41,6 +47,18 @@ pub enum Reply {
     Status(u16),
     /// 429 with `Retry-After` (whole seconds, rounded up).
     RateLimited { retry_after: Duration },
+    /// Reads the request and never answers (until the stub is killed or dropped).
+    Hang,
+    /// 200 with a JSON content type and a body cut short: not valid JSON.
+    Malformed,
+    /// 200 with valid JSON that is not a chat completion (Ollama's native `/api/chat` answer).
+    WrongShape,
+    /// 200 with a chat completion whose content is `bytes` long, streamed in 64 KiB chunks
+    /// without a `Content-Length` (so only reading tells its size).
+    Huge { bytes: usize },
+    /// 200 with headers at once, then a valid chat completion 8 bytes at a time, spread evenly
+    /// over `total`: every read gets data well within a second, the whole takes `total`.
+    Drip { total: Duration },
 }
 
 /// One request a stub saw.
@@ -63,6 +81,7 @@ struct Shared {
     answered: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    body_sent: Arc<AtomicUsize>,
     seen: Mutex<Vec<Seen>>,
     kill: CancellationToken,
 }
@@ -136,6 +155,7 @@ impl Stub {
             answered: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            body_sent: Arc::default(),
             seen: Mutex::default(),
             kill: CancellationToken::new(),
         });
@@ -208,6 +228,12 @@ impl Stub {
     pub fn seen(&self) -> Vec<Seen> {
         lock(&self.shared.seen).clone()
     }
+
+    /// Body bytes of streamed replies ([`Reply::Huge`], [`Reply::Drip`]) handed to the
+    /// connection so far.
+    pub fn body_bytes_sent(&self) -> usize {
+        self.shared.body_sent.load(Ordering::Relaxed)
+    }
 }
 
 async fn models() -> impl IntoResponse {
@@ -249,9 +275,10 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     let system = content_of(&messages, "system");
     let reply = lock(&s.script).pop_front().or_else(|| lock(&s.always).clone()).unwrap_or(Reply::Ok);
     let status = match &reply {
-        Reply::Ok => 200,
+        Reply::Ok | Reply::Malformed | Reply::WrongShape | Reply::Huge { .. } | Reply::Drip { .. } => 200,
         Reply::Status(code) => *code,
         Reply::RateLimited { .. } => 429,
+        Reply::Hang => 0,
     };
     lock(&s.seen).push(Seen {
         at,
@@ -283,21 +310,89 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         Reply::Ok => {
             let n = s.answered.fetch_add(1, Ordering::Relaxed) + 1;
             let content = format!("{}: {}", s.name, user);
-            let prompt_tokens: u64 = messages.iter().filter_map(|m| m["content"].as_str()).map(words).sum();
-            let completion_tokens = words(&content);
-            let created = jiff::Timestamp::now().as_second();
-            axum::Json(json!({
-                "id": format!("chatcmpl-{}-{n}", s.name),
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "logprobs": null}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}
-            }))
-            .into_response()
+            axum::Json(completion(&s.name, n, &model, &messages, &content)).into_response()
+        }
+        Reply::Hang => {
+            s.kill.cancelled().await;
+            error_body(500, "killed", "server_error")
+        }
+        Reply::Malformed => {
+            let body = format!(
+                r#"{{"id": "chatcmpl-{}", "object": "chat.completion", "choices": [{{"index": 0, "message": {{"role": "assistant", "content": "cut sh"#,
+                s.name
+            );
+            json_response(axum::body::Body::from(body))
+        }
+        Reply::WrongShape => {
+            let body = json!({"model": model, "created_at": "2024-01-01T00:00:00Z",
+                              "message": {"role": "assistant", "content": format!("{}: {}", s.name, user)}, "done": true});
+            axum::Json(body).into_response()
+        }
+        Reply::Huge { bytes } => {
+            let body = completion(&s.name, 0, &model, &messages, "@").to_string();
+            let (head, tail) = body.split_once('@').expect("placeholder");
+            const CHUNK: usize = 64 * 1024;
+            let filler = Bytes::from(vec![b'x'; CHUNK]);
+            let mut parts = vec![Bytes::from(head.to_string())];
+            parts.extend((0..bytes / CHUNK).map(|_| filler.clone()));
+            parts.push(filler.slice(..bytes % CHUNK));
+            parts.push(Bytes::from(tail.to_string()));
+            streamed(&s, parts, Duration::ZERO)
+        }
+        Reply::Drip { total } => {
+            let content = format!("{}: {}", s.name, user);
+            let body = Bytes::from(completion(&s.name, 0, &model, &messages, &content).to_string());
+            let parts: Vec<Bytes> =
+                (0..body.len()).step_by(8).map(|i| body.slice(i..(i + 8).min(body.len()))).collect();
+            let pause = total / parts.len().max(1) as u32;
+            streamed(&s, parts, pause)
         }
     }
+}
+
+/// A chat completion answering `messages` with `content`.
+fn completion(name: &str, n: usize, model: &str, messages: &[Value], content: &str) -> Value {
+    let prompt_tokens: u64 = messages.iter().filter_map(|m| m["content"].as_str()).map(words).sum();
+    let completion_tokens = words(content);
+    json!({
+        "id": format!("chatcmpl-{name}-{n}"),
+        "object": "chat.completion",
+        "created": jiff::Timestamp::now().as_second(),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "logprobs": null}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}
+    })
+}
+
+fn json_response(body: axum::body::Body) -> Response {
+    let mut response = Response::new(body);
+    response.headers_mut().insert(axum::http::header::CONTENT_TYPE, "application/json".parse().expect("header"));
+    response
+}
+
+/// A 200 whose body is `parts`, one after the other, `pause` before each but the first;
+/// counted in `body_sent` as they go. The stream fails when the stub is killed.
+fn streamed(s: &Arc<Shared>, parts: Vec<Bytes>, pause: Duration) -> Response {
+    let (sent, kill) = (s.body_sent.clone(), s.kill.clone());
+    let stream = futures::stream::unfold((parts.into_iter(), true), move |(mut parts, first)| {
+        let (sent, kill) = (sent.clone(), kill.clone());
+        async move {
+            let part = parts.next()?;
+            if !first && !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = kill.cancelled() => return Some((Err(killed()), (parts, false))),
+                }
+            }
+            if kill.is_cancelled() {
+                return Some((Err(killed()), (parts, false)));
+            }
+            sent.fetch_add(part.len(), Ordering::Relaxed);
+            Some((Ok::<_, io::Error>(part), (parts, false)))
+        }
+    });
+    json_response(axum::body::Body::from_stream(stream))
 }
 
 /// Accepts connections whose IO fails once the stub is killed.
