@@ -10,6 +10,11 @@ pub const LABEL_RUN: &str = "volt.dev/run";
 pub const LABEL_STEP: &str = "volt.dev/step";
 pub const LABEL_ATTEMPT: &str = "volt.dev/attempt";
 pub const LABEL_AGENT: &str = "volt.dev/agent";
+/// On a WorkflowRun whose end is written: its phase. The run controller's cache holds only
+/// runs without it; finished runs are tracked by metadata alone.
+pub const LABEL_FINISHED: &str = "volt.dev/finished";
+/// On a finished WorkflowRun with `spec.ttlSecondsAfterFinished`: when it is deleted (RFC 3339).
+pub const ANNOTATION_EXPIRES: &str = "volt.dev/expires-at";
 /// Annotation on step pods: the status key of the step (with the forEach index).
 pub const ANNOTATION_STEP_KEY: &str = "volt.dev/step-key";
 

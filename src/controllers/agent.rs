@@ -32,6 +32,7 @@ use crate::api::{
 use crate::metrics::Metrics;
 use crate::naming;
 
+use super::ServedFromWatchCache;
 use super::events::EventSink;
 use super::{Error, api_for, drain, error_requeue};
 
@@ -421,7 +422,7 @@ pub async fn controller(
     let forget = registry.clone();
     let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listed_now = listed.clone();
-    let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().any_semantic())
+    let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().served_from_watch_cache())
         .default_backoff()
         .reflect(agent_writer)
         .inspect_ok(move |event| match event {
@@ -432,7 +433,7 @@ pub async fn controller(
         .touched_objects();
     // Pods, as little of them as health needs (labels, deletion, status).
     let (pod_store, pod_writer) = reflector::store();
-    let pod_stream = watcher(api_for::<Pod>(&client, &scope), watcher::Config::default().any_semantic())
+    let pod_stream = watcher(api_for::<Pod>(&client, &scope), watcher::Config::default().served_from_watch_cache())
         .default_backoff()
         .modify(|pod| {
             pod.managed_fields_mut().clear();

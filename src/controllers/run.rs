@@ -18,7 +18,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::api::{
     Agent, ConcurrencyPolicy, FIELD_MANAGER, KState, OutputRef, RetryPolicy, RunPhase, StepKind, StepPhase, Workflow,
@@ -35,7 +35,8 @@ use crate::executors::{AgentCaller, InProcessRunner};
 use crate::metrics::Metrics;
 use crate::naming;
 
-use super::status_writer::StatusWriter;
+use super::ServedFromWatchCache;
+use super::status_writer::{StatusWriter, mark_finished};
 use super::{Error, Health, api_for, drain, error_requeue};
 use crate::events::{Batch, Dispatcher, EventKind};
 
@@ -220,7 +221,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
 
     if status.phase.is_finished() {
         ctx.release(&uid);
-        return finished(&run, &ctx, &status, now).await;
+        return finished(&run, &ctx, &status).await;
     }
 
     // Snapshot the Workflow spec at start.
@@ -359,7 +360,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
 
     if status.phase.is_finished() {
         ctx.release(&uid);
-        return finished(&run, &ctx, &status, now).await;
+        return finished(&run, &ctx, &status).await;
     }
     Ok(match requeue_after {
         Some(d) => Action::requeue(d.max(Duration::from_millis(5))),
@@ -728,31 +729,107 @@ async fn fail_run(
         ctx.events.publish(Batch { events: vec![e], reference: Some(run.object_ref(&())) });
     }
     ctx.status.stage(run, before, &status);
-    finished(run, ctx, &status, now).await
+    finished(run, ctx, &status).await
 }
 
-/// A finished run: deleted once its TTL passes.
-async fn finished(run: &WorkflowRun, ctx: &Ctx, status: &WorkflowRunStatus, now: Timestamp) -> Result<Action, Error> {
-    let Some(ttl) = run.spec.ttl_seconds_after_finished else { return Ok(Action::await_change()) };
-    let done = status.finished_at.as_ref().map(|t| t.0).unwrap_or(now);
-    let due = done + Duration::from_secs(u64::from(ttl));
-    if now >= due {
-        let api: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
-        let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
-        match api.delete(&run.name_any(), &dp).await {
-            Ok(_) => info!(run = %run.name_any(), "deleted after ttlSecondsAfterFinished"),
+/// A finished run: labelled as such once its end is written (by the status writer, or here
+/// for a run that finished before a restart), after which only its metadata is tracked, and
+/// [`sweep_finished`] deletes it when its TTL passes.
+async fn finished(run: &WorkflowRun, ctx: &Ctx, status: &WorkflowRunStatus) -> Result<Action, Error> {
+    let uid = run.uid().unwrap_or_default();
+    if !run.labels().contains_key(naming::LABEL_FINISHED) && !ctx.status.pending(&uid) {
+        let ns = run.namespace().unwrap_or_default();
+        match mark_finished(&ctx.client, &ns, &run.name_any(), status, run.spec.ttl_seconds_after_finished).await {
+            Ok(()) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
-        return Ok(Action::await_change());
     }
-    let wait = (due.as_millisecond() - now.as_millisecond()).max(0) as u64;
-    Ok(Action::requeue(Duration::from_millis(wait)))
+    Ok(Action::await_change())
+}
+
+/// Finished runs, by metadata only: deletes those whose TTL passed, and counts them by phase
+/// for the gauges.
+async fn sweep_finished(client: Client, scope: Option<String>, counts: Arc<Mutex<HashMap<String, i64>>>) {
+    let api: Api<kube::core::PartialObjectMeta<WorkflowRun>> = api_for(&client, &scope);
+    let (store, writer) = reflector::store();
+    // Paged (quorum reads, each page bounded): finished runs may be many, readiness does not
+    // wait for this list, and one unpaged response of all of them would set the process's
+    // peak memory.
+    let stream = watcher(api, watcher::Config::default().labels(naming::LABEL_FINISHED).page_size(500))
+        .default_backoff()
+        .modify(|m| m.metadata.managed_fields = None)
+        .reflect(writer)
+        .touched_objects()
+        .for_each(|_| async {});
+    let sweep = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Timestamp::now();
+            let mut by_phase: HashMap<String, i64> = HashMap::new();
+            for m in store.state() {
+                *by_phase.entry(m.labels().get(naming::LABEL_FINISHED).cloned().unwrap_or_default()).or_default() += 1;
+                let expired = m
+                    .annotations()
+                    .get(naming::ANNOTATION_EXPIRES)
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+                    .is_some_and(|t| t <= now);
+                if !expired || m.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
+                let ns = m.namespace().unwrap_or_default();
+                let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
+                let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+                match runs.delete(&m.name_any(), &dp).await {
+                    Ok(_) => info!(run = %m.name_any(), namespace = %ns, "deleted after ttlSecondsAfterFinished"),
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => warn!(run = %m.name_any(), namespace = %ns, error = %e, "deleting an expired run failed"),
+                }
+            }
+            *lock(&counts) = by_phase;
+        }
+    };
+    tokio::select! {
+        _ = stream => {}
+        _ = sweep => {}
+    }
 }
 
 fn error_policy(_run: Arc<WorkflowRun>, err: &Error, ctx: Arc<Ctx>) -> Action {
     ctx.metrics.reconcile_errors.with_label_values(&["workflowrun", err.metric_label()]).inc();
     error_requeue()
+}
+
+/// Drops what no controller reads from cached objects: managed fields (as large as the status
+/// for server-side-applied objects) and `kubectl apply`'s copy of the object.
+pub(super) fn slim_meta(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A cached run: a finished one keeps its phase, times and message (what the TTL, the
+/// concurrency limits and the gauges read), not its spec snapshot, steps or inline workflow.
+fn slim_run(run: &mut WorkflowRun) {
+    slim_meta(&mut run.metadata);
+    if let Some(status) = run.status.as_mut()
+        && status.phase.is_finished()
+    {
+        status.workflow = None;
+        status.steps.clear();
+        status.params.clear();
+        run.spec.workflow = None;
+    }
+}
+
+/// A cached pod of a run: its status, labels, owners and deletion are what the controller reads.
+fn slim_pod(pod: &mut Pod) {
+    slim_meta(&mut pod.metadata);
+    pod.metadata.annotations = None;
+    pod.spec = None;
 }
 
 /// Settings of the run controller taken from the command line.
@@ -786,24 +863,35 @@ pub async fn controller(
     let pods_api: Api<Pod> = api_for(&client, &scope);
     let wf_api: Api<Workflow> = api_for(&client, &scope);
 
+    // The caches keep only what the controller reads (see `slim_*`): memory stays flat with
+    // many finished runs.
     let (pod_reader, pod_writer) = reflector::store();
-    let pod_stream = watcher(pods_api, watcher::Config::default().labels(naming::LABEL_RUN).any_semantic())
+    let pod_stream = watcher(pods_api, watcher::Config::default().labels(naming::LABEL_RUN).served_from_watch_cache())
         .default_backoff()
+        .modify(slim_pod)
         .reflect(pod_writer)
         .touched_objects();
     let (wf_reader, wf_writer) = reflector::store();
     let (agent_reader, agent_writer) = reflector::store();
-    let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().any_semantic())
+    let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().served_from_watch_cache())
         .default_backoff()
+        .modify(|a: &mut Agent| slim_meta(&mut a.metadata))
         .reflect(agent_writer)
         .touched_objects();
-    let wf_stream = watcher(wf_api, watcher::Config::default().any_semantic())
+    let wf_stream = watcher(wf_api, watcher::Config::default().served_from_watch_cache())
         .default_backoff()
+        .modify(|w: &mut Workflow| slim_meta(&mut w.metadata))
         .reflect(wf_writer)
         .touched_objects();
 
-    let controller = Controller::new(runs_api, watcher::Config::default().any_semantic());
-    let runs = controller.store();
+    let (runs, run_writer) = reflector::store();
+    let active = format!("!{}", naming::LABEL_FINISHED);
+    let run_stream = watcher(runs_api, watcher::Config::default().labels(&active).served_from_watch_cache())
+        .default_backoff()
+        .modify(slim_run)
+        .reflect(run_writer)
+        .touched_objects();
+    let controller = Controller::for_stream(run_stream, runs.clone());
     let (wake_tx, wake_rx) = mpsc::unbounded_channel::<ObjectRef<WorkflowRun>>();
     let notify_tx = wake_tx.clone();
     let notify: crate::executors::pool::Notify = Arc::new(move |ns: &str, name: &str| {
@@ -864,6 +952,10 @@ pub async fn controller(
     };
     tokio::spawn(synced);
 
+    // Finished runs: TTL and counts.
+    let finished_counts: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let sweeper = tokio::spawn(sweep_finished(ctx.client.clone(), scope.clone(), finished_counts.clone()));
+
     // Gauges refreshed on an interval.
     let gauges = {
         let (runs, metrics, ctx2) = (runs.clone(), metrics.clone(), ctx.clone());
@@ -874,6 +966,13 @@ pub async fn controller(
                 let mut by_phase: HashMap<RunPhase, i64> = HashMap::new();
                 for r in runs.state() {
                     *by_phase.entry(r.status.as_ref().map(|s| s.phase).unwrap_or_default()).or_default() += 1;
+                }
+                for (phase, n) in lock(&finished_counts).iter() {
+                    for p in [RunPhase::Succeeded, RunPhase::Failed, RunPhase::Cancelled] {
+                        if p.as_str() == phase {
+                            *by_phase.entry(p).or_default() += n;
+                        }
+                    }
                 }
                 for p in [
                     RunPhase::Pending,
@@ -905,6 +1004,7 @@ pub async fn controller(
     wf_task.abort();
     agent_task.abort();
     gauges.abort();
+    sweeper.abort();
 }
 
 fn tokio_stream_from<T: Send + 'static>(

@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 
 use crate::api::{FIELD_MANAGER, WorkflowRun, WorkflowRunStatus};
 use crate::metrics::Metrics;
+use crate::naming;
 
 /// Status writes in flight at once.
 const CONCURRENT_WRITES: usize = 16;
@@ -45,6 +46,8 @@ struct Entry {
     writing: bool,
     /// When this process last wrote the status (or failed to).
     at: Option<Instant>,
+    /// `spec.ttlSecondsAfterFinished`.
+    ttl: Option<u32>,
 }
 
 pub struct StatusWriter {
@@ -119,7 +122,9 @@ impl StatusWriter {
                 version: 0,
                 writing: false,
                 at: None,
+                ttl: None,
             });
+            e.ttl = run.spec.ttl_seconds_after_finished;
             e.status = status.clone();
             e.dirty = true;
             e.urgent |= urgent;
@@ -134,6 +139,11 @@ impl StatusWriter {
     /// Forgets a deleted run.
     pub fn forget(&self, uid: &str) {
         lock(&self.entries).remove(uid);
+    }
+
+    /// Whether a status of the run waits or is being written.
+    pub fn pending(&self, uid: &str) -> bool {
+        lock(&self.entries).get(uid).is_some_and(|e| e.dirty || e.writing)
     }
 
     /// Writes what is due until `shutdown`; then, if `still_leader` says so, everything that
@@ -159,7 +169,7 @@ impl StatusWriter {
 
     /// Starts a write for every run whose status is due (all that wait, with `all`).
     fn start_due(self: &Arc<Self>, all: bool) {
-        let due: Vec<(String, String, String, WorkflowRunStatus, u64)> = {
+        let due: Vec<(String, String, String, WorkflowRunStatus, u64, Option<u32>)> = {
             let mut entries = lock(&self.entries);
             entries
                 .iter_mut()
@@ -168,15 +178,25 @@ impl StatusWriter {
                 })
                 .map(|(uid, e)| {
                     e.writing = true;
-                    (uid.clone(), e.namespace.clone(), e.name.clone(), e.status.clone(), e.version)
+                    (uid.clone(), e.namespace.clone(), e.name.clone(), e.status.clone(), e.version, e.ttl)
                 })
                 .collect()
         };
-        for (uid, ns, name, status, version) in due {
+        for (uid, ns, name, status, version, ttl) in due {
             let this = self.clone();
             tokio::spawn(async move {
                 let Ok(_permit) = this.writes.clone().acquire_owned().await else { return };
-                let result = this.write(&ns, &name, &status).await;
+                let mut result = this.write(&ns, &name, &status).await;
+                // A run's end is written: label it, so that caches of active runs drop it.
+                if result.is_ok() && status.phase.is_finished() {
+                    match mark_finished(&this.client, &ns, &name, &status, ttl).await {
+                        Ok(()) => {
+                            lock(&this.entries).remove(&uid);
+                            return;
+                        }
+                        Err(e) => result = Err(e),
+                    }
+                }
                 let mut entries = lock(&this.entries);
                 let Some(e) = entries.get_mut(&uid) else { return };
                 e.writing = false;
@@ -207,6 +227,7 @@ impl StatusWriter {
     }
 
     /// One server-side apply of a run's whole status; the new resourceVersion.
+    ///
     async fn write(&self, ns: &str, name: &str, status: &WorkflowRunStatus) -> Result<Option<String>, kube::Error> {
         let api: Api<WorkflowRun> = Api::namespaced(self.client.clone(), ns);
         let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": status});
@@ -214,4 +235,29 @@ impl StatusWriter {
         self.metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
         Ok(written.resource_version())
     }
+}
+
+/// Labels a run whose end is written with its phase (and, with a TTL, when it expires): the
+/// run controller's cache then holds only active runs, and finished ones are tracked by their
+/// metadata (see `controllers::run::sweep_finished`).
+pub async fn mark_finished(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &WorkflowRunStatus,
+    ttl: Option<u32>,
+) -> Result<(), kube::Error> {
+    let mut annotations = serde_json::Map::new();
+    if let Some(ttl) = ttl {
+        let done = status.finished_at.as_ref().map(|t| t.0).unwrap_or_else(jiff::Timestamp::now);
+        let expires = done + Duration::from_secs(u64::from(ttl));
+        annotations.insert(naming::ANNOTATION_EXPIRES.into(), json!(expires.to_string()));
+    }
+    let patch = json!({"metadata": {
+        "labels": {naming::LABEL_FINISHED: status.phase.as_str()},
+        "annotations": annotations,
+    }});
+    let api: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
 }

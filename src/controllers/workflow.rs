@@ -5,7 +5,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +14,7 @@ use crate::api::{FIELD_MANAGER, KState, Workflow, WorkflowStatus, set_kstatus};
 use crate::engine;
 use crate::metrics::Metrics;
 
+use super::ServedFromWatchCache;
 use super::{Error, api_for, drain, error_requeue};
 
 struct Ctx {
@@ -58,7 +59,13 @@ fn error_policy(_wf: Arc<Workflow>, err: &Error, ctx: Arc<Ctx>) -> Action {
 pub async fn controller(client: Client, scope: Option<String>, metrics: Metrics, shutdown: CancellationToken) {
     let api: Api<Workflow> = api_for(&client, &scope);
     let ctx = Arc::new(Ctx { client, metrics });
-    let stream = Controller::new(api, watcher::Config::default().any_semantic())
+    let (store, writer) = kube::runtime::reflector::store();
+    let workflows = watcher(api, watcher::Config::default().served_from_watch_cache())
+        .default_backoff()
+        .modify(|w: &mut Workflow| super::run::slim_meta(&mut w.metadata))
+        .reflect(writer)
+        .touched_objects();
+    let stream = Controller::for_stream(workflows, store)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx);
     drain("workflow", stream).await;

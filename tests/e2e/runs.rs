@@ -121,6 +121,11 @@ async fn template_chain_passes_outputs_in_one_pass() {
     let writes =
         op.api_requests("patch") + op.api_requests("create") + op.api_requests("update") + op.api_requests("delete");
     eprintln!("template chain: {writes} API writes for 3 steps (status patches and events)");
+    // Its end written, the run is labelled finished: the operator's cache of active runs drops it.
+    wait_for(&e.runs, "chain-1", LONG, |r| {
+        r.labels().get("volt.dev/finished").map(String::as_str) == Some("Succeeded")
+    })
+    .await;
 }
 
 #[tokio::test]

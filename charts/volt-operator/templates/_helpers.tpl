@@ -117,10 +117,11 @@ What the operator does in the namespaces it watches (see the README's RBAC secti
 - apiGroups: ["volt.dev"]
   resources: ["agents/status", "workflows/status", "workflowruns/status"]
   verbs: ["patch"]
-# Finished runs are deleted after their spec.ttlSecondsAfterFinished.
+# Finished runs are labelled volt.dev/finished (the operator then tracks them by metadata
+# only) and deleted after their spec.ttlSecondsAfterFinished.
 - apiGroups: ["volt.dev"]
   resources: ["workflowruns"]
-  verbs: ["delete"]
+  verbs: ["patch", "delete"]
 # The pods of a run and the Deployment of an Agent carry an owner reference that blocks the
 # owner's deletion; clusters with the OwnerReferencesPermissionEnforcement admission plugin
 # (OpenShift) require this to set one.
