@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{Registry, Replica, ReplicaLoad};
 use crate::api::{
-    Agent, AgentStatus, Cond, DEGRADED, EndpointStatus, FIELD_MANAGER, KState, ReplicaCounts, Scheme, set_condition,
-    set_kstatus,
+    Agent, AgentStatus, Cond, DEGRADED, EndpointStatus, FIELD_MANAGER, KState, ReplicaCounts, Scheme, own_conditions,
+    set_condition, set_kstatus,
 };
 use crate::metrics::Metrics;
 use crate::naming;
@@ -359,7 +359,9 @@ async fn write_status(agent: &Agent, ctx: &Ctx, old: &AgentStatus, status: Agent
     if old != &status {
         let ns = agent.namespace().unwrap_or_default();
         let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "status": status});
+        // Other writers' conditions are theirs: send only ours.
+        let sent = AgentStatus { conditions: own_conditions(&status.conditions), ..status.clone() };
+        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "status": sent});
         api.patch_status(&agent.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         ctx.metrics.status_writes.with_label_values(&["Agent"]).inc();
     }

@@ -22,7 +22,7 @@ use tracing::{debug, info};
 
 use crate::api::{
     Agent, ConcurrencyPolicy, FIELD_MANAGER, KState, OutputRef, RetryPolicy, RunPhase, StepKind, StepPhase, Workflow,
-    WorkflowRun, WorkflowRunStatus, WorkflowSpec, set_kstatus,
+    WorkflowRun, WorkflowRunStatus, WorkflowSpec, own_conditions, set_kstatus,
 };
 use crate::cache::{self, CacheManager};
 use crate::config::RunArgs;
@@ -731,7 +731,9 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<WorkflowRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
-    let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": status});
+    // Other writers' conditions are theirs: send only ours.
+    let sent = WorkflowRunStatus { conditions: own_conditions(&status.conditions), ..status.clone() };
+    let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": sent});
     let written =
         api.patch_status(&run.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     ctx.metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
