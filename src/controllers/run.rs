@@ -313,17 +313,9 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     hydrate_outputs(&ctx, &ns, &uid, &mut status).await?;
 
     // What happened since the last pass.
-    let mut events = ctx.pool.drain(&uid);
-    let taken = events.clone();
-    let pod_events = observe_pods(&ctx, &run, &status, &spec, &dag).await;
-    let pod_events = match pod_events {
-        Ok(e) => e,
-        Err(e) => {
-            ctx.pool.restore(&uid, taken);
-            return Err(e);
-        }
-    };
-    events.extend(pod_events);
+    let mut taken = Taken::drain(&ctx.pool, &uid);
+    let mut events = taken.events.clone();
+    events.extend(observe_pods(&ctx, &run, &status, &spec, &dag).await?);
     for (key, row) in &status.steps {
         if row.phase == StepPhase::Running
             && row.items.is_none()
@@ -358,7 +350,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     // Cache hits finish their steps at once; their dependents may start in the same pass. Each
     // round settles at least one step, so this ends.
     loop {
-        let hits = execute(&ctx, &run, &spec, &dag, &mut status, &decision.actions).await?;
+        let hits = execute(&ctx, &run, &spec, &dag, &mut status, &decision.actions, &taken).await?;
         if hits.is_empty() {
             break;
         }
@@ -374,6 +366,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     conditions_for(&mut status, generation, now);
     record_transitions(&ctx, &run, &spec, &dag, &transitions, &status);
     write_status(&run, &ctx, &before, &status).await?;
+    taken.recorded();
 
     if status.phase.is_finished() {
         ctx.release(&uid);
@@ -385,8 +378,44 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     })
 }
 
+/// Results a pass took from the pool's inbox. They go back to the inbox unless the pass records
+/// them (its status write succeeds): a pass that fails (an API error, a refused status write,
+/// the apiserver down) would otherwise lose them, and the next pass would take those attempts
+/// for lost and run them again.
+struct Taken<'a> {
+    pool: &'a TaskPool,
+    uid: &'a str,
+    events: Vec<Event>,
+    recorded: bool,
+}
+
+impl<'a> Taken<'a> {
+    fn drain(pool: &'a TaskPool, uid: &'a str) -> Self {
+        Self { pool, uid, events: pool.drain(uid), recorded: false }
+    }
+
+    /// The result of an attempt, if this pass took one.
+    fn result_of(&self, key: &str, attempt: u32) -> Option<&Event> {
+        self.events.iter().find(|e| !matches!(e, Event::Lost { .. }) && event_key(e) == (key, attempt))
+    }
+
+    /// The pass wrote the status these results led to.
+    fn recorded(&mut self) {
+        self.recorded = true;
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.pool.restore(self.uid, std::mem::take(&mut self.events));
+        }
+    }
+}
+
 /// Carries the engine's actions out: creates or deletes pods, spawns or aborts in-process
-/// tasks. Steps whose result is cached do not run: their results come back as events.
+/// tasks. Steps whose result is cached do not run: their results come back as events, and so do
+/// in-process attempts that already ran (see below).
 async fn execute(
     ctx: &Ctx,
     run: &WorkflowRun,
@@ -394,6 +423,7 @@ async fn execute(
     dag: &Dag,
     status: &mut WorkflowRunStatus,
     actions: &[EngineAction],
+    taken: &Taken<'_>,
 ) -> Result<Vec<Event>, Error> {
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
@@ -443,7 +473,16 @@ async fn execute(
                             row.pod = Some(pod_name);
                         }
                     }
-                    _ => ctx.pool.spawn(run_ref.clone(), task.clone()),
+                    // A pass whose status write failed started this attempt, and its result came
+                    // back before this pass started it again (the engine saw that result as
+                    // stale): use it rather than run the attempt twice.
+                    _ => match taken.result_of(&task.key, task.attempt) {
+                        Some(result) => {
+                            debug!(run = %name, step = %task.key, attempt = task.attempt, "the attempt ran already");
+                            hits.push(result.clone())
+                        }
+                        None => ctx.pool.spawn(run_ref.clone(), task.clone()),
+                    },
                 }
             }
             EngineAction::Abort { key, attempt, .. } => {
