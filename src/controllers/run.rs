@@ -40,6 +40,11 @@ use crate::events::{Batch, Dispatcher, EventKind};
 /// How long a created pod may be missing from the watch cache before we look for it.
 const POD_EXPECTATION: Duration = Duration::from_secs(30);
 
+/// How long a pod creation refused by RBAC is tried again before the step fails: an apiserver
+/// that has just started refuses requests until it has loaded its RBAC objects, and RBAC may be
+/// applied together with the first runs.
+const RBAC_GRACE: Duration = Duration::from_secs(60);
+
 /// (run uid, step key, attempt).
 type AttemptKey = (String, String, u32);
 
@@ -59,6 +64,8 @@ pub struct Ctx {
     admitted: Mutex<HashMap<String, String>>,
     /// Pods created recently (name -> when), so a lagging cache is not taken for a deletion.
     expectations: Mutex<HashMap<String, Instant>>,
+    /// Pods whose creation RBAC refused (name -> first refusal), tried again for [`RBAC_GRACE`].
+    forbidden: Mutex<HashMap<String, Instant>>,
     /// Validated DAGs by (run uid, spec hash).
     dags: Mutex<HashMap<String, (String, Arc<Dag>)>>,
     /// The last status this process wrote per run (uid -> (resourceVersion, status)): the
@@ -449,7 +456,20 @@ async fn execute(
                             run.controller_owner_ref(&()).ok_or_else(|| Error::Other("run has no uid".into()))?;
                         let Some(pod) = build_pod(&name, &ns, owner, task) else { continue };
                         let pod_name = pod.name_any();
-                        match pods.create(&PostParams::default(), &pod).await {
+                        let created = pods.create(&PostParams::default(), &pod).await;
+                        // Refused by RBAC: perhaps not for long (see RBAC_GRACE). The pass fails
+                        // and is tried again; nothing it took is lost (see Taken).
+                        let rbac_refused = matches!(&created, Err(kube::Error::Api(e))
+                            if e.code == 403 && e.message.contains("cannot create resource"));
+                        let try_again = rbac_refused && {
+                            let first = *lock(&ctx.forbidden).entry(pod_name.clone()).or_insert_with(Instant::now);
+                            first.elapsed() < RBAC_GRACE
+                        };
+                        if !try_again {
+                            lock(&ctx.forbidden).remove(&pod_name);
+                        }
+                        match created {
+                            Err(e) if try_again => return Err(e.into()),
                             Ok(_) => {
                                 lock(&ctx.expectations).insert(pod_name.clone(), Instant::now());
                             }
@@ -904,6 +924,7 @@ pub async fn controller(
         inline_output_limit: args.inline_output_limit,
         admitted: Default::default(),
         expectations: Default::default(),
+        forbidden: Default::default(),
         dags: Default::default(),
         written: Default::default(),
         pending_cache: Default::default(),
