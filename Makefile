@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help deps test lint unit e2e crds demo build release clean-cache local-demo manifests bench
+.PHONY: help deps test lint unit e2e chaos crds demo build release clean-cache local-demo manifests bench
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -42,10 +42,14 @@ unit: ## Unit and property tests, and local mode end to end (no cluster)
 e2e: deps ## End-to-end tests against a real kube-apiserver, etcd and kube-controller-manager on loopback
 	$(CARGO) test --test e2e -- --test-threads=$${E2E_THREADS:-4}
 
-test: deps lint ## Everything CI runs: deps, lint, unit and end-to-end tests
+chaos: deps ## Fault injection on a real control plane: SIGKILL of the operator, a 30 s apiserver outage, 409s (VOLT_CHAOS_SEED=n replays)
+	$(CARGO) test --test chaos
+
+test: deps lint ## Everything CI runs: deps, lint, unit, end-to-end and fault-injection tests
 	$(CARGO) test --lib --bins
 	$(CARGO) test --test local
 	$(CARGO) test --test e2e -- --test-threads=$${E2E_THREADS:-4}
+	$(CARGO) test --test chaos
 
 demo: deps build ## Start a local control plane and the operator, apply the examples, show `kubectl get volt`
 	bash hack/demo.sh

@@ -10,6 +10,18 @@ pub const STALLED: &str = "Stalled";
 /// `Degraded` (Agents): some replicas are unhealthy or failing calls.
 pub const DEGRADED: &str = "Degraded";
 
+/// The condition types the operator writes. Status is written with server-side apply, which
+/// makes the writer an owner of every field it sends: sending back every condition read from the
+/// object would take over the conditions other writers keep there (a policy engine's, say) and,
+/// from a stale read, undo their updates. So a status apply sends only these.
+pub const OWN_CONDITIONS: [&str; 4] = [READY, RECONCILING, STALLED, DEGRADED];
+
+/// The conditions of `conditions` the operator writes (see [`OWN_CONDITIONS`]), for a status
+/// apply.
+pub fn own_conditions(conditions: &[Condition]) -> Vec<Condition> {
+    conditions.iter().filter(|c| OWN_CONDITIONS.contains(&c.type_.as_str())).cloned().collect()
+}
+
 /// Schema for `status.conditions`: a list map keyed by `type`, as kstatus expects.
 pub(crate) fn conditions_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let item = g.subschema_for::<Condition>();
@@ -101,4 +113,26 @@ pub enum KState {
     Ready,
     Reconciling,
     Stalled,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_apply_sends_only_the_operators_conditions() {
+        let now = Timestamp::now();
+        let mut conditions = vec![Condition {
+            type_: "Audited".into(),
+            status: "True".into(),
+            reason: "Tick".into(),
+            message: "by another writer".into(),
+            last_transition_time: Time(now),
+            observed_generation: None,
+        }];
+        set_kstatus(&mut conditions, KState::Reconciling, "Running", "run running", Some(1), now);
+        set_condition(&mut conditions, Cond::new(DEGRADED, false, "Healthy", ""), Some(1), now);
+        let sent: Vec<String> = own_conditions(&conditions).into_iter().map(|c| c.type_).collect();
+        assert_eq!(sent, [READY, RECONCILING, STALLED, DEGRADED]);
+    }
 }

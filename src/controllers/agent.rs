@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{Registry, Replica, ReplicaLoad};
 use crate::api::{
-    Agent, AgentStatus, Cond, DEGRADED, EndpointStatus, FIELD_MANAGER, KState, ReplicaCounts, Scheme, set_condition,
-    set_kstatus,
+    Agent, AgentStatus, Cond, DEGRADED, EndpointStatus, FIELD_MANAGER, KState, ReplicaCounts, Scheme, own_conditions,
+    set_condition, set_kstatus,
 };
 use crate::metrics::Metrics;
 use crate::naming;
@@ -360,7 +360,9 @@ async fn write_status(agent: &Agent, ctx: &Ctx, old: &AgentStatus, status: Agent
     if old != &status {
         let ns = agent.namespace().unwrap_or_default();
         let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "status": status});
+        // Other writers' conditions are theirs: send only ours.
+        let sent = AgentStatus { conditions: own_conditions(&status.conditions), ..status.clone() };
+        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "status": sent});
         api.patch_status(&agent.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         ctx.metrics.status_writes.with_label_values(&["Agent"]).inc();
     }
@@ -423,7 +425,7 @@ pub async fn controller(
     let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listed_now = listed.clone();
     let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().served_from_watch_cache())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .reflect(agent_writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Delete(a) => forget.remove(&a.namespace().unwrap_or_default(), &a.name_any()),
@@ -434,7 +436,7 @@ pub async fn controller(
     // Pods, as little of them as health needs (labels, deletion, status).
     let (pod_store, pod_writer) = reflector::store();
     let pod_stream = watcher(api_for::<Pod>(&client, &scope), watcher::Config::default().served_from_watch_cache())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .modify(|pod| {
             pod.managed_fields_mut().clear();
             pod.annotations_mut().clear();
@@ -447,7 +449,7 @@ pub async fn controller(
         api_for::<Deployment>(&client, &scope),
         watcher::Config::default().labels(&format!("{}={}", naming::LABEL_MANAGED_BY, naming::MANAGED_BY)),
     )
-    .default_backoff()
+    .backoff(super::WatchBackoff::default())
     .reflect(dep_writer)
     .touched_objects();
 
@@ -482,6 +484,7 @@ pub async fn controller(
         })
     };
     let stream = Controller::for_stream(agent_stream, agent_store)
+        .trigger_backoff(super::WatchBackoff::default())
         .owns_stream(dep_stream)
         .watches_stream(pod_stream, mapper)
         .reconcile_all_on(prune)

@@ -235,6 +235,45 @@ async fn supervised(health: Arc<Health>, name: String, controller: impl std::fut
     health.system.set(&name, false, "stopped");
 }
 
+/// Backoff of the operator's watches after an error: from 0.5 s, doubling, at most 5 s, with
+/// jitter, and back to 0.5 s after any event. kube's default (client-go's: up to 30 s, and a
+/// failed resume, such as the 410 Gone every watch gets from a restarted apiserver, does not
+/// reset it) kept the operator's caches stale for over a minute after a 30 s apiserver outage
+/// (tests/chaos.rs). Every 5 s is one refused connection per watch while the apiserver is down.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    pub const MIN: Duration = Duration::from_millis(500);
+    pub const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        use rand::Rng;
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // Between 75% and 100% of the delay, so watches that failed together do not retry together.
+        Some(delay.mul_f64(rand::rng().random_range(0.75..=1.0)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
 /// Requeue after an error: a transient API error retries soon, with jitter.
 pub(crate) fn error_requeue() -> Action {
     use rand::Rng;

@@ -43,6 +43,11 @@ use crate::events::{Batch, Dispatcher, EventKind};
 /// How long a created pod may be missing from the watch cache before we look for it.
 const POD_EXPECTATION: Duration = Duration::from_secs(30);
 
+/// How long a pod creation refused by RBAC is tried again before the step fails: an apiserver
+/// that has just started refuses requests until it has loaded its RBAC objects, and RBAC may be
+/// applied together with the first runs.
+const RBAC_GRACE: Duration = Duration::from_secs(60);
+
 /// (run uid, step key, attempt).
 type AttemptKey = (String, String, u32);
 
@@ -62,6 +67,8 @@ pub struct Ctx {
     admitted: Mutex<HashMap<String, String>>,
     /// Pods created recently (name -> when), so a lagging cache is not taken for a deletion.
     expectations: Mutex<HashMap<String, Instant>>,
+    /// Pods whose creation RBAC refused (name -> first refusal), tried again for [`RBAC_GRACE`].
+    forbidden: Mutex<HashMap<String, Instant>>,
     /// Validated DAGs by (run uid, spec hash).
     dags: Mutex<HashMap<String, (String, Arc<Dag>)>>,
     /// Writes run status off the reconcile path, and knows the newest status of each run.
@@ -296,17 +303,9 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     hydrate_outputs(&ctx, &ns, &uid, &mut status).await?;
 
     // What happened since the last pass.
-    let mut events = ctx.pool.drain(&uid);
-    let taken = events.clone();
-    let pod_events = observe_pods(&ctx, &run, &status, &spec, &dag).await;
-    let pod_events = match pod_events {
-        Ok(e) => e,
-        Err(e) => {
-            ctx.pool.restore(&uid, taken);
-            return Err(e);
-        }
-    };
-    events.extend(pod_events);
+    let mut taken = Taken::drain(&ctx.pool, &uid);
+    let mut events = taken.events.clone();
+    events.extend(observe_pods(&ctx, &run, &status, &spec, &dag).await?);
     for (key, row) in &status.steps {
         if row.phase == StepPhase::Running
             && row.items.is_none()
@@ -341,7 +340,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     // Cache hits finish their steps at once; their dependents may start in the same pass. Each
     // round settles at least one step, so this ends.
     loop {
-        let hits = execute(&ctx, &run, &spec, &dag, &mut status, &decision.actions).await?;
+        let hits = execute(&ctx, &run, &spec, &dag, &mut status, &decision.actions, &taken).await?;
         if hits.is_empty() {
             break;
         }
@@ -357,6 +356,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     conditions_for(&mut status, generation, now);
     record_transitions(&ctx, &run, &spec, &dag, &transitions, &status);
     ctx.status.stage(&run, &before, &status);
+    taken.recorded();
 
     if status.phase.is_finished() {
         ctx.release(&uid);
@@ -368,8 +368,44 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     })
 }
 
+/// Results a pass took from the pool's inbox. They go back to the inbox unless the pass records
+/// them (its status write succeeds): a pass that fails (an API error, a refused status write,
+/// the apiserver down) would otherwise lose them, and the next pass would take those attempts
+/// for lost and run them again.
+struct Taken<'a> {
+    pool: &'a TaskPool,
+    uid: &'a str,
+    events: Vec<Event>,
+    recorded: bool,
+}
+
+impl<'a> Taken<'a> {
+    fn drain(pool: &'a TaskPool, uid: &'a str) -> Self {
+        Self { pool, uid, events: pool.drain(uid), recorded: false }
+    }
+
+    /// The result of an attempt, if this pass took one.
+    fn result_of(&self, key: &str, attempt: u32) -> Option<&Event> {
+        self.events.iter().find(|e| !matches!(e, Event::Lost { .. }) && event_key(e) == (key, attempt))
+    }
+
+    /// The pass wrote the status these results led to.
+    fn recorded(&mut self) {
+        self.recorded = true;
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.pool.restore(self.uid, std::mem::take(&mut self.events));
+        }
+    }
+}
+
 /// Carries the engine's actions out: creates or deletes pods, spawns or aborts in-process
-/// tasks. Steps whose result is cached do not run: their results come back as events.
+/// tasks. Steps whose result is cached do not run: their results come back as events, and so do
+/// in-process attempts that already ran (see below).
 async fn execute(
     ctx: &Ctx,
     run: &WorkflowRun,
@@ -377,6 +413,7 @@ async fn execute(
     dag: &Dag,
     status: &mut WorkflowRunStatus,
     actions: &[EngineAction],
+    taken: &Taken<'_>,
 ) -> Result<Vec<Event>, Error> {
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
@@ -402,7 +439,20 @@ async fn execute(
                             run.controller_owner_ref(&()).ok_or_else(|| Error::Other("run has no uid".into()))?;
                         let Some(pod) = build_pod(&name, &ns, owner, task) else { continue };
                         let pod_name = pod.name_any();
-                        match pods.create(&PostParams::default(), &pod).await {
+                        let created = pods.create(&PostParams::default(), &pod).await;
+                        // Refused by RBAC: perhaps not for long (see RBAC_GRACE). The pass fails
+                        // and is tried again; nothing it took is lost (see Taken).
+                        let rbac_refused = matches!(&created, Err(kube::Error::Api(e))
+                            if e.code == 403 && e.message.contains("cannot create resource"));
+                        let try_again = rbac_refused && {
+                            let first = *lock(&ctx.forbidden).entry(pod_name.clone()).or_insert_with(Instant::now);
+                            first.elapsed() < RBAC_GRACE
+                        };
+                        if !try_again {
+                            lock(&ctx.forbidden).remove(&pod_name);
+                        }
+                        match created {
+                            Err(e) if try_again => return Err(e.into()),
                             Ok(_) => {
                                 lock(&ctx.expectations).insert(pod_name.clone(), Instant::now());
                             }
@@ -426,7 +476,16 @@ async fn execute(
                             row.pod = Some(pod_name);
                         }
                     }
-                    _ => ctx.pool.spawn(run_ref.clone(), task.clone()),
+                    // A pass whose status write failed started this attempt, and its result came
+                    // back before this pass started it again (the engine saw that result as
+                    // stale): use it rather than run the attempt twice.
+                    _ => match taken.result_of(&task.key, task.attempt) {
+                        Some(result) => {
+                            debug!(run = %name, step = %task.key, attempt = task.attempt, "the attempt ran already");
+                            hits.push(result.clone())
+                        }
+                        None => ctx.pool.spawn(run_ref.clone(), task.clone()),
+                    },
                 }
             }
             EngineAction::Abort { key, attempt, .. } => {
@@ -757,7 +816,7 @@ async fn sweep_finished(client: Client, scope: Option<String>, counts: Arc<Mutex
     // wait for this list, and one unpaged response of all of them would set the process's
     // peak memory.
     let stream = watcher(api, watcher::Config::default().labels(naming::LABEL_FINISHED).page_size(500))
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .modify(|m| m.metadata.managed_fields = None)
         .reflect(writer)
         .touched_objects()
@@ -867,19 +926,19 @@ pub async fn controller(
     // many finished runs.
     let (pod_reader, pod_writer) = reflector::store();
     let pod_stream = watcher(pods_api, watcher::Config::default().labels(naming::LABEL_RUN).served_from_watch_cache())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .modify(slim_pod)
         .reflect(pod_writer)
         .touched_objects();
     let (wf_reader, wf_writer) = reflector::store();
     let (agent_reader, agent_writer) = reflector::store();
     let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().served_from_watch_cache())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .modify(|a: &mut Agent| slim_meta(&mut a.metadata))
         .reflect(agent_writer)
         .touched_objects();
     let wf_stream = watcher(wf_api, watcher::Config::default().served_from_watch_cache())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .modify(|w: &mut Workflow| slim_meta(&mut w.metadata))
         .reflect(wf_writer)
         .touched_objects();
@@ -887,7 +946,7 @@ pub async fn controller(
     let (runs, run_writer) = reflector::store();
     let active = format!("!{}", naming::LABEL_FINISHED);
     let run_stream = watcher(runs_api, watcher::Config::default().labels(&active).served_from_watch_cache())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .modify(slim_run)
         .reflect(run_writer)
         .touched_objects();
@@ -926,6 +985,7 @@ pub async fn controller(
         inline_output_limit: args.inline_output_limit,
         admitted: Default::default(),
         expectations: Default::default(),
+        forbidden: Default::default(),
         dags: Default::default(),
         status: status_writer.clone(),
         pending_cache: Default::default(),

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::api::{FIELD_MANAGER, WorkflowRun, WorkflowRunStatus};
+use crate::api::{FIELD_MANAGER, WorkflowRun, WorkflowRunStatus, own_conditions};
 use crate::metrics::Metrics;
 use crate::naming;
 
@@ -230,7 +230,9 @@ impl StatusWriter {
     ///
     async fn write(&self, ns: &str, name: &str, status: &WorkflowRunStatus) -> Result<Option<String>, kube::Error> {
         let api: Api<WorkflowRun> = Api::namespaced(self.client.clone(), ns);
-        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": status});
+        // Other writers' conditions are theirs: send only ours.
+        let sent = WorkflowRunStatus { conditions: own_conditions(&status.conditions), ..status.clone() };
+        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "status": sent});
         let written = api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         self.metrics.status_writes.with_label_values(&["WorkflowRun"]).inc();
         Ok(written.resource_version())

@@ -10,7 +10,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{FIELD_MANAGER, KState, Workflow, WorkflowStatus, set_kstatus};
+use crate::api::{FIELD_MANAGER, KState, Workflow, WorkflowStatus, own_conditions, set_kstatus};
 use crate::engine;
 use crate::metrics::Metrics;
 
@@ -43,7 +43,9 @@ async fn reconcile(wf: Arc<Workflow>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     if wf.status.as_ref() != Some(&desired) {
         let ns = wf.namespace().unwrap_or_default();
         let api: Api<Workflow> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "status": desired});
+        // Other writers' conditions are theirs: send only ours.
+        let sent = WorkflowStatus { conditions: own_conditions(&desired.conditions), ..desired.clone() };
+        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "status": sent});
         api.patch_status(&wf.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         ctx.metrics.status_writes.with_label_values(&["Workflow"]).inc();
     }
@@ -61,7 +63,7 @@ pub async fn controller(client: Client, scope: Option<String>, metrics: Metrics,
     let ctx = Arc::new(Ctx { client, metrics });
     let (store, writer) = kube::runtime::reflector::store();
     let workflows = watcher(api, watcher::Config::default().served_from_watch_cache())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .modify(|w: &mut Workflow| super::run::slim_meta(&mut w.metadata))
         .reflect(writer)
         .touched_objects();

@@ -23,6 +23,15 @@ struct State {
     inbox: HashMap<String, Vec<Event>>,
 }
 
+impl State {
+    /// Whether a result of the attempt waits in the inbox.
+    fn has_result(&self, uid: &str, key: &str, attempt: u32) -> bool {
+        self.inbox.get(uid).is_some_and(|evs| {
+            evs.iter().any(|e| matches!(e, Event::Succeeded { key: k, attempt: a, .. } | Event::Failed { key: k, attempt: a, .. } if k == key && *a == attempt))
+        })
+    }
+}
+
 /// A bounded pool of in-process tasks with an inbox of results per run.
 #[derive(Clone)]
 pub struct TaskPool {
@@ -49,10 +58,14 @@ impl TaskPool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Spawns `task` unless the same attempt is already running (starting twice is a no-op).
+    /// Spawns `task` unless the same attempt is already running or has a result waiting
+    /// (starting twice is a no-op: a pass whose status write failed starts its attempts again).
     pub fn spawn(&self, run: RunRef, task: TaskStart) {
         let key = (run.uid.clone(), task.key.clone());
         let mut state = self.lock();
+        if state.has_result(&run.uid, &task.key, task.attempt) {
+            return;
+        }
         if let Some((attempt, handle)) = state.live.get(&key) {
             if *attempt == task.attempt && !handle.is_finished() {
                 return;
@@ -94,9 +107,7 @@ impl TaskPool {
     pub fn knows(&self, uid: &str, key: &str, attempt: u32) -> bool {
         let state = self.lock();
         state.live.get(&(uid.to_string(), key.to_string())).is_some_and(|(a, _)| *a == attempt)
-            || state.inbox.get(uid).is_some_and(|evs| {
-                evs.iter().any(|e| matches!(e, Event::Succeeded { key: k, attempt: a, .. } | Event::Failed { key: k, attempt: a, .. } if k == key && *a == attempt))
-            })
+            || state.has_result(uid, key, attempt)
     }
 
     /// Takes the results waiting for a run.
@@ -141,5 +152,45 @@ impl TaskPool {
         while self.running() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Work;
+    use crate::executors::http::HttpExecutor;
+
+    fn task(attempt: u32) -> TaskStart {
+        TaskStart {
+            key: "ask".into(),
+            step_id: "ask".into(),
+            index: None,
+            attempt,
+            work: Work::Agent { agent: Some("a".into()), selector: None, strategy: None, prompt: "hi".into() },
+            timeout: None,
+            cache: None,
+        }
+    }
+
+    /// A pass whose status write failed starts its attempts again: an attempt whose result
+    /// waits in the inbox must not run a second time.
+    #[tokio::test]
+    async fn an_attempt_with_a_result_waiting_is_not_run_again() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // No agent caller: every agent task ends at once with a failure, which is a result.
+        let runner = Arc::new(InProcessRunner::new(HttpExecutor::new(), None));
+        let pool = TaskPool::new(4, runner, Arc::new(|_: &str, _: &str| {}));
+        let run = RunRef { namespace: "ns".into(), name: "r".into(), uid: "u".into() };
+        pool.spawn(run.clone(), task(1));
+        pool.idle(Duration::from_secs(5)).await;
+        assert!(pool.knows("u", "ask", 1), "the result waits");
+        pool.spawn(run.clone(), task(1));
+        pool.idle(Duration::from_secs(5)).await;
+        assert_eq!(pool.drain("u").len(), 1, "the attempt ran once");
+        // Once taken, a new attempt runs.
+        pool.spawn(run, task(2));
+        pool.idle(Duration::from_secs(5)).await;
+        assert_eq!(pool.drain("u").len(), 1);
     }
 }

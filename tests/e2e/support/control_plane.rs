@@ -16,6 +16,9 @@
 //!   (ServiceAccount included, which is why [`ControlPlane::namespace`] waits for the `default`
 //!   ServiceAccount and its token).
 //! - The volt CRDs are server-side applied and Established before [`shared`] returns.
+//! - [`ControlPlane::stop_apiserver`] and [`ControlPlane::start_apiserver`] stop the apiserver
+//!   and start it again on the same port, certificates and etcd data, for outage tests; those
+//!   start a control plane of their own ([`ControlPlane::start`]) rather than stop the shared one.
 //!
 //! With `VOLT_TEST_KUBECONFIG=/path/to/kubeconfig` the tests use that cluster instead (its
 //! current context must be an admin); the operator identity is then impersonated.
@@ -126,6 +129,9 @@ struct Component {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// How it was started, to start it again ([`ControlPlane::start_apiserver`]).
+    binary: PathBuf,
+    args: Vec<String>,
 }
 
 impl ControlPlane {
@@ -277,6 +283,66 @@ impl ControlPlane {
             } else {
                 drop(dir);
             }
+        }
+    }
+
+    /// Stops kube-apiserver (SIGKILL, as a crash or a node loss would), leaving etcd, the
+    /// controller manager, the data, the certificates and the port as they are. Clients see
+    /// refused connections until [`ControlPlane::start_apiserver`]. Not on an external cluster.
+    pub fn stop_apiserver(&self) -> Result<(), String> {
+        if self.external {
+            return Err("cannot stop the apiserver of an external cluster".into());
+        }
+        let mut processes = self.local.processes.lock().map_err(|_| "process list poisoned")?;
+        let apiserver = processes
+            .iter_mut()
+            .find(|c| c.name == "kube-apiserver")
+            .ok_or("this control plane has no kube-apiserver process")?;
+        apiserver.child.kill().map_err(|e| format!("kill kube-apiserver: {e}"))?;
+        apiserver.child.wait().map_err(|e| format!("wait for kube-apiserver: {e}"))?;
+        Ok(())
+    }
+
+    /// Starts kube-apiserver again after [`ControlPlane::stop_apiserver`], with the same flags
+    /// (same port, certificates, tokens and etcd, so clients and kubeconfigs keep working; its
+    /// log goes on in `kube-apiserver.log`), and waits until its `/readyz` answers `ok`. Returns
+    /// how long that took. A running apiserver is left alone.
+    pub async fn start_apiserver(&self) -> Result<Duration, String> {
+        if self.external {
+            return Err("cannot start the apiserver of an external cluster".into());
+        }
+        let started = Instant::now();
+        {
+            let mut processes = self.local.processes.lock().map_err(|_| "process list poisoned")?;
+            let apiserver = processes
+                .iter_mut()
+                .find(|c| c.name == "kube-apiserver")
+                .ok_or("this control plane has no kube-apiserver process")?;
+            if matches!(apiserver.child.try_wait(), Ok(None)) {
+                return Ok(Duration::ZERO);
+            }
+            let log = fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&apiserver.log)
+                .map_err(|e| format!("open {}: {e}", apiserver.log.display()))?;
+            apiserver.child = spawn_logging(&apiserver.binary, &apiserver.args, log, &self.local.dir_path)
+                .map_err(|e| format!("start kube-apiserver again: {e}"))?;
+        }
+        let client = self.client().await;
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            self.check_alive().map_err(|e| format!("{e}{}", self.log_tails()))?;
+            let request = http::Request::get("/readyz").body(Vec::new()).map_err(|e| e.to_string())?;
+            let last = match client.request_text(request).await {
+                Ok(body) if body.trim() == "ok" => return Ok(started.elapsed()),
+                Ok(body) => body,
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(format!("kube-apiserver not ready again after {STARTUP_TIMEOUT:?}; last /readyz: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -548,7 +614,7 @@ fn start_local(bins: &Binaries) -> Result<ControlPlane, Failure> {
         match spawn_component(binary, &args, &log, &dir_path) {
             Ok(child) => {
                 if let Ok(mut processes) = control_plane.local.processes.lock() {
-                    processes.push(Component { name, child, log });
+                    processes.push(Component { name, child, log, binary: binary.clone(), args });
                 }
             }
             Err(e) => {
@@ -762,7 +828,10 @@ fn spawn_tied(mut command: Command) -> io::Result<Child> {
 }
 
 fn spawn_component(binary: &Path, args: &[String], log: &Path, cwd: &Path) -> io::Result<Child> {
-    let out = fs::File::create(log)?;
+    spawn_logging(binary, args, fs::File::create(log)?, cwd)
+}
+
+fn spawn_logging(binary: &Path, args: &[String], out: fs::File, cwd: &Path) -> io::Result<Child> {
     let err = out.try_clone()?;
     let mut command = Command::new(binary);
     command.args(args).current_dir(cwd).stdin(Stdio::null()).stdout(out).stderr(err);

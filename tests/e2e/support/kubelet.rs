@@ -5,7 +5,8 @@
 //!   like a real kubelet's (phase, IPs, start time, the four pod conditions and a status for every
 //!   container of the spec).
 //! - [`Kubelet`] does it in the background for every new pod of a namespace, following a
-//!   [`PodPlan`] per pod.
+//!   [`PodPlan`] per pod. While the apiserver cannot be reached (stopped by a test), it keeps
+//!   trying, as a kubelet does.
 //!
 //! Pods created by controllers (ReplicaSets, Jobs, the operator) have no `spec.nodeName` here,
 //! since nothing schedules them; their status can be patched all the same. Note that the
@@ -223,7 +224,8 @@ async fn drive(
     }
     let mut seen: HashSet<String> = HashSet::new();
     let mut tasks = JoinSet::new();
-    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    // Quick to watch again after an outage, as a kubelet resyncs; the operator is what tests measure.
+    let mut events = std::pin::pin!(watcher(api, config).backoff(volt_operator::controllers::WatchBackoff::default()));
     while let Some(event) = events.next().await {
         while tasks.try_join_next().is_some() {}
         let pod = match event {
@@ -262,23 +264,47 @@ async fn follow_plan(client: Client, namespace: String, name: String, uid: Strin
     };
     tokio::time::sleep(plan.start_delay).await;
     let Some(pod) = still_there(&api, &name, &uid).await else { return };
-    report("set running", write_status(&api, &pod, running_status(&pod, &plan.pod_ip, plan.ready, &now())).await);
+    let running = |pod: &Pod| running_status(pod, &plan.pod_ip, plan.ready, &now());
+    report("set running", persist(|| write_status(&api, &pod, running(&pod))).await);
     if plan.outcome == Outcome::Run {
         return;
     }
     tokio::time::sleep(plan.run_for).await;
     let Some(pod) = still_there(&api, &name, &uid).await else { return };
-    let status = match &plan.outcome {
-        Outcome::Run => return,
-        Outcome::Succeed { message } => terminated_status(&pod, true, 0, message, &now()),
-        Outcome::Fail { message, exit_code } => terminated_status(&pod, false, *exit_code, message, &now()),
+    let status = |pod: &Pod| match &plan.outcome {
+        Outcome::Run => Value::Null,
+        Outcome::Succeed { message } => terminated_status(pod, true, 0, message, &now()),
+        Outcome::Fail { message, exit_code } => terminated_status(pod, false, *exit_code, message, &now()),
     };
-    report("set terminated", write_status(&api, &pod, status).await);
+    report("set terminated", persist(|| write_status(&api, &pod, status(&pod))).await);
+}
+
+/// How long the stand-in keeps trying while the apiserver cannot be reached (a real kubelet
+/// keeps trying for ever).
+const UNREACHABLE_FOR: Duration = Duration::from_secs(180);
+
+/// Runs `request` again while the apiserver cannot be reached (connection refused or reset,
+/// as while it is stopped), like a kubelet riding out an outage; an answer from the apiserver,
+/// error or not, ends it.
+async fn persist<T, F, Fut>(mut request: F) -> kube::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = kube::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + UNREACHABLE_FOR;
+    loop {
+        match request().await {
+            Err(e) if !matches!(e, kube::Error::Api(_)) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The pod, if it still exists (same UID) and is not being deleted.
 async fn still_there(api: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
-    let pod = api.get_opt(name).await.ok()??;
+    let pod = persist(|| api.get_opt(name)).await.ok()??;
     (pod.metadata.uid.as_deref() == Some(uid) && pod.metadata.deletion_timestamp.is_none()).then_some(pod)
 }
 
