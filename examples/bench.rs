@@ -1028,7 +1028,14 @@ async fn at_rest(
     // measured start is the next one, as after an upgrade or a crash.
     let first = Operator::start(bin, &sa.kubeconfig, extra).await;
     let first_ready = first.ready_in;
-    first.settled_requests().await;
+    // Until it has written all of it (settled: no write for 1.5 s), at most 3 minutes.
+    for _ in 0..12 {
+        let before = first.requests().await;
+        let after = first.settled_requests().await;
+        if before == after {
+            break;
+        }
+    }
     first.stop().await;
     let cpu = procs.sample(0);
     let op = Operator::start(bin, &sa.kubeconfig, extra).await;

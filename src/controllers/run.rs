@@ -950,7 +950,10 @@ pub async fn controller(
         .modify(slim_run)
         .reflect(run_writer)
         .touched_objects();
-    let controller = Controller::for_stream(run_stream, runs.clone());
+    // Passes of different runs run in parallel, bounded: a burst of new runs does not open
+    // thousands of requests at once.
+    let controller = Controller::for_stream(run_stream, runs.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(64));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel::<ObjectRef<WorkflowRun>>();
     let notify_tx = wake_tx.clone();
     let notify: crate::executors::pool::Notify = Arc::new(move |ns: &str, name: &str| {

@@ -67,7 +67,10 @@ pub async fn controller(client: Client, scope: Option<String>, metrics: Metrics,
         .modify(|w: &mut Workflow| super::run::slim_meta(&mut w.metadata))
         .reflect(writer)
         .touched_objects();
+    // A few at a time: a start with thousands of Workflows writes their status without a
+    // burst of requests (and memory).
     let stream = Controller::for_stream(workflows, store)
+        .with_config(kube::runtime::controller::Config::default().concurrency(8))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx);
     drain("workflow", stream).await;

@@ -157,9 +157,9 @@ impl Dispatcher {
 }
 
 /// Publishes the transitions of an object as Kubernetes Events (a series when one repeats),
-/// coalesced: step progress on one object within `window` becomes one Event; the object's own
-/// transitions (a run starting or finishing) and warnings are published at once, with the
-/// progress gathered before them.
+/// coalesced: step progress on one object within `window` becomes one Event (with the run's
+/// start); the end of a run and warnings are published at once, with the progress gathered
+/// before them.
 pub struct KubernetesEvents {
     sink: EventSink,
     window: Duration,
@@ -224,7 +224,12 @@ impl Handler for KubernetesEvents {
     fn handle<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let Some(reference) = &batch.reference else { return };
-            let urgent = self.window.is_zero() || batch.events.iter().any(|e| e.step.is_none() || e.kind.is_warning());
+            // A run starting waits with its first steps; its end and failures go at once.
+            let urgent = self.window.is_zero()
+                || batch
+                    .events
+                    .iter()
+                    .any(|e| (e.step.is_none() && e.kind != EventKind::RunStarted) || e.kind.is_warning());
             let key = object_key(reference);
             let mut events = {
                 let mut map = lock(&self.pending);
