@@ -435,7 +435,9 @@ pub async fn controller(
         .touched_objects();
     // Pods, as little of them as health needs (labels, deletion, status).
     let (pod_store, pod_writer) = reflector::store();
-    let pod_stream = watcher(api_for::<Pod>(&client, &scope), watcher::Config::default().served_from_watch_cache())
+    // Paged: a cluster's pods are many and large; one unpaged list of them would set the
+    // process's peak memory (slimmed objects are small once stored).
+    let pod_stream = watcher(api_for::<Pod>(&client, &scope), watcher::Config::default().page_size(500))
         .backoff(super::WatchBackoff::default())
         .modify(|pod| {
             pod.managed_fields_mut().clear();

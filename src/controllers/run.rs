@@ -925,7 +925,8 @@ pub async fn controller(
     // The caches keep only what the controller reads (see `slim_*`): memory stays flat with
     // many finished runs.
     let (pod_reader, pod_writer) = reflector::store();
-    let pod_stream = watcher(pods_api, watcher::Config::default().labels(naming::LABEL_RUN).served_from_watch_cache())
+    // Paged, like the Agent controller's: pods of finished runs stay until their run is deleted.
+    let pod_stream = watcher(pods_api, watcher::Config::default().labels(naming::LABEL_RUN).page_size(500))
         .backoff(super::WatchBackoff::default())
         .modify(slim_pod)
         .reflect(pod_writer)
