@@ -45,11 +45,13 @@ e2e: deps ## End-to-end tests against a real kube-apiserver, etcd and kube-contr
 chaos: deps ## Fault injection on a real control plane: SIGKILL of the operator, a 30 s apiserver outage, 409s (VOLT_CHAOS_SEED=n replays)
 	$(CARGO) test --test chaos
 
-test: deps lint ## Everything CI runs: deps, lint, unit, end-to-end and fault-injection tests
+test: deps lint ## Everything CI runs: deps, lint, unit, end-to-end and fault-injection tests, a small benchmark run
 	$(CARGO) test --lib --bins
 	$(CARGO) test --test local
 	$(CARGO) test --test e2e -- --test-threads=$${E2E_THREADS:-4}
 	$(CARGO) test --test chaos
+	$(CARGO) build --bin volt-operator --example bench
+	./target/debug/examples/bench --scale 0.02 --check --operator target/debug/volt-operator
 
 demo: deps build ## Start a local control plane and the operator, apply the examples, show `kubectl get volt`
 	bash hack/demo.sh

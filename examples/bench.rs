@@ -60,6 +60,9 @@ struct Args {
     /// The operator binary (default: target/release/volt-operator next to this example).
     #[arg(long)]
     operator: Option<PathBuf>,
+    /// Exit with status 1 if a run of any scenario did not succeed (for a smoke run in CI).
+    #[arg(long)]
+    check: bool,
     /// Extra arguments for `volt-operator run` (repeatable), e.g. `--operator-arg=--status-flush-interval=0`.
     #[arg(long = "operator-arg", allow_hyphen_values = true)]
     operator_args: Vec<String>,
@@ -140,6 +143,11 @@ async fn main() {
                         "configmap_patches_per_s": round(again.patches)}));
     println!("{}", results.last().unwrap_or(&Value::Null));
     print_table(&machine, &results);
+    let failed: u64 = results.iter().filter_map(|r| r["failed_runs"].as_u64()).sum();
+    if args.check && failed > 0 {
+        eprintln!("{failed} runs did not succeed");
+        std::process::exit(1);
+    }
 }
 
 fn default_operator() -> PathBuf {
