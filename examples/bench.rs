@@ -103,31 +103,25 @@ async fn main() {
 
     if want("inprocess") {
         let r = inprocess(cp, &admin, &op, &procs, &ceiling, n(500)).await;
-        println!("{r}");
-        results.push(r);
+        record(&mut results, r);
     }
     if want("dispatch") {
         let r = dispatch_inprocess(cp, &admin, &op, &procs, n(30)).await;
-        println!("{r}");
-        results.push(r);
+        record(&mut results, r);
         let r = dispatch_pods(cp, &admin, &op, &procs, n(20)).await;
-        println!("{r}");
-        results.push(r);
+        record(&mut results, r);
     }
     if want("pods") {
         let r = pod_churn(cp, &admin, &op, &procs, &ceiling, n(200)).await;
-        println!("{r}");
-        results.push(r);
+        record(&mut results, r);
     }
     if want("agents") {
         let r = agents(cp, &admin, &op, &procs, n(2000)).await;
-        println!("{r}");
-        results.push(r);
+        record(&mut results, r);
     }
     if want("big") {
         let r = big_workflow(cp, &admin, &op, &procs, 2000).await;
-        println!("{r}");
-        results.push(r);
+        record(&mut results, r);
     }
     let rss = op.rss_mb();
     results.push(json!({"scenario": "operator_after_load", "rss_mb": round(rss.0), "peak_rss_mb": round(rss.1)}));
@@ -135,8 +129,7 @@ async fn main() {
     op.stop().await;
     if want("rest") {
         let r = at_rest(cp, &admin, &bin, &sa, &args.operator_args, &procs, n(10_000), n(1_000)).await;
-        println!("{r}");
-        results.push(r);
+        record(&mut results, r);
     }
     let again = Ceiling::measure(cp, &admin, &sa_client, n(1000)).await;
     results.push(json!({"scenario": "ceiling_end", "configmap_creates_per_s": round(again.creates),
@@ -148,6 +141,12 @@ async fn main() {
         eprintln!("{failed} runs did not succeed");
         std::process::exit(1);
     }
+}
+
+/// Prints a scenario's JSON line and keeps it for the table.
+fn record(results: &mut Vec<Value>, r: Value) {
+    println!("{r}");
+    results.push(r);
 }
 
 fn default_operator() -> PathBuf {

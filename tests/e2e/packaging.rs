@@ -21,7 +21,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use volt_operator::api::{Agent, RunPhase, WorkflowRun, WorkflowRunStatus};
 
 use crate::operator::{Operator, kube_config, wait_for};
@@ -740,17 +739,7 @@ impl Process {
 
     /// Status code and body of `GET path`, or `None` when nothing answers.
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let fetch = async {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-            let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes()).await.ok()?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.ok()?;
-            let code = response.split_whitespace().nth(1)?.parse().ok()?;
-            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-            Some((code, body))
-        };
-        tokio::time::timeout(Duration::from_secs(2), fetch).await.ok().flatten()
+        crate::support::http_get(self.port, path, Duration::from_secs(2)).await
     }
 
     async fn ready(&self) -> bool {

@@ -234,17 +234,7 @@ impl OperatorProcess {
 
     /// Status code and body of `GET path`, or `None` when nothing answers.
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let fetch = async {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-            let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes()).await.ok()?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.ok()?;
-            let code = response.split_whitespace().nth(1)?.parse().ok()?;
-            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-            Some((code, body))
-        };
-        tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
+        crate::support::http_get(self.port, path, Duration::from_secs(5)).await
     }
 
     /// Stops the process (SIGTERM, as Kubernetes does) and returns everything it wrote.
