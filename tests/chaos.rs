@@ -1071,7 +1071,11 @@ async fn status_conflicts_and_other_writers_lose_nothing() {
         .with_layer(&counter)
         .with_layer(&conflicts)
         .build();
-    let op = operator::Operator::start_on(&ns, operator_client, metrics, |_| {}).await;
+    // Every change written (no coalescing), so that many writes meet the injected conflicts.
+    let op = operator::Operator::start_on(&ns, operator_client, metrics, |args| {
+        args.status_flush_interval = Duration::ZERO;
+    })
+    .await;
 
     let names: Vec<String> = vec!["many-0".into(), "many-1".into()];
     let items: Vec<u32> = (1..=40).collect();
