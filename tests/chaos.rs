@@ -37,14 +37,14 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
-use volt_operator::api::{Agent, RunPhase, StepPhase, StepStatus, WorkflowRun, WorkflowRunStatus};
+use volt_operator::api::{RunPhase, StepPhase, StepStatus, WorkflowRun, WorkflowRunStatus};
 use volt_operator::controllers::WatchBackoff;
 
 use support::control_plane::{ControlPlane, OPERATOR_USER};
@@ -93,17 +93,7 @@ async fn grant_operator(client: &Client, ns: &str) {
 }
 
 async fn apply(client: &Client, ns: &str, obj: Value) {
-    let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    let ar = match kind.as_str() {
-        "WorkflowRun" => ApiResource::erase::<WorkflowRun>(&()),
-        "Agent" => ApiResource::erase::<Agent>(&()),
-        other => panic!("unexpected kind {other}"),
-    };
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-    api.patch(&name, &PatchParams::apply("chaos").force(), &Patch::Apply(&obj))
-        .await
-        .unwrap_or_else(|err| panic!("apply {kind}/{name}: {err}"));
+    support::apply_as(client, ns, obj, "chaos").await;
 }
 
 fn agent(name: &str, base_url: &str) -> Value {
@@ -255,10 +245,7 @@ impl OperatorProcess {
     /// The sum of the samples of `metric` on /metrics.
     async fn metric(&self, metric: &str) -> f64 {
         let (_, body) = self.get("/metrics").await.unwrap_or_default();
-        body.lines()
-            .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        support::metric_sum(&body, metric)
     }
 
     fn log_tail(&self) -> String {

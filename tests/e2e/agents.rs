@@ -48,17 +48,7 @@ pub(crate) async fn operator(e: &Env) -> Operator {
 }
 
 pub(crate) async fn apply(e: &Env, obj: Value) {
-    let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    let ar = match kind.as_str() {
-        "WorkflowRun" => kube::api::ApiResource::erase::<WorkflowRun>(&()),
-        "Agent" => kube::api::ApiResource::erase::<Agent>(&()),
-        other => panic!("unexpected kind {other}"),
-    };
-    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(e.client.clone(), &e.ns, &ar);
-    api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&obj))
-        .await
-        .unwrap_or_else(|err| panic!("apply {kind}/{name}: {err}"));
+    crate::support::apply_as(&e.client, &e.ns, obj, "test").await;
 }
 
 /// An Agent of the `replicas` form: pods labelled `app=<app>`, serving on `port`.

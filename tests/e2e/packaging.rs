@@ -147,18 +147,7 @@ fn run_pods(client: &Client, ns: &str) -> Kubelet {
 }
 
 async fn apply(client: &Client, ns: &str, obj: Value) {
-    let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    let ar = match kind.as_str() {
-        "WorkflowRun" => kube::api::ApiResource::erase::<WorkflowRun>(&()),
-        "Agent" => kube::api::ApiResource::erase::<Agent>(&()),
-        "Workflow" => kube::api::ApiResource::erase::<volt_operator::api::Workflow>(&()),
-        other => panic!("unexpected kind {other}"),
-    };
-    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-    api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&obj))
-        .await
-        .unwrap_or_else(|err| panic!("apply {kind}/{name}: {err}"));
+    crate::support::apply_as(client, ns, obj, "test").await;
 }
 
 async fn finished(runs: &Api<WorkflowRun>, name: &str) -> WorkflowRunStatus {
@@ -749,10 +738,7 @@ impl Process {
     /// The sum of the samples of `metric` on this process's /metrics.
     async fn metric(&self, metric: &str) -> f64 {
         let (_, body) = self.get("/metrics").await.unwrap_or_default();
-        body.lines()
-            .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        crate::support::metric_sum(&body, metric)
     }
 
     fn pid(&self) -> i32 {

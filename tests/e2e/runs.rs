@@ -61,18 +61,7 @@ async fn kubelet(e: &Env, run_for: Duration) -> Kubelet {
 }
 
 async fn apply(e: &Env, obj: serde_json::Value) {
-    let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    let ar = match kind.as_str() {
-        "Workflow" => kube::api::ApiResource::erase::<volt_operator::api::Workflow>(&()),
-        "WorkflowRun" => kube::api::ApiResource::erase::<WorkflowRun>(&()),
-        "Agent" => kube::api::ApiResource::erase::<volt_operator::api::Agent>(&()),
-        other => panic!("unexpected kind {other}"),
-    };
-    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(e.client.clone(), &e.ns, &ar);
-    api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&obj))
-        .await
-        .unwrap_or_else(|err| panic!("apply {kind}/{name}: {err}"));
+    crate::support::apply_as(&e.client, &e.ns, obj, "test").await;
 }
 
 fn run_obj(name: &str, workflow: serde_json::Value) -> serde_json::Value {

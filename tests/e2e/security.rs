@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
 use kube::Client;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use volt_operator::api::{Agent, RunPhase, StepPhase, WorkflowRun, WorkflowRunStatus};
@@ -30,17 +30,7 @@ const LONG: Duration = Duration::from_secs(90);
 const MODEL: &str = "stub-model";
 
 async fn apply(client: &Client, ns: &str, obj: Value) {
-    let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    let ar = match kind.as_str() {
-        "WorkflowRun" => kube::api::ApiResource::erase::<WorkflowRun>(&()),
-        "Agent" => kube::api::ApiResource::erase::<Agent>(&()),
-        other => panic!("unexpected kind {other}"),
-    };
-    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-    api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&obj))
-        .await
-        .unwrap_or_else(|err| panic!("apply {kind}/{name}: {err}"));
+    crate::support::apply_as(client, ns, obj, "test").await;
 }
 
 fn run_obj(name: &str, workflow: Value) -> Value {

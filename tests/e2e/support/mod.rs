@@ -45,3 +45,30 @@ pub async fn http_get(port: u16, path: &str, timeout: Duration) -> Option<(u16, 
     };
     tokio::time::timeout(timeout, fetch).await.ok().flatten()
 }
+
+/// Server-side applies a volt object (Agent, Workflow or WorkflowRun, by its `kind`) in `ns` as
+/// field manager `manager`; panics naming the object if the API server refuses it.
+pub async fn apply_as(client: &kube::Client, ns: &str, obj: serde_json::Value, manager: &str) {
+    use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+    let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let ar = match kind.as_str() {
+        "WorkflowRun" => ApiResource::erase::<volt_operator::api::WorkflowRun>(&()),
+        "Workflow" => ApiResource::erase::<volt_operator::api::Workflow>(&()),
+        "Agent" => ApiResource::erase::<volt_operator::api::Agent>(&()),
+        other => panic!("unexpected kind {other}"),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(&obj))
+        .await
+        .unwrap_or_else(|err| panic!("apply {kind}/{name}: {err}"));
+}
+
+/// The sum of the samples of `metric` in a Prometheus text exposition.
+pub fn metric_sum(exposition: &str, metric: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
