@@ -398,16 +398,11 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Cli, Command};
-    use clap::Parser;
 
     fn args(extra: &[&str]) -> RunArgs {
-        let mut argv = vec!["volt-operator", "run"];
+        let mut argv = vec!["volt-operator"];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv) {
-            Ok(Cli { command: Command::Run(args), .. }) => *args,
-            other => panic!("run expected, got {other:?}"),
-        }
+        RunArgs::try_parse_from(argv).unwrap_or_else(|e| panic!("run flags parse: {e}"))
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! - [`executors`]: how steps run (pods, HTTP, agent calls; templates run in the engine).
 //! - [`http`]: health, readiness, metrics and the JSON API.
 //! - [`leader`]: leader election with a Lease; only the leader runs the controllers.
-//! - [`config`]: command line and environment.
+//! - [`config`]: the `run` flags and their environment variables (the command line itself is the binary's).
 //! - [`cache`]: step memoization (memory and ConfigMap tiers).
 //! - [`events`]: the event dispatcher, event log and CloudEvents sink.
 //! - [`local`]: local mode: run and validate Workflows from YAML files with no cluster.
-//! - [`naming`]: names and labels of every child object.
+//! - [`naming`]: names, labels and status keys of everything the operator makes.
+//! - [`pass`]: one pass of a run over a [`pass::StepRuntime`], shared by the controller and local mode.
+//! - [`kube_util`]: API handles, watch settings and metadata slimming for the controllers.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`watcher`]: component health and the figures of `/api/v1/stats`.
 
@@ -24,8 +26,10 @@ pub mod engine;
 pub mod events;
 pub mod executors;
 pub mod http;
+pub mod kube_util;
 pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod naming;
+pub mod pass;
 pub mod watcher;

@@ -2,15 +2,61 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
-use volt_operator::config::{Cli, Command, CrdArgs, LogArgs, LogFormat, RunArgs};
+use volt_operator::config::RunArgs;
 use volt_operator::controllers::{self, Health};
 use volt_operator::metrics::Metrics;
-use volt_operator::{api, http, leader};
+use volt_operator::{api, http, kube_util, leader};
+
+/// volt-operator: orchestrates AI-agent workflows on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "volt-operator", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controllers against the cluster from KUBECONFIG or the in-cluster service account.
+    Run(Box<RunArgs>),
+    /// Print every CustomResourceDefinition as YAML (or write one file per CRD with --out-dir).
+    Crd(CrdArgs),
+    /// Run or validate Workflows from YAML files on this machine, with no cluster.
+    #[command(subcommand)]
+    Local(volt_operator::local::LocalCommand),
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log level or tracing filter (for example `info` or `volt_operator=debug,kube=info`).
+    #[arg(long, env = "VOLT_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "VOLT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `crd` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct CrdArgs {
+    /// Write one `<plural>.yaml` per CRD into this directory instead of printing.
+    #[arg(long)]
+    pub out_dir: Option<std::path::PathBuf>,
+}
 
 fn init_logging(log: &LogArgs) {
     let filter = EnvFilter::try_new(&log.log_level).unwrap_or_else(|e| {
@@ -57,7 +103,7 @@ async fn run(mut args: RunArgs) -> Result<(), String> {
         .map_err(|e| format!("no Kubernetes configuration (KUBECONFIG or in-cluster): {e}"))?;
     // HTTP steps may not reach the cluster API.
     args.cluster_url = Some(config.cluster_url.clone());
-    let client = controllers::client_with_metrics(config, &metrics)
+    let client = kube_util::client_with_metrics(config, &metrics)
         .await
         .map_err(|e| format!("building the Kubernetes client: {e}"))?;
     let health = Arc::new(Health::default());
@@ -123,7 +169,9 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Crd(args) => print_crds(&args),
-        Command::Local(cmd) => return volt_operator::local::main(cmd, &cli.log),
+        Command::Local(cmd) => {
+            return volt_operator::local::main(cmd, &cli.log.log_level, cli.log.log_format == LogFormat::Json);
+        }
         Command::Run(args) => {
             init_logging(&cli.log);
             match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -139,5 +187,41 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use serde_json::Value as Json;
+    use volt_operator::local::{LocalCommand, OutputFormat};
+
+    #[test]
+    fn the_subcommands_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "volt-operator",
+            "local",
+            "run",
+            "a.yaml",
+            "dir",
+            "-p",
+            "who=x",
+            "--param",
+            "n:=3",
+            "-w",
+            "-o",
+            "json",
+        ])
+        .expect("parses");
+        let Command::Local(LocalCommand::Run(args)) = cli.command else { panic!("local run expected") };
+        assert_eq!(args.files.len(), 2);
+        assert_eq!(args.params, vec![("who".into(), Json::from("x")), ("n".into(), Json::from(3))]);
+        assert!(args.watch && args.output == OutputFormat::Json);
+        let err = Cli::try_parse_from(["volt-operator", "local", "run"]).expect_err("files are required");
+        assert!(err.to_string().contains("<FILE>"), "{err}");
+        let err = Cli::try_parse_from(["volt-operator", "local", "run", "f", "-p", "x"]).expect_err("bad param");
+        assert!(err.to_string().contains("NAME=VALUE"), "{err}");
     }
 }

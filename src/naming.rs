@@ -40,6 +40,25 @@ pub fn fit(s: &str, max: usize) -> String {
     format!("{prefix}-{hash}")
 }
 
+/// The status key of item `index` of a forEach step: `id[index]`. Status keys are the keys of
+/// `status.steps`: a step's id, or `id[index]` for each item of a fan-out.
+pub fn child_key(step_id: &str, index: usize) -> String {
+    format!("{step_id}[{index}]")
+}
+
+/// The step id and item index of a status key (`implement[3]` -> `("implement", Some(3))`).
+pub fn parse_step_key(key: &str) -> (&str, Option<usize>) {
+    match key.split_once('[') {
+        Some((id, rest)) => (id, rest.strip_suffix(']').and_then(|i| i.parse().ok())),
+        None => (key, None),
+    }
+}
+
+/// The step id of a status key.
+pub fn step_id_of(key: &str) -> &str {
+    parse_step_key(key).0
+}
+
 /// Turns a status key such as `implement[3]` into a DNS-label fragment (`implement-3`).
 pub fn key_fragment(key: &str) -> String {
     key.replace('[', "-").replace(']', "")
@@ -90,6 +109,14 @@ pub fn agent_deployment(agent: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_keys_round_trip() {
+        assert_eq!(child_key("implement", 3), "implement[3]");
+        assert_eq!(parse_step_key(&child_key("a-b", 12)), ("a-b", Some(12)));
+        assert_eq!(parse_step_key("plain"), ("plain", None));
+        assert_eq!(step_id_of("x[0]"), "x");
+    }
 
     #[test]
     fn names_fit_and_stay_distinct() {

@@ -84,7 +84,7 @@ impl SystemWatcher {
             let mut replicas = 0;
             let mut agent_error = None;
             for scope in &scopes {
-                let api: Api<Agent> = crate::controllers::api_for(&client, scope);
+                let api: Api<Agent> = crate::kube_util::api_for(&client, scope);
                 match api.list(&ListParams::default()).await {
                     Ok(list) => {
                         for a in list.items {

@@ -45,7 +45,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use volt_operator::api::{RunPhase, StepPhase, StepStatus, WorkflowRun, WorkflowRunStatus};
-use volt_operator::controllers::WatchBackoff;
+use volt_operator::kube_util::WatchBackoff;
 
 use support::control_plane::{ControlPlane, OPERATOR_USER};
 use support::kubelet::{Behaviour, Kubelet, Outcome, PodPlan};

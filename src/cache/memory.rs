@@ -5,7 +5,29 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::CacheStrategy;
+/// Which entry a full cache evicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheStrategy {
+    /// The least recently used.
+    #[default]
+    Lru,
+    /// The least frequently used (then the least recently).
+    Lfu,
+    /// The oldest.
+    Fifo,
+}
+
+impl std::str::FromStr for CacheStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "lru" => Ok(Self::Lru),
+            "lfu" => Ok(Self::Lfu),
+            "fifo" => Ok(Self::Fifo),
+            _ => Err(format!("{s:?} is not a cache strategy (lru, lfu, fifo)")),
+        }
+    }
+}
 
 /// What a cached step result carries besides its output.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -12,16 +12,27 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
-use crate::config::CacheArgs;
 use crate::engine::Work;
 
 pub use configmap::ConfigMapTier;
-pub use memory::{Counts, Entry, Eviction, MemoryCache};
+pub use memory::{CacheStrategy, Counts, Entry, Eviction, MemoryCache};
+
+/// Bounds and defaults of the step cache.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub strategy: CacheStrategy,
+    /// Time to live of a result whose step sets none.
+    pub ttl: Duration,
+    pub max_entries: usize,
+    pub max_bytes: usize,
+}
 
 /// The cache's metrics, registered in the operator's registry.
 #[derive(Clone)]
@@ -58,6 +69,33 @@ impl CacheMetrics {
     }
 }
 
+/// Time to live of a result whose step sets no `ttlSeconds`, unless configured otherwise
+/// (`--cache-ttl`).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+
+/// A store of step results, as the run pass sees it: the cluster's [`CacheManager`], local
+/// mode's disk cache, or none.
+pub trait StepCache: Send + Sync {
+    /// The unexpired result stored under `key` for `namespace`.
+    fn get<'a>(&'a self, namespace: &'a str, key: &'a str) -> BoxFuture<'a, Option<Entry>>;
+    /// Stores a result for `ttl` (the store's default when `None`).
+    fn put<'a>(&'a self, namespace: &'a str, key: String, entry: Entry, ttl: Option<Duration>) -> BoxFuture<'a, ()>;
+    /// Where the results live, for people.
+    fn describe(&self) -> String;
+}
+
+impl StepCache for CacheManager {
+    fn get<'a>(&'a self, namespace: &'a str, key: &'a str) -> BoxFuture<'a, Option<Entry>> {
+        Box::pin(CacheManager::get(self, namespace, key))
+    }
+    fn put<'a>(&'a self, namespace: &'a str, key: String, entry: Entry, ttl: Option<Duration>) -> BoxFuture<'a, ()> {
+        Box::pin(CacheManager::put(self, namespace, key, entry, ttl))
+    }
+    fn describe(&self) -> String {
+        if self.tier.is_some() { "memory and ConfigMaps".into() } else { "memory".into() }
+    }
+}
+
 /// Step memoization shared by every run.
 pub struct CacheManager {
     mem: Mutex<MemoryCache>,
@@ -73,7 +111,7 @@ fn now_ms() -> i64 {
 }
 
 impl CacheManager {
-    pub fn new(args: &CacheArgs, metrics: CacheMetrics, tier: Option<ConfigMapTier>) -> Self {
+    pub fn new(args: &CacheSettings, metrics: CacheMetrics, tier: Option<ConfigMapTier>) -> Self {
         Self {
             mem: Mutex::new(MemoryCache::new(args.strategy, args.max_entries, args.max_bytes)),
             default_ttl: args.ttl,
@@ -257,10 +295,9 @@ pub fn step_key(namespace: &str, work: &Work, identity: &serde_json::Value) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CacheStrategy;
 
     fn manager() -> CacheManager {
-        let args = CacheArgs {
+        let args = CacheSettings {
             strategy: CacheStrategy::Lru,
             ttl: Duration::from_secs(60),
             max_entries: 10,
@@ -293,7 +330,7 @@ mod tests {
 
     #[tokio::test]
     async fn evictions_are_events() {
-        let args = CacheArgs {
+        let args = CacheSettings {
             strategy: CacheStrategy::Fifo,
             ttl: Duration::from_secs(60),
             max_entries: 1,

@@ -2,59 +2,13 @@
 //! (`VOLT_*`), and the Helm chart sets them from its values.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser};
 
 use crate::api::Strategy;
+use crate::cache::{CacheSettings, CacheStrategy};
 pub use crate::executors::http_policy::CidrList;
-
-/// volt-operator: orchestrates AI-agent workflows on Kubernetes.
-#[derive(Debug, Parser)]
-#[command(name = "volt-operator", version, about, propagate_version = true)]
-pub struct Cli {
-    #[command(flatten)]
-    pub log: LogArgs,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the controllers against the cluster from KUBECONFIG or the in-cluster service account.
-    Run(Box<RunArgs>),
-    /// Print every CustomResourceDefinition as YAML (or write one file per CRD with --out-dir).
-    Crd(CrdArgs),
-    /// Run or validate Workflows from YAML files on this machine, with no cluster.
-    #[command(subcommand)]
-    Local(crate::local::LocalCommand),
-}
-
-/// Logging.
-#[derive(Debug, Clone, Args)]
-pub struct LogArgs {
-    /// Log level or tracing filter (for example `info` or `volt_operator=debug,kube=info`).
-    #[arg(long, env = "VOLT_LOG_LEVEL", default_value = "info", global = true)]
-    pub log_level: String,
-    /// Log format.
-    #[arg(long, env = "VOLT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// `crd` arguments.
-#[derive(Debug, Clone, Args)]
-pub struct CrdArgs {
-    /// Write one `<plural>.yaml` per CRD into this directory instead of printing.
-    #[arg(long)]
-    pub out_dir: Option<PathBuf>,
-}
 
 /// `run` arguments: everything the controllers need.
 #[derive(Debug, Clone, Args)]
@@ -175,8 +129,8 @@ pub struct HttpStepArgs {
 /// Step-result cache settings.
 #[derive(Debug, Clone, Args)]
 pub struct CacheArgs {
-    /// Eviction strategy of the step cache.
-    #[arg(long = "cache-strategy", env = "VOLT_CACHE_STRATEGY", value_enum, default_value_t = CacheStrategy::Lru)]
+    /// Eviction strategy of the step cache: lru, lfu or fifo.
+    #[arg(long = "cache-strategy", env = "VOLT_CACHE_STRATEGY", default_value = "lru", value_parser = str::parse::<CacheStrategy>)]
     pub strategy: CacheStrategy,
     /// Default time to live of a cached result, in seconds.
     #[arg(long = "cache-ttl", env = "VOLT_CACHE_TTL", default_value = "3600", value_parser = parse_secs)]
@@ -189,11 +143,16 @@ pub struct CacheArgs {
     pub max_bytes: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CacheStrategy {
-    Lru,
-    Lfu,
-    Fifo,
+impl CacheArgs {
+    /// The cache's settings.
+    pub fn settings(&self) -> CacheSettings {
+        CacheSettings {
+            strategy: self.strategy,
+            ttl: self.ttl,
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -207,10 +166,24 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 impl RunArgs {
     /// Defaults suitable for tests and embedding: everything as with no flags.
     pub fn defaults() -> Self {
-        match Cli::try_parse_from(["volt-operator", "run"]) {
-            Ok(Cli { command: Command::Run(args), .. }) => *args,
-            _ => unreachable!("`run` with no flags always parses"),
+        match Self::try_parse_from(["volt-operator"]) {
+            Ok(args) => args,
+            Err(e) => unreachable!("`run` with no flags always parses: {e}"),
         }
+    }
+
+    /// Parses `run`'s flags (the first item is the program name), as the binary does.
+    pub fn try_parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Run {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        Run::try_parse_from(args).map(|r| r.args)
     }
 }
 
@@ -220,9 +193,8 @@ mod tests {
 
     #[test]
     fn flags_and_defaults_parse() {
-        let cli = Cli::try_parse_from([
+        let cli = RunArgs::try_parse_from([
             "volt-operator",
-            "run",
             "--namespaces",
             "a,b",
             "--lb-strategy",
@@ -232,7 +204,7 @@ mod tests {
             "30",
         ])
         .expect("parses");
-        let Command::Run(args) = cli.command else { panic!("run expected") };
+        let args = cli;
         assert_eq!(args.namespaces, vec!["a", "b"]);
         assert_eq!(args.lb_strategy, Strategy::LeastConnections);
         assert!(args.leader_elect);
@@ -246,15 +218,14 @@ mod tests {
         assert_eq!(args.http_step.allow.to_string(), "0.0.0.0/0,::/0");
         assert_eq!(args.http_step.deny.to_string(), "169.254.0.0/16,fe80::/10");
         assert_eq!(args.cluster_url, None);
-        let cli = Cli::try_parse_from([
+        let cli = RunArgs::try_parse_from([
             "volt-operator",
-            "run",
             "--http-step-allow",
             "10.0.0.0/8, fd00::/8",
             "--http-step-deny=",
         ])
         .expect("parses");
-        let Command::Run(args) = cli.command else { panic!("run expected") };
+        let args = cli;
         assert_eq!(args.http_step.allow.to_string(), "10.0.0.0/8,fd00::/8");
         assert_eq!(args.http_step.deny, CidrList::default());
     }
@@ -262,13 +233,13 @@ mod tests {
     #[test]
     fn bad_values_name_the_flag() {
         for flag in ["--http-step-allow", "--http-step-deny"] {
-            let err = Cli::try_parse_from(["volt-operator", "run", flag, "10.0.0.0/8,169.254.0.0/33"]).unwrap_err();
+            let err = RunArgs::try_parse_from(["volt-operator", flag, "10.0.0.0/8,169.254.0.0/33"]).unwrap_err();
             let text = err.to_string();
             assert!(text.contains(flag) && text.contains("\"169.254.0.0/33\" is not a CIDR"), "{text}");
         }
-        let err = Cli::try_parse_from(["volt-operator", "run", "--lb-strategy", "fastest"]).unwrap_err();
+        let err = RunArgs::try_parse_from(["volt-operator", "--lb-strategy", "fastest"]).unwrap_err();
         assert!(err.to_string().contains("--lb-strategy"), "{err}");
-        let err = Cli::try_parse_from(["volt-operator", "run", "--cache-ttl=-3"]).unwrap_err();
+        let err = RunArgs::try_parse_from(["volt-operator", "--cache-ttl=-3"]).unwrap_err();
         assert!(err.to_string().contains("--cache-ttl"), "{err}");
     }
 }

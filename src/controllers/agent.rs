@@ -32,9 +32,9 @@ use crate::api::{
 use crate::metrics::Metrics;
 use crate::naming;
 
-use super::ServedFromWatchCache;
-use super::events::EventSink;
-use super::{Error, api_for, drain, error_requeue};
+use super::{Error, drain, error_requeue};
+use crate::events::EventSink;
+use crate::kube_util::{ServedFromWatchCache, WatchBackoff, api_for};
 
 /// How long a pass waits for the pod cache's first list.
 const POD_CACHE_WAIT: Duration = Duration::from_secs(30);
@@ -277,7 +277,7 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             let Some(selector) = pod_selector(&agent) else {
                 return Err(Error::Other(format!("spec.{kind} is not set")));
             };
-            if tokio::time::timeout(POD_CACHE_WAIT, super::wait_ready(&ctx.pods)).await.is_err() {
+            if tokio::time::timeout(POD_CACHE_WAIT, crate::kube_util::wait_ready(&ctx.pods)).await.is_err() {
                 return Err(Error::Other("the pod watch has not listed pods yet".into()));
             }
             match pod_replicas(&agent, &ctx, &selector) {
@@ -425,7 +425,7 @@ pub async fn controller(
     let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listed_now = listed.clone();
     let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().served_from_watch_cache())
-        .backoff(super::WatchBackoff::default())
+        .backoff(WatchBackoff::default())
         .reflect(agent_writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Delete(a) => forget.remove(&a.namespace().unwrap_or_default(), &a.name_any()),
@@ -438,7 +438,7 @@ pub async fn controller(
     // Paged: a cluster's pods are many and large; one unpaged list of them would set the
     // process's peak memory (slimmed objects are small once stored).
     let pod_stream = watcher(api_for::<Pod>(&client, &scope), watcher::Config::default().page_size(500))
-        .backoff(super::WatchBackoff::default())
+        .backoff(WatchBackoff::default())
         .modify(|pod| {
             pod.managed_fields_mut().clear();
             pod.annotations_mut().clear();
@@ -451,7 +451,7 @@ pub async fn controller(
         api_for::<Deployment>(&client, &scope),
         watcher::Config::default().labels(&format!("{}={}", naming::LABEL_MANAGED_BY, naming::MANAGED_BY)),
     )
-    .backoff(super::WatchBackoff::default())
+    .backoff(WatchBackoff::default())
     .reflect(dep_writer)
     .touched_objects();
 
@@ -486,7 +486,7 @@ pub async fn controller(
         })
     };
     let stream = Controller::for_stream(agent_stream, agent_store)
-        .trigger_backoff(super::WatchBackoff::default())
+        .trigger_backoff(WatchBackoff::default())
         .owns_stream(dep_stream)
         .watches_stream(pod_stream, mapper)
         .reconcile_all_on(prune)

@@ -2,9 +2,7 @@
 //! status. [`run`] starts all three and the HTTP server's readiness follows them.
 
 pub mod agent;
-pub mod events;
 pub mod run;
-mod status_writer;
 pub mod workflow;
 
 use std::sync::Arc;
@@ -14,7 +12,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use kube::runtime::controller::{self, Action};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Client, Resource};
+use kube::{Client, Resource};
 use tracing::{info, warn};
 
 use tokio_util::sync::CancellationToken;
@@ -70,16 +68,6 @@ pub fn scopes(args: &RunArgs) -> Vec<Option<String>> {
     if args.namespaces.is_empty() { vec![None] } else { args.namespaces.iter().cloned().map(Some).collect() }
 }
 
-pub(crate) fn api_for<K>(client: &Client, ns: &Option<String>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
 /// Logs a controller's results instead of dropping them.
 pub(crate) async fn drain<K, E, E2>(
     name: &'static str,
@@ -105,44 +93,6 @@ pub(crate) async fn drain<K, E, E2>(
         .await;
 }
 
-/// Initial lists served by the API server's watch cache: `resourceVersion=0` and no page limit
-/// (with a limit, the client drops `resourceVersion=0` and every page is a quorum read from
-/// etcd that decodes every object of the type, which made startup with 10,000 runs take 20 s).
-/// Memory stays bounded because every cache slims its objects as they arrive.
-pub(crate) trait ServedFromWatchCache {
-    fn served_from_watch_cache(self) -> Self;
-}
-
-impl ServedFromWatchCache for kube::runtime::watcher::Config {
-    fn served_from_watch_cache(mut self) -> Self {
-        self = self.any_semantic();
-        self.page_size = None;
-        self
-    }
-}
-
-/// Waits until a store has its first full list. A store's readiness future wakes only its
-/// most recent poller (the controller also waits on it), so poll it on a short interval.
-pub(crate) async fn wait_ready<K>(store: &kube::runtime::reflector::Store<K>)
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    loop {
-        match tokio::time::timeout(Duration::from_millis(50), store.wait_until_ready()).await {
-            Ok(_) => return,
-            Err(_) => continue,
-        }
-    }
-}
-
-/// Builds a kube client whose requests are counted in `metrics` by verb.
-pub async fn client_with_metrics(config: kube::Config, metrics: &Metrics) -> Result<Client, kube::Error> {
-    let layer = crate::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
-    let client = kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build();
-    Ok(client)
-}
-
 /// Events kept for replay at `/api/v1/events`.
 const EVENT_LOG_SIZE: usize = 10_000;
 
@@ -158,13 +108,13 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
     )
     .with_metrics(metrics.llm.clone());
     let agents: Option<Arc<dyn AgentCaller>> = Some(Arc::new(caller));
-    let events = events::EventSink::start(client.clone(), metrics.clone());
+    let events = crate::events::EventSink::start(client.clone(), metrics.clone());
     let cache = health
         .cache
         .get_or_init(|| {
             let cache_metrics = crate::cache::CacheMetrics::register(&metrics.registry);
             let tier = crate::cache::ConfigMapTier::new(client.clone());
-            Arc::new(crate::cache::CacheManager::new(&args.cache, cache_metrics, Some(tier)))
+            Arc::new(crate::cache::CacheManager::new(&args.cache.settings(), cache_metrics, Some(tier)))
         })
         .clone();
     let log = health.events.get_or_init(|| Arc::new(crate::events::EventLog::new(EVENT_LOG_SIZE))).clone();
@@ -183,6 +133,15 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
         args.health_check_interval,
         shutdown.clone(),
     )));
+    // One task pool, status writer and admission for the whole operator, whatever the scopes.
+    let shared = run::Shared::new(&client, &args, metrics.clone(), dispatcher.clone(), agents, cache.clone()).await;
+    let writer_stop = CancellationToken::new();
+    let writer = {
+        let health = health.clone();
+        let still_leader = move || health.leader.load(Ordering::Relaxed);
+        tokio::spawn(shared.clone().write_status(writer_stop.clone(), still_leader))
+    };
+    let gauges = tokio::spawn(shared.clone().gauges());
     for scope in scopes(&args) {
         info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
         let where_ = scope.clone().unwrap_or_else(|| "all-namespaces".into());
@@ -208,17 +167,7 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
         tasks.push(tokio::spawn(supervised(
             health.clone(),
             name("workflowrun"),
-            run::controller(
-                client.clone(),
-                scope.clone(),
-                args.clone(),
-                metrics.clone(),
-                dispatcher.clone(),
-                agents.clone(),
-                cache.clone(),
-                health.clone(),
-                shutdown.clone(),
-            ),
+            run::controller(client.clone(), scope.clone(), shared.clone(), health.clone(), shutdown.clone()),
         )));
     }
     for res in futures::future::join_all(tasks).await {
@@ -226,6 +175,10 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
             warn!(error = %e, "controller task ended abnormally");
         }
     }
+    // What waits is written once no pass can stage more.
+    writer_stop.cancel();
+    let _ = writer.await;
+    gauges.abort();
 }
 
 /// Runs a controller, telling the system watcher whether it is alive.
@@ -233,45 +186,6 @@ async fn supervised(health: Arc<Health>, name: String, controller: impl std::fut
     health.system.set(&name, true, "running");
     controller.await;
     health.system.set(&name, false, "stopped");
-}
-
-/// Backoff of the operator's watches after an error: from 0.5 s, doubling, at most 5 s, with
-/// jitter, and back to 0.5 s after any event. kube's default (client-go's: up to 30 s, and a
-/// failed resume, such as the 410 Gone every watch gets from a restarted apiserver, does not
-/// reset it) kept the operator's caches stale for over a minute after a 30 s apiserver outage
-/// (tests/chaos.rs). Every 5 s is one refused connection per watch while the apiserver is down.
-#[derive(Clone, Debug)]
-pub struct WatchBackoff {
-    next: Duration,
-}
-
-impl WatchBackoff {
-    pub const MIN: Duration = Duration::from_millis(500);
-    pub const MAX: Duration = Duration::from_secs(5);
-}
-
-impl Default for WatchBackoff {
-    fn default() -> Self {
-        Self { next: Self::MIN }
-    }
-}
-
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        use rand::Rng;
-        let delay = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        // Between 75% and 100% of the delay, so watches that failed together do not retry together.
-        Some(delay.mul_f64(rand::rng().random_range(0.75..=1.0)))
-    }
-}
-
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.next = Self::MIN;
-    }
 }
 
 /// Requeue after an error: a transient API error retries soon, with jitter.

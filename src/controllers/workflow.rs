@@ -14,8 +14,8 @@ use crate::api::{FIELD_MANAGER, KState, Workflow, WorkflowStatus, own_conditions
 use crate::engine;
 use crate::metrics::Metrics;
 
-use super::ServedFromWatchCache;
-use super::{Error, api_for, drain, error_requeue};
+use super::{Error, drain, error_requeue};
+use crate::kube_util::{ServedFromWatchCache, WatchBackoff, api_for};
 
 struct Ctx {
     client: Client,
@@ -63,8 +63,8 @@ pub async fn controller(client: Client, scope: Option<String>, metrics: Metrics,
     let ctx = Arc::new(Ctx { client, metrics });
     let (store, writer) = kube::runtime::reflector::store();
     let workflows = watcher(api, watcher::Config::default().served_from_watch_cache())
-        .backoff(super::WatchBackoff::default())
-        .modify(|w: &mut Workflow| super::run::slim_meta(&mut w.metadata))
+        .backoff(WatchBackoff::default())
+        .modify(|w: &mut Workflow| crate::kube_util::slim_meta(&mut w.metadata))
         .reflect(writer)
         .touched_objects();
     // A few at a time: a start with thousands of Workflows writes their status without a

@@ -72,6 +72,10 @@ impl Dag {
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()
     }
+    /// The kind of the step a status key (`id` or `id[index]`) belongs to.
+    pub fn kind_of(&self, spec: &WorkflowSpec, key: &str) -> Option<crate::api::StepKind> {
+        self.index_of(crate::naming::step_id_of(key)).and_then(|i| step_at(spec, i).kind())
+    }
     pub fn deps(&self, i: usize) -> &[usize] {
         &self.deps[i]
     }

@@ -16,5 +16,5 @@ mod scheduler_tests;
 
 pub use dag::{Dag, InvalidSpec, ValidationError, validate};
 pub use scheduler::{
-    Action, Decision, Event, Input, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance,
+    Action, Decision, Event, Input, Phase, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance,
 };

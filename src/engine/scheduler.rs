@@ -143,12 +143,34 @@ pub enum Action {
     Abort { key: String, attempt: u32, step_id: String, reason: String },
 }
 
+/// The phase a [`Transition`] enters: the run's or a step's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Run(RunPhase),
+    Step(StepPhase),
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Run(p) => p.as_str(),
+            Phase::Step(p) => p.as_str(),
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A phase change of a step or the run, for Kubernetes Events and the event log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
-    /// Step key, or `None` for the run itself.
+    /// Step key, or `None` for the run itself (then `phase` is a [`Phase::Run`]).
     pub key: Option<String>,
-    pub phase: String,
+    pub phase: Phase,
     pub attempt: u32,
     pub message: String,
 }
@@ -162,10 +184,7 @@ pub struct Decision {
     pub requeue_after: Option<Duration>,
 }
 
-/// The status key of a forEach child.
-pub fn child_key(step_id: &str, index: usize) -> String {
-    format!("{step_id}[{index}]")
-}
+pub use crate::naming::child_key;
 
 /// Delay before retry number `retry` (1-based).
 pub fn backoff_delay(backoff: Option<&Backoff>, retry: u32) -> Duration {
@@ -217,7 +236,7 @@ impl Pass<'_, '_> {
             if self.status.phase != phase {
                 self.decision.transitions.push(Transition {
                     key: None,
-                    phase: phase.as_str().into(),
+                    phase: Phase::Run(phase),
                     attempt: 0,
                     message: message.clone(),
                 });
@@ -244,7 +263,7 @@ impl Pass<'_, '_> {
         let attempt = row.attempts;
         self.decision.transitions.push(Transition {
             key: Some(key.to_string()),
-            phase: phase.as_str().into(),
+            phase: Phase::Step(phase),
             attempt,
             message,
         });
@@ -276,7 +295,7 @@ impl Pass<'_, '_> {
     }
 
     fn step_of_key(&self, key: &str) -> Option<&'_ Step> {
-        let id = key.split('[').next().unwrap_or(key);
+        let id = crate::naming::step_id_of(key);
         self.input.dag.index_of(id).map(|i| step_at(self.input.spec, i))
     }
 

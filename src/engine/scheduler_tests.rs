@@ -484,12 +484,12 @@ impl Harness {
         self.transitions
             .iter()
             .filter(|(_, t)| t.key.as_deref() == Some(key))
-            .map(|(_, t)| (t.phase.clone(), t.attempt))
+            .map(|(_, t)| (t.phase.to_string(), t.attempt))
             .collect()
     }
 
     fn run_transitions(&self) -> Vec<String> {
-        self.transitions.iter().filter(|(_, t)| t.key.is_none()).map(|(_, t)| t.phase.clone()).collect()
+        self.transitions.iter().filter(|(_, t)| t.key.is_none()).map(|(_, t)| t.phase.to_string()).collect()
     }
 }
 
@@ -998,7 +998,7 @@ fn a_step_timeout_aborts_and_retries() {
     assert_eq!((a.at, a.key.as_str(), a.attempt), (secs(5), "a", 1));
     assert!(a.reason.contains("timed out after 5s"), "{}", a.reason);
     assert_eq!(h.starts_of("a"), [(1, 0.0), (2, 7.0)]);
-    assert!(h.transitions.iter().any(|(_, t)| t.phase == "Retrying" && t.message.contains("timed out")));
+    assert!(h.transitions.iter().any(|(_, t)| t.phase.as_str() == "Retrying" && t.message.contains("timed out")));
     assert_eq!(h.output("a"), "second time");
 }
 

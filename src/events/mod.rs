@@ -8,6 +8,7 @@
 //! with retries).
 
 mod cloudevents;
+mod kubernetes;
 mod log;
 
 use std::collections::HashMap;
@@ -22,9 +23,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use cloudevents::CloudEventsSink;
+pub use kubernetes::EventSink;
 pub use log::EventLog;
 
-use crate::controllers::events::EventSink;
 use crate::metrics::Metrics;
 
 /// What happened.

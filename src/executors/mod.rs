@@ -1,5 +1,6 @@
-//! How steps run. Container steps become pods ([`pod`]); agent and http steps run in-process
-//! ([`InProcessRunner`]) on a bounded pool ([`pool`]); template steps are rendered by the
+//! How steps run. Container steps become pods ([`pod`]) in the cluster and processes in local
+//! mode; agent and http steps run in-process ([`InProcessRunner`]) on a bounded pool
+//! ([`pool`]), which turns a panic into a failed attempt; template steps are rendered by the
 //! engine itself.
 
 pub mod http;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::engine::{TaskInfo, Work};
+use crate::engine::{TaskInfo, TaskStart, Work};
 
 /// A successful attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,16 +55,44 @@ pub trait AgentCaller: Send + Sync {
     fn call<'a>(&'a self, namespace: &'a str, work: &'a Work, timeout: Option<Duration>) -> BoxFuture<'a, Outcome>;
 }
 
-/// Runs in-process work (agent and http steps).
+/// Runs container steps in this process's machine (local mode: as processes).
+pub trait ContainerRunner: Send + Sync {
+    fn run<'a>(&'a self, task: &'a TaskStart) -> BoxFuture<'a, Outcome>;
+}
+
+/// Runs one attempt of in-process work. The task pool ([`pool::TaskPool`]) runs attempts through
+/// one of these; [`InProcessRunner`] is the operator's and local mode's.
+pub trait TaskExecutor: Send + Sync {
+    fn run<'a>(&'a self, namespace: &'a str, task: &'a TaskStart) -> BoxFuture<'a, Outcome>;
+}
+
+/// Why agent steps fail in a process that has no agent caller.
+pub const NO_AGENT_CALLER: &str = "agent steps are not available in this operator build";
+
+/// Runs in-process work: agent and http steps, and container steps where a [`ContainerRunner`]
+/// is given (local mode; in the cluster they are pods).
 #[derive(Clone)]
 pub struct InProcessRunner {
     pub http: http::HttpExecutor,
-    pub agents: Option<Arc<dyn AgentCaller>>,
+    /// The agent caller, or why agent steps cannot run.
+    agents: Result<Arc<dyn AgentCaller>, String>,
+    containers: Option<Arc<dyn ContainerRunner>>,
 }
 
 impl InProcessRunner {
     pub fn new(http: http::HttpExecutor, agents: Option<Arc<dyn AgentCaller>>) -> Self {
-        Self { http, agents }
+        Self { http, agents: agents.ok_or_else(|| NO_AGENT_CALLER.to_string()), containers: None }
+    }
+
+    /// Agent steps fail with `reason` (local mode says why it has no caller).
+    pub fn without_agents(http: http::HttpExecutor, reason: impl Into<String>) -> Self {
+        Self { http, agents: Err(reason.into()), containers: None }
+    }
+
+    /// Container steps run through `runner` instead of failing.
+    pub fn with_containers(mut self, runner: Arc<dyn ContainerRunner>) -> Self {
+        self.containers = Some(runner);
+        self
     }
 
     /// Runs `work`, bounded by `timeout`.
@@ -72,8 +101,8 @@ impl InProcessRunner {
             match work {
                 Work::Http { .. } => self.http.run(work).await,
                 Work::Agent { .. } => match &self.agents {
-                    Some(agents) => agents.call(namespace, work, timeout).await,
-                    None => Err(Failure::permanent("agent steps are not available in this operator build")),
+                    Ok(agents) => agents.call(namespace, work, timeout).await,
+                    Err(reason) => Err(Failure::permanent(reason.clone())),
                 },
                 Work::Container { .. } => Err(Failure::permanent("container steps run as pods, not in-process")),
             }
@@ -83,6 +112,16 @@ impl InProcessRunner {
                 .await
                 .unwrap_or_else(|_| Err(Failure::retryable(format!("timed out after {}s", t.as_secs())))),
             None => fut.await,
+        }
+    }
+}
+
+impl TaskExecutor for InProcessRunner {
+    fn run<'a>(&'a self, namespace: &'a str, task: &'a TaskStart) -> BoxFuture<'a, Outcome> {
+        match (&task.work, &self.containers) {
+            // A container runner bounds its attempt itself (it kills the process group).
+            (Work::Container { .. }, Some(containers)) => containers.run(task),
+            _ => Box::pin(InProcessRunner::run(self, namespace, &task.work, task.timeout)),
         }
     }
 }

@@ -1,16 +1,24 @@
-//! The bounded pool of in-process tasks. Tasks never run on the reconcile loop: a reconcile
-//! spawns them here, and their results wait in an inbox until the run's next reconcile.
+//! The bounded pool of in-process tasks, shared by every run of the process (the operator's,
+//! or local mode's). Tasks never run on a pass: a pass spawns them here, and their results
+//! wait in an inbox until the run's next pass. A task that panics ends as a failed attempt
+//! whose message says so (retried as the step's retry policy says), never as an attempt that
+//! waits for its timeout.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 
-use crate::engine::{Event, TaskStart};
+use crate::api::{StepKind, StepPhase, StepStatus, WorkflowRunStatus, WorkflowSpec};
+use crate::engine::{Dag, Event, RunInfo, TaskStart};
+use crate::pass::{Started, StepRuntime};
 
-use super::InProcessRunner;
+use super::{Failure, TaskExecutor};
 
 /// Called when a task of a run finished, with the run's (namespace, name).
 pub type Notify = Arc<dyn Fn(&str, &str) + Send + Sync>;
@@ -37,21 +45,16 @@ impl State {
 pub struct TaskPool {
     state: Arc<Mutex<State>>,
     permits: Arc<Semaphore>,
-    runner: Arc<InProcessRunner>,
+    runner: Arc<dyn TaskExecutor>,
     notify: Notify,
 }
 
-/// Where a task belongs.
-#[derive(Debug, Clone)]
-pub struct RunRef {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-}
-
 impl TaskPool {
-    pub fn new(limit: usize, runner: Arc<InProcessRunner>, notify: Notify) -> Self {
-        Self { state: Default::default(), permits: Arc::new(Semaphore::new(limit.max(1))), runner, notify }
+    /// A pool running at most `limit` tasks at once (0: no limit of its own) through `runner`;
+    /// `notify` is called with a run's (namespace, name) when one of its tasks finished.
+    pub fn new(limit: usize, runner: Arc<dyn TaskExecutor>, notify: Notify) -> Self {
+        let permits = if limit == 0 { Semaphore::MAX_PERMITS } else { limit };
+        Self { state: Default::default(), permits: Arc::new(Semaphore::new(permits)), runner, notify }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -60,7 +63,7 @@ impl TaskPool {
 
     /// Spawns `task` unless the same attempt is already running or has a result waiting
     /// (starting twice is a no-op: a pass whose status write failed starts its attempts again).
-    pub fn spawn(&self, run: RunRef, task: TaskStart) {
+    pub fn spawn(&self, run: RunInfo, task: TaskStart) {
         let key = (run.uid.clone(), task.key.clone());
         let mut state = self.lock();
         if state.has_result(&run.uid, &task.key, task.attempt) {
@@ -76,7 +79,10 @@ impl TaskPool {
         let attempt = task.attempt;
         let handle = tokio::spawn(async move {
             let permit = pool.permits.clone().acquire_owned().await;
-            let outcome = pool.runner.run(&run.namespace, &task.work, task.timeout).await;
+            let outcome = AssertUnwindSafe(pool.runner.run(&run.namespace, &task))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(Failure::retryable(panic_message(panic.as_ref()))));
             drop(permit);
             let event = super::outcome_event(task.key.clone(), attempt, outcome);
             {
@@ -108,6 +114,19 @@ impl TaskPool {
         let state = self.lock();
         state.live.get(&(uid.to_string(), key.to_string())).is_some_and(|(a, _)| *a == attempt)
             || state.has_result(uid, key, attempt)
+    }
+
+    /// Running attempts of a run that this pool neither runs nor holds a result of, among the
+    /// rows `runs_here` says this pool would run: their work was lost (the operator restarted,
+    /// or a pass started them and its status write never landed). The engine runs them again.
+    pub fn lost(&self, uid: &str, status: &WorkflowRunStatus, runs_here: impl Fn(&str) -> bool) -> Vec<Event> {
+        status
+            .steps
+            .iter()
+            .filter(|(key, row)| row.phase == StepPhase::Running && row.items.is_none() && runs_here(key))
+            .filter(|(key, row)| !self.knows(uid, key, row.attempts))
+            .map(|(key, row)| Event::Lost { key: key.clone(), attempt: row.attempts })
+            .collect()
     }
 
     /// Takes the results waiting for a run.
@@ -155,10 +174,67 @@ impl TaskPool {
     }
 }
 
+/// Every attempt runs on the pool: local mode's runtime (container steps as processes, through
+/// the pool's executor). The controller's runtime adds pods to it.
+impl StepRuntime for TaskPool {
+    type Error = std::convert::Infallible;
+
+    fn take(&self, run: &RunInfo) -> Vec<Event> {
+        self.drain(&run.uid)
+    }
+
+    fn give_back(&self, run: &RunInfo, events: Vec<Event>) {
+        self.restore(&run.uid, events);
+    }
+
+    fn observe<'a>(
+        &'a self,
+        run: &'a RunInfo,
+        _spec: &'a WorkflowSpec,
+        _dag: &'a Dag,
+        status: &'a WorkflowRunStatus,
+    ) -> BoxFuture<'a, Result<Vec<Event>, Self::Error>> {
+        Box::pin(async move { Ok(self.lost(&run.uid, status, |_| true)) })
+    }
+
+    fn start<'a>(
+        &'a self,
+        run: &'a RunInfo,
+        task: &'a TaskStart,
+        _kind: Option<StepKind>,
+    ) -> BoxFuture<'a, Result<Started, Self::Error>> {
+        self.spawn(run.clone(), task.clone());
+        Box::pin(async { Ok(Started::Running { pod: None }) })
+    }
+
+    fn abort<'a>(
+        &'a self,
+        run: &'a RunInfo,
+        key: &'a str,
+        attempt: u32,
+        _kind: Option<StepKind>,
+        _row: Option<&'a StepStatus>,
+    ) -> BoxFuture<'a, Result<(), Self::Error>> {
+        TaskPool::abort(self, &run.uid, key, attempt);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The failure message of a panicked task.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("the step's executor panicked: {what}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::Work;
+    use crate::executors::InProcessRunner;
     use crate::executors::http::HttpExecutor;
 
     fn task(attempt: u32) -> TaskStart {
@@ -181,7 +257,7 @@ mod tests {
         // No agent caller: every agent task ends at once with a failure, which is a result.
         let runner = Arc::new(InProcessRunner::new(HttpExecutor::new(), None));
         let pool = TaskPool::new(4, runner, Arc::new(|_: &str, _: &str| {}));
-        let run = RunRef { namespace: "ns".into(), name: "r".into(), uid: "u".into() };
+        let run = RunInfo { namespace: "ns".into(), name: "r".into(), uid: "u".into() };
         pool.spawn(run.clone(), task(1));
         pool.idle(Duration::from_secs(5)).await;
         assert!(pool.knows("u", "ask", 1), "the result waits");
@@ -192,5 +268,28 @@ mod tests {
         pool.spawn(run, task(2));
         pool.idle(Duration::from_secs(5)).await;
         assert_eq!(pool.drain("u").len(), 1);
+    }
+
+    struct Panics;
+    impl TaskExecutor for Panics {
+        fn run<'a>(&'a self, _: &'a str, _: &'a TaskStart) -> futures::future::BoxFuture<'a, super::super::Outcome> {
+            Box::pin(async { panic!("boom") })
+        }
+    }
+
+    /// A panicking executor ends the attempt as a failure that says so, and frees its entry.
+    #[tokio::test]
+    async fn a_panic_is_a_failed_attempt() {
+        let pool = TaskPool::new(1, Arc::new(Panics), Arc::new(|_: &str, _: &str| {}));
+        let run = RunInfo { namespace: "ns".into(), name: "r".into(), uid: "u".into() };
+        pool.spawn(run, task(1));
+        pool.idle(Duration::from_secs(5)).await;
+        assert_eq!(pool.running(), 0, "no live entry is left behind");
+        match pool.drain("u").as_slice() {
+            [Event::Failed { attempt: 1, message, retryable: true, .. }] => {
+                assert_eq!(message, "the step's executor panicked: boom")
+            }
+            other => panic!("one failure expected, got {other:?}"),
+        }
     }
 }

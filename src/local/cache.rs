@@ -4,8 +4,8 @@
 //!
 //! Keys are [`crate::cache::step_key`]s (a SHA-256 of the step kind and its rendered work, and
 //! for agent steps of the model, instructions and parameters of the agents that may serve it),
-//! the same keys the cluster's cache uses. The store sits behind [`StepCache`], the shape of
-//! [`crate::cache::CacheManager`]'s `get`/`put`, so it can be swapped for a shared manager.
+//! the same keys the cluster's cache uses. The store sits behind [`StepCache`], as the
+//! cluster's [`crate::cache::CacheManager`] does, and the run pass uses either.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,20 +13,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-pub use crate::cache::Entry;
-
-/// A store of step results.
-pub trait StepCache: Send + Sync {
-    /// The unexpired result stored under `key`.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Entry>>;
-    /// Stores a result for `ttl`.
-    fn put<'a>(&'a self, key: &'a str, entry: Entry, ttl: Duration) -> BoxFuture<'a, ()>;
-    /// Where the results live, for people.
-    fn describe(&self) -> String;
-}
-
-/// Default time to live of a result whose step sets no `ttlSeconds` (the operator's default).
-pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+pub use crate::cache::{DEFAULT_TTL, Entry, StepCache};
 
 /// The default cache directory, from `XDG_CACHE_HOME` or `HOME`.
 pub fn default_dir() -> Option<PathBuf> {
@@ -105,13 +92,14 @@ impl DiskCache {
     }
 }
 
+/// Keys already hold the namespace (see [`crate::cache::step_key`]).
 impl StepCache for DiskCache {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Entry>> {
+    fn get<'a>(&'a self, _namespace: &'a str, key: &'a str) -> BoxFuture<'a, Option<Entry>> {
         Box::pin(async move { self.read(key) })
     }
-    fn put<'a>(&'a self, key: &'a str, entry: Entry, ttl: Duration) -> BoxFuture<'a, ()> {
+    fn put<'a>(&'a self, _namespace: &'a str, key: String, entry: Entry, ttl: Option<Duration>) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if let Err(e) = self.write(key, entry, ttl) {
+            if let Err(e) = self.write(&key, entry, ttl.unwrap_or(DEFAULT_TTL)) {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write the local step cache");
             }
         })
@@ -126,10 +114,10 @@ impl StepCache for DiskCache {
 pub struct NoCache;
 
 impl StepCache for NoCache {
-    fn get<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Option<Entry>> {
+    fn get<'a>(&'a self, _namespace: &'a str, _key: &'a str) -> BoxFuture<'a, Option<Entry>> {
         Box::pin(async { None })
     }
-    fn put<'a>(&'a self, _key: &'a str, _entry: Entry, _ttl: Duration) -> BoxFuture<'a, ()> {
+    fn put<'a>(&'a self, _: &'a str, _: String, _: Entry, _: Option<Duration>) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
     fn describe(&self) -> String {

@@ -72,8 +72,10 @@ pub struct LocalRunArgs {
     #[arg(long, value_name = "SECONDS", value_parser = parse_secs)]
     pub timeout: Option<Duration>,
 
-    /// Most steps running at once (processes and in-process calls).
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    /// Most steps running at once (processes and in-process calls) across the whole run. By
+    /// default (0) only the workflow's own limits apply: a forEach runs `maxParallel` items at
+    /// once, as in the cluster. Set it to spare this machine.
+    #[arg(long, default_value_t = 0, value_name = "N")]
     pub parallelism: usize,
 }
 
@@ -121,36 +123,6 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Cli, Command};
-    use clap::{CommandFactory, Parser};
-
-    #[test]
-    fn the_subcommands_parse() {
-        Cli::command().debug_assert();
-        let cli = Cli::try_parse_from([
-            "volt-operator",
-            "local",
-            "run",
-            "a.yaml",
-            "dir",
-            "-p",
-            "who=x",
-            "--param",
-            "n:=3",
-            "-w",
-            "-o",
-            "json",
-        ])
-        .expect("parses");
-        let Command::Local(LocalCommand::Run(args)) = cli.command else { panic!("local run expected") };
-        assert_eq!(args.files.len(), 2);
-        assert_eq!(args.params, vec![("who".into(), Json::from("x")), ("n".into(), Json::from(3))]);
-        assert!(args.watch && args.output == OutputFormat::Json);
-        let err = Cli::try_parse_from(["volt-operator", "local", "run"]).expect_err("files are required");
-        assert!(err.to_string().contains("<FILE>"), "{err}");
-        let err = Cli::try_parse_from(["volt-operator", "local", "run", "f", "-p", "x"]).expect_err("bad param");
-        assert!(err.to_string().contains("NAME=VALUE"), "{err}");
-    }
 
     #[test]
     fn params_are_strings_or_json() {

@@ -38,7 +38,6 @@ use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Agent, RunPhase};
-use crate::config::LogArgs;
 use crate::engine::{self, RunInfo, Settings};
 use crate::executors::http::HttpExecutor;
 
@@ -58,8 +57,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Entry point of `volt-operator local ...`.
-pub fn main(cmd: LocalCommand, log: &LogArgs) -> ExitCode {
-    init_logging(log);
+pub fn main(cmd: LocalCommand, log_level: &str, json_logs: bool) -> ExitCode {
+    init_logging(log_level, json_logs);
     let code = match cmd {
         LocalCommand::Validate(args) => validate(&args),
         LocalCommand::Run(args) => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -74,15 +73,12 @@ pub fn main(cmd: LocalCommand, log: &LogArgs) -> ExitCode {
 }
 
 /// Logs go to stderr; at the default level only warnings, so they do not break the live view.
-fn init_logging(log: &LogArgs) {
-    let level = if log.log_level == "info" { "warn" } else { log.log_level.as_str() };
+fn init_logging(log_level: &str, json: bool) {
+    let level = if log_level == "info" { "warn" } else { log_level };
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match log.log_format {
-        crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        crate::config::LogFormat::Text => builder.try_init(),
-    };
+    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
 
 fn print_problems(problems: &[Problem]) {

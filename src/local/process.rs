@@ -15,10 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::engine::{TaskStart, Work};
-use crate::executors::{Failure, Outcome, Output};
+use crate::executors::{ContainerRunner, Failure, Outcome, Output};
 
 /// The path a container step writes its output to in a pod.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
@@ -34,6 +35,12 @@ pub struct ProcessContext {
     pub namespace: String,
     /// Where termination-log files are made (one per attempt).
     pub dir: PathBuf,
+}
+
+impl ContainerRunner for ProcessContext {
+    fn run<'a>(&'a self, task: &'a TaskStart) -> BoxFuture<'a, Outcome> {
+        Box::pin(run(self, task))
+    }
 }
 
 /// Why the image is not used, for step messages.

@@ -1,30 +1,27 @@
-//! The local run loop: the WorkflowRun controller's pass without Kubernetes. Each pass takes
-//! what finished, asks the engine ([`engine::advance`]) what to do, answers cacheable starts
-//! from the cache, starts the rest (local processes, in-process http and agent calls), and
-//! waits for a result, a retry or timeout due, or Ctrl-C. State lives in memory, in the same
-//! `WorkflowRunStatus` the cluster writes.
+//! The local run loop: a wait loop around the run pass ([`crate::pass`]) that the
+//! WorkflowRun controller also uses. Attempts run on a [`TaskPool`] (container steps as local
+//! processes); each pass is followed by a wait for a result, a retry or timeout due, or
+//! Ctrl-C. State lives in memory, in the same `WorkflowRunStatus` the cluster writes.
 
-use std::collections::{BTreeMap, HashMap};
-use std::panic::AssertUnwindSafe;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::Value as Json;
-use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::AbortHandle;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Agent, KState, RunPhase, StepKind, StepPhase, WorkflowRunStatus, WorkflowSpec, set_kstatus};
-use crate::engine::{self, Action, Dag, Event, RunInfo, Settings, TaskStart, Transition, Work};
+use crate::api::{Agent, StepKind, StepPhase, WorkflowRunStatus, WorkflowSpec};
+use crate::cache::StepCache;
+use crate::engine::{self, Dag, RunInfo, Settings, Transition};
 use crate::executors::http::HttpExecutor;
-use crate::executors::{AgentCaller, Failure, InProcessRunner, Outcome};
+use crate::executors::pool::TaskPool;
+use crate::executors::{AgentCaller, InProcessRunner};
+use crate::pass::{self, Pass, PendingCache};
 
-use super::cache::{DEFAULT_TTL, Entry, StepCache};
 use super::process::{self, ProcessContext};
 
 /// Everything about the run to make, checked and resolved.
@@ -52,7 +49,7 @@ pub struct Executors {
     pub cache: Arc<dyn StepCache>,
     /// Where container steps' termination-log files are made.
     pub scratch: PathBuf,
-    /// Most steps running at once.
+    /// Most steps running at once (0: only the workflow's own limits, `maxParallel`).
     pub parallelism: usize,
     pub settings: Settings,
 }
@@ -74,28 +71,8 @@ pub struct Stats {
     pub passes: u64,
 }
 
-/// Hash of a Workflow spec, as the controller records it.
-pub fn hash_spec(spec: &WorkflowSpec) -> String {
-    let bytes = serde_json::to_vec(spec).unwrap_or_default();
-    hex::encode(&Sha256::digest(&bytes)[..16])
-}
-
 /// Longest wait between passes when nothing is due.
 const IDLE_WAIT: Duration = Duration::from_secs(300);
-
-struct Loop<'a> {
-    plan: &'a Plan,
-    exec: &'a Executors,
-    runner: Arc<InProcessRunner>,
-    permits: Arc<Semaphore>,
-    tx: mpsc::UnboundedSender<Event>,
-    /// Running attempts: key -> (attempt, handle).
-    live: HashMap<String, (u32, AbortHandle)>,
-    /// Cache keys of running cacheable attempts.
-    pending_cache: HashMap<(String, u32), (String, Duration)>,
-    stats: Stats,
-    process: ProcessContext,
-}
 
 /// Runs a plan to its end; `cancel` cancels the run as `spec.cancel` does (running steps are
 /// stopped, `finally` steps still run).
@@ -105,78 +82,58 @@ pub async fn run(
     observer: &mut dyn Observer,
     cancel: CancellationToken,
 ) -> (WorkflowRunStatus, Stats) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut lp = Loop {
-        plan,
-        exec,
-        runner: Arc::new(InProcessRunner::new(exec.http.clone(), exec.agents.clone())),
-        permits: Arc::new(Semaphore::new(exec.parallelism.max(1))),
-        tx,
-        live: HashMap::new(),
-        pending_cache: HashMap::new(),
-        stats: Stats::default(),
-        process: ProcessContext {
-            run: plan.run.name.clone(),
-            namespace: plan.run.namespace.clone(),
-            dir: exec.scratch.clone(),
-        },
-    };
+    let processes =
+        ProcessContext { run: plan.run.name.clone(), namespace: plan.run.namespace.clone(), dir: exec.scratch.clone() };
+    let runner = match &exec.agents {
+        Some(agents) => InProcessRunner::new(exec.http.clone(), Some(agents.clone())),
+        None => InProcessRunner::without_agents(exec.http.clone(), exec.agents_unavailable.clone()),
+    }
+    .with_containers(Arc::new(processes));
+    let woken = Arc::new(Notify::new());
+    let wake = woken.clone();
+    let pool = TaskPool::new(exec.parallelism, Arc::new(runner), Arc::new(move |_: &str, _: &str| wake.notify_one()));
+    let agents: Vec<Arc<Agent>> = plan.agents.iter().cloned().map(Arc::new).collect();
+    let agents = move || agents.clone();
+    let pending = PendingCache::default();
+    let pass = Pass { runtime: &pool, cache: &*exec.cache, pending: &pending, agents: &agents };
     let mut status = WorkflowRunStatus {
         workflow_name: plan.workflow_name.clone(),
-        workflow_spec_hash: hash_spec(&plan.spec),
+        workflow_spec_hash: pass::hash_spec(&plan.spec),
         workflow: Some(plan.spec.clone()),
         params: plan.params.clone(),
         ..Default::default()
     };
-    let started = Timestamp::now();
-    let mut events = Vec::new();
-    let mut cancelled = false;
+    let (started, mut cancelled, mut stats) = (Timestamp::now(), false, Stats::default());
     loop {
-        while let Ok(e) = rx.try_recv() {
-            events.push(e);
-        }
-        for e in &events {
-            lp.finished(e);
-        }
-        lp.remember_results(&events).await;
-        let now = Timestamp::now();
         let input = engine::Input {
             spec: &plan.spec,
             dag: &plan.dag,
             run: &plan.run,
             params: &plan.params,
-            now,
+            now: Timestamp::now(),
             suspend: false,
             cancel: cancelled,
             deadline: started.checked_add(plan.timeout).ok(),
             settings: &exec.settings,
         };
-        lp.stats.passes += 1;
-        let mut decision = engine::advance(input, &mut status, std::mem::take(&mut events));
-        let mut transitions = std::mem::take(&mut decision.transitions);
-        let mut requeue = decision.requeue_after;
-        // Cache hits finish their steps at once; their dependents may start in the same pass.
-        loop {
-            let hits = lp.execute(&decision.actions).await;
-            if hits.is_empty() {
-                break;
-            }
-            decision = engine::advance(input, &mut status, hits);
-            transitions.append(&mut decision.transitions);
-            requeue = match (requeue, decision.requeue_after) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+        let outcome = match pass.run(input, &mut status).await {
+            Ok(outcome) => outcome,
+            Err(never) => match never {},
+        };
+        stats.passes += 1;
+        stats.cache_hits += outcome.cache.hits;
+        stats.cache_misses += outcome.cache.misses;
+        stats.cache_stores += outcome.cache.stores;
+        if !outcome.transitions.is_empty() {
+            observer.update(&outcome.transitions, &status);
         }
-        if !transitions.is_empty() {
-            observer.update(&transitions, &status);
-        }
+        let wait = outcome.requeue_after.unwrap_or(IDLE_WAIT).max(Duration::from_millis(5));
+        outcome.recorded();
         if status.phase.is_finished() {
             break;
         }
-        let wait = requeue.unwrap_or(IDLE_WAIT).max(Duration::from_millis(5));
         tokio::select! {
-            e = rx.recv() => events.extend(e),
+            _ = woken.notified() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = cancel.cancelled(), if !cancelled => {
                 cancelled = true;
@@ -184,36 +141,20 @@ pub async fn run(
             }
         }
     }
-    for (_, (_, handle)) in lp.live.drain() {
-        handle.abort();
-    }
+    pool.forget_run(&plan.run.uid);
     finish_status(plan, &mut status);
-    (status, lp.stats)
+    (status, stats)
 }
 
 /// Conditions as the controller writes them, and the note on container steps that ran as
 /// local processes.
 fn finish_status(plan: &Plan, status: &mut WorkflowRunStatus) {
     let now = Timestamp::now();
-    if status.finished_at.is_none() {
-        status.finished_at = Some(Time(now));
-    }
-    let (state, reason) = match status.phase {
-        RunPhase::Succeeded => (KState::Ready, "Succeeded"),
-        RunPhase::Cancelled => (KState::Stalled, "Cancelled"),
-        _ => (KState::Stalled, "Failed"),
-    };
-    let message = if status.message.is_empty() {
-        format!("run {}", status.phase.as_str().to_lowercase())
-    } else {
-        status.message.clone()
-    };
-    set_kstatus(&mut status.conditions, state, reason, &message, None, now);
+    status.finished_at.get_or_insert(Time(now));
+    pass::set_conditions(status, None, now);
     for (key, row) in status.steps.iter_mut() {
-        let id = key.split('[').next().unwrap_or(key);
-        let Some(i) = plan.dag.index_of(id) else { continue };
-        let step = engine::dag::step_at(&plan.spec, i);
-        if let Some(c) = &step.container
+        let Some(i) = plan.dag.index_of(crate::naming::step_id_of(key)) else { continue };
+        if let Some(c) = &engine::dag::step_at(&plan.spec, i).container
             && row.phase == StepPhase::Succeeded
             && row.message.is_empty()
             && row.items.is_none()
@@ -223,121 +164,15 @@ fn finish_status(plan: &Plan, status: &mut WorkflowRunStatus) {
     }
 }
 
-impl Loop<'_> {
-    /// Forgets the task of a result.
-    fn finished(&mut self, e: &Event) {
-        let (key, attempt) = match e {
-            Event::Succeeded { key, attempt, .. }
-            | Event::Failed { key, attempt, .. }
-            | Event::Lost { key, attempt } => (key, *attempt),
-        };
-        if self.live.get(key).is_some_and(|(a, _)| *a == attempt) {
-            self.live.remove(key);
-        }
-    }
-
-    /// Stores the results of cacheable tasks that just succeeded.
-    async fn remember_results(&mut self, events: &[Event]) {
-        for e in events {
-            let Event::Succeeded { key, attempt, output, info } = e else { continue };
-            let Some((cache_key, ttl)) = self.pending_cache.remove(&(key.clone(), *attempt)) else { continue };
-            if info.cached {
-                continue;
-            }
-            let entry = Entry {
-                value: output.clone(),
-                expires_ms: 0,
-                agent: info.agent.clone(),
-                replica: info.replica.clone(),
-                tokens: info.tokens.map(|t| (t.prompt, t.completion)),
-            };
-            self.exec.cache.put(&cache_key, entry, ttl).await;
-            self.stats.cache_stores += 1;
-        }
-    }
-
-    /// Carries the engine's actions out; returns the results the cache answered.
-    async fn execute(&mut self, actions: &[Action]) -> Vec<Event> {
-        let mut hits = Vec::new();
-        for action in actions {
-            match action {
-                Action::Start(task) => {
-                    if let Some(cache) = &task.cache {
-                        let key = cache_key(self.plan, &task.work);
-                        if let Some(hit) = self.exec.cache.get(&key).await {
-                            self.stats.cache_hits += 1;
-                            hits.push(hit.into_hit(task.key.clone(), task.attempt));
-                            continue;
-                        }
-                        self.stats.cache_misses += 1;
-                        let ttl = cache.ttl_seconds.map_or(DEFAULT_TTL, |s| Duration::from_secs(u64::from(s)));
-                        self.pending_cache.insert((task.key.clone(), task.attempt), (key, ttl));
-                    }
-                    self.spawn(task.clone());
-                }
-                Action::Abort { key, attempt, .. } => {
-                    if self.live.get(key).is_some_and(|(a, _)| a == attempt)
-                        && let Some((_, handle)) = self.live.remove(key)
-                    {
-                        handle.abort();
-                    }
-                    self.pending_cache.remove(&(key.clone(), *attempt));
-                }
-            }
-        }
-        hits
-    }
-
-    /// Starts an attempt unless it already runs.
-    fn spawn(&mut self, task: TaskStart) {
-        if let Some((attempt, handle)) = self.live.get(&task.key) {
-            if *attempt == task.attempt && !handle.is_finished() {
-                return;
-            }
-            handle.abort();
-        }
-        let (key, attempt) = (task.key.clone(), task.attempt);
-        let tx = self.tx.clone();
-        let permits = self.permits.clone();
-        let runner = self.runner.clone();
-        let process = self.process.clone();
-        let unavailable = self.exec.agents_unavailable.clone();
-        let namespace = self.plan.run.namespace.clone();
-        let handle = tokio::spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            let work = async {
-                match &task.work {
-                    Work::Container { .. } => process::run(&process, &task).await,
-                    Work::Agent { .. } if runner.agents.is_none() => Err(Failure::permanent(unavailable)),
-                    _ => runner.run(&namespace, &task.work, task.timeout).await,
-                }
-            };
-            let outcome: Outcome = AssertUnwindSafe(work)
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| Err(Failure::permanent("the step's executor panicked")));
-            let event = crate::executors::outcome_event(task.key.clone(), attempt, outcome);
-            let _ = tx.send(event);
-        });
-        self.live.insert(key, (attempt, handle.abort_handle()));
-    }
-}
-
-/// The cache key of a task's work, as the controller computes it: agent steps include the
-/// model, instructions and parameters of every agent that may serve them.
-pub fn cache_key(plan: &Plan, work: &Work) -> String {
-    crate::cache::work_key(&plan.run.namespace, work, plan.agents.iter())
-}
-
 /// The kind of the step a status key belongs to.
 pub fn kind_of(plan: &Plan, key: &str) -> Option<StepKind> {
-    let id = key.split('[').next().unwrap_or(key);
-    plan.dag.index_of(id).and_then(|i| engine::dag::step_at(&plan.spec, i).kind())
+    plan.dag.kind_of(&plan.spec, key)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::RunPhase;
     use crate::local::cache::{DiskCache, NoCache};
 
     struct Recorder(Vec<String>);

@@ -119,7 +119,7 @@ impl View {
                 parts.push(format!("output {}", preview(o, 60)));
             }
         }
-        let id = key.split('[').next().unwrap_or(key);
+        let id = crate::naming::step_id_of(key);
         let message = if phase == "Running" && message.is_empty() {
             self.notes.get(id).cloned().unwrap_or_default()
         } else {
@@ -201,7 +201,7 @@ impl View {
                 }
                 None if active => {
                     // Children in index order, right under their parent.
-                    let parent = key.split('[').next().unwrap_or(key);
+                    let parent = crate::naming::step_id_of(key);
                     let index =
                         |k: &str| k.strip_prefix(parent)?.strip_prefix('[')?.strip_suffix(']')?.parse::<usize>().ok();
                     let mine = index(key).unwrap_or(0);
@@ -224,7 +224,7 @@ impl View {
             }
             // The parent of a child shows how many are done.
             if is_child {
-                let parent = key.split('[').next().unwrap_or(key).to_string();
+                let parent = crate::naming::step_id_of(key).to_string();
                 if let Some(bar) = self.rows.get(&parent).cloned() {
                     self.style_row(&bar, &parent, status.steps.get(&parent));
                     let (done, n) = children_done(status, &parent);
@@ -268,15 +268,15 @@ impl Observer for View {
                     // A start is worth a line only while it runs (not for a cache hit).
                     let settled =
                         t.key.as_ref().and_then(|k| status.steps.get(k)).is_some_and(|r| r.phase.is_finished());
-                    if t.phase == "Running" && (self.mode == Mode::Bar || settled) {
+                    if t.phase.as_str() == "Running" && (self.mode == Mode::Bar || settled) {
                         continue;
                     }
                     let (key, row) = match &t.key {
                         Some(k) => (k.as_str(), status.steps.get(k)),
                         None => ("run", None),
                     };
-                    let detail = self.detail(key, &t.phase, &t.message, row);
-                    out.push(self.line(key, &t.phase, &detail));
+                    let detail = self.detail(key, t.phase.as_str(), &t.message, row);
+                    out.push(self.line(key, t.phase.as_str(), &detail));
                 }
                 match &self.bar {
                     Some(bar) => {

@@ -34,7 +34,7 @@ impl Operator {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = kube_config(control_plane::shared().kubeconfig_path()).await;
         let metrics = Metrics::new();
-        let client = controllers::client_with_metrics(config, &metrics).await.expect("operator client");
+        let client = volt_operator::kube_util::client_with_metrics(config, &metrics).await.expect("operator client");
         Self::start_on(ns, client, metrics, tune).await
     }
 

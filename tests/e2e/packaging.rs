@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use clap::CommandFactory;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
@@ -245,13 +244,16 @@ async fn install_yaml_is_the_rendered_chart() {
 /// Every `run` flag's environment variable is set by the chart, and named in values.yaml.
 #[tokio::test]
 async fn every_run_flag_is_a_helm_value() {
-    let cli = volt_operator::config::Cli::command();
-    let run = cli.find_subcommand("run").expect("a run subcommand");
-    let flags: BTreeSet<String> = cli
-        .get_arguments()
-        .chain(run.get_arguments())
-        .filter_map(|a| a.get_env())
-        .map(|e| e.to_string_lossy().into_owned())
+    // The binary's own help names each flag's variable (`[env: VOLT_...=...]`), global flags included.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_volt-operator"))
+        .args(["run", "--help"])
+        .output()
+        .expect("volt-operator run --help");
+    let flags: BTreeSet<String> = String::from_utf8_lossy(&help.stdout)
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_string)
         .collect();
     assert!(flags.len() >= 20, "{flags:?}");
     let rendered = helm(&[

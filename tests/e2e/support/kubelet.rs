@@ -225,7 +225,7 @@ async fn drive(
     let mut seen: HashSet<String> = HashSet::new();
     let mut tasks = JoinSet::new();
     // Quick to watch again after an outage, as a kubelet resyncs; the operator is what tests measure.
-    let mut events = std::pin::pin!(watcher(api, config).backoff(volt_operator::controllers::WatchBackoff::default()));
+    let mut events = std::pin::pin!(watcher(api, config).backoff(volt_operator::kube_util::WatchBackoff::default()));
     while let Some(event) = events.next().await {
         while tasks.try_join_next().is_some() {}
         let pod = match event {

@@ -1,0 +1,103 @@
+//! Step outputs over the inline bound live in ConfigMaps owned by the run (`outputRef`); the
+//! engine reads them like inline ones. Read back before a pass ([`Outputs::hydrate`]), moved
+//! out after it ([`Outputs::externalize`]), and remembered so each is read or written once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::api::{FIELD_MANAGER, OutputRef, WorkflowRun, WorkflowRunStatus};
+use crate::naming;
+
+use super::lock;
+
+/// Large outputs by (run uid, step key).
+pub struct Outputs {
+    client: Client,
+    /// Outputs larger than this many bytes go to a ConfigMap.
+    inline_limit: usize,
+    known: Mutex<HashMap<(String, String), String>>,
+}
+
+impl Outputs {
+    pub fn new(client: Client, inline_limit: usize) -> Self {
+        Self { client, inline_limit, known: Default::default() }
+    }
+
+    /// Puts the outputs stored in ConfigMaps back into the status rows.
+    pub async fn hydrate(&self, ns: &str, uid: &str, status: &mut WorkflowRunStatus) -> Result<(), kube::Error> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        for (key, row) in status.steps.iter_mut() {
+            let Some(r) = &row.output_ref else { continue };
+            if row.output.is_some() {
+                continue;
+            }
+            let known = lock(&self.known).get(&(uid.to_string(), key.clone())).cloned();
+            let text = match known {
+                Some(t) => t,
+                None => {
+                    let cm = cms.get_opt(&r.config_map).await?;
+                    match cm.and_then(|c| c.data).and_then(|mut d| d.remove(&r.key)) {
+                        Some(t) => {
+                            lock(&self.known).insert((uid.to_string(), key.clone()), t.clone());
+                            t
+                        }
+                        None => {
+                            row.message = format!("output ConfigMap {} is missing", r.config_map);
+                            continue;
+                        }
+                    }
+                }
+            };
+            row.output = Some(text);
+        }
+        Ok(())
+    }
+
+    /// Moves outputs over the inline bound into ConfigMaps owned by the run.
+    pub async fn externalize(&self, run: &WorkflowRun, status: &mut WorkflowRunStatus) -> Result<(), kube::Error> {
+        let ns = run.namespace().unwrap_or_default();
+        let name = run.name_any();
+        let uid = run.uid().unwrap_or_default();
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        for (key, row) in status.steps.iter_mut() {
+            let Some(out) = &row.output else { continue };
+            if out.len() <= self.inline_limit {
+                continue;
+            }
+            let k = (uid.clone(), key.clone());
+            let stored = lock(&self.known).get(&k).is_some_and(|s| s == out) && row.output_ref.is_some();
+            if !stored {
+                let cm_name = naming::output_config_map(&name, key);
+                let cm = ConfigMap {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(cm_name.clone()),
+                        namespace: Some(ns.clone()),
+                        labels: Some(naming::run_labels(&name)),
+                        owner_references: run.controller_owner_ref(&()).map(|o| vec![o]),
+                        ..Default::default()
+                    },
+                    data: Some(BTreeMap::from([("output".to_string(), out.clone())])),
+                    ..Default::default()
+                };
+                let mut value = serde_json::to_value(&cm).map_err(kube::Error::SerdeError)?;
+                value["apiVersion"] = json!("v1");
+                value["kind"] = json!("ConfigMap");
+                cms.patch(&cm_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value)).await?;
+                row.output_ref = Some(OutputRef { config_map: cm_name, key: "output".into(), size: out.len() as u64 });
+                lock(&self.known).insert(k, out.clone());
+            }
+            row.output = None;
+        }
+        Ok(())
+    }
+
+    /// Forgets a run's outputs (it finished or was deleted).
+    pub fn forget_run(&self, uid: &str) {
+        lock(&self.known).retain(|(u, _), _| u != uid);
+    }
+}
