@@ -369,9 +369,11 @@ fn check_templates(
             let root = parts.next().unwrap_or_default();
             let problem = match root {
                 _ if template::is_builtin(root) => None,
-                _ if !ROOTS.contains(&root) => {
-                    Some(format!("unknown name {root:?} (templates can read {})", ROOTS.join(", ")))
-                }
+                _ if !ROOTS.contains(&root) => Some(format!(
+                    "unknown name {root:?} (templates can read {}){}",
+                    ROOTS.join(", "),
+                    hyphen_hint(index.keys().filter(|id| id.contains(&format!("-{root}"))))
+                )),
                 "item" | "index" if !in_for_each && step.for_each.is_some() => Some(format!(
                     "{root:?} is not defined in the forEach or when of a step, only in its work (they are evaluated once, before the fan-out)"
                 )),
@@ -382,7 +384,10 @@ fn check_templates(
                 },
                 "steps" => match parts.next() {
                     Some(s) => match index.get(s) {
-                        None => Some(format!("unknown step {s:?}")),
+                        None => Some(format!(
+                            "unknown step {s:?}{}",
+                            hyphen_hint(index.keys().filter(|id| id.starts_with(&format!("{s}-"))))
+                        )),
                         Some(&j) if j == i => Some(format!("a step cannot read its own output (steps.{s})")),
                         // finally steps may read every DAG step and their upstream finally steps.
                         Some(&j) if i >= finally_start && j < finally_start => None,
@@ -466,9 +471,32 @@ fn ancestors(deps: &[Vec<usize>], topo: &[usize]) -> Vec<BTreeSet<usize>> {
     out
 }
 
+/// For a name that is part of a step id with a `-` (`steps.first-step` is `steps.first - step`):
+/// how to read that step.
+fn hyphen_hint<'a>(ids: impl Iterator<Item = &'a String>) -> String {
+    match ids.min() {
+        Some(id) => format!("; a step id with '-' is read as steps['{id}']"),
+        None => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_id_with_a_hyphen_is_read_by_subscript_and_the_dotted_form_says_how() {
+        let mut s = spec(vec![t("first-step", &[], "x"), t("b", &["first-step"], "{{ steps['first-step'].output }}")]);
+        let dag = validate(&s).expect("subscript reads are references");
+        assert_eq!(dag.reads(1).to_vec(), vec![0]);
+        s.steps[1].template = Some("{{ steps.first-step.output }}".into());
+        let m = validate(&s).expect_err("dotted form").to_string();
+        assert!(m.contains("a step id with '-' is read as steps['first-step']"), "{m}");
+        // Not upstream: the subscript form is checked like the dotted one.
+        let s = spec(vec![t("first-step", &[], "x"), t("b", &[], "{{ steps['first-step'].output }}")]);
+        let m = validate(&s).expect_err("not upstream").to_string();
+        assert!(m.contains("steps.first-step is not upstream"), "{m}");
+    }
     use crate::api::{AgentStep, ContainerStep, ParamSpec};
 
     fn t(id: &str, deps: &[&str], template: &str) -> Step {

@@ -92,7 +92,9 @@ pub fn parse_template(source: &str) -> Result<BTreeSet<String>, TemplateError> {
         return Ok(BTreeSet::new());
     }
     let tmpl = env().template_from_str(source).map_err(|e| TemplateError::new(source, e))?;
-    Ok(tmpl.undeclared_variables(true).into_iter().collect())
+    let mut names: BTreeSet<String> = tmpl.undeclared_variables(true).into_iter().collect();
+    names.extend(subscripted_steps(source));
+    Ok(names)
 }
 
 /// Checks that an expression parses; returns the names it reads (dotted paths).
@@ -102,7 +104,51 @@ pub fn parse_expression(source: &str) -> Result<BTreeSet<String>, TemplateError>
         return Err(TemplateError::msg("empty expression"));
     }
     let compiled = env().compile_expression(expr).map_err(|e| TemplateError::new(source, e))?;
-    Ok(compiled.undeclared_variables(true).into_iter().collect())
+    let mut names: BTreeSet<String> = compiled.undeclared_variables(true).into_iter().collect();
+    names.extend(subscripted_steps(expr));
+    Ok(names)
+}
+
+/// The steps a template or expression reads, which are all of the context's steps it is given.
+fn wanted_steps(names: std::collections::HashSet<String>, source: &str) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = names.into_iter().collect();
+    names.extend(subscripted_steps(source));
+    referenced_steps(&names)
+}
+
+/// The dotted names of `steps['id']` reads (how a step id with a `-` is read, since
+/// `steps.a-b` is `steps.a - b`), with the attribute that follows when there is one:
+/// `steps['a-b'].output` and `steps["a-b"]['json']` read `steps.a-b.output` and
+/// `steps.a-b.json`. The template engine reports such reads as `steps` alone.
+fn subscripted_steps(source: &str) -> Vec<String> {
+    /// A quoted string at the start of `s`: its text and what follows its `]`.
+    fn quoted_then_bracket(s: &str) -> Option<(&str, &str)> {
+        let s = s.trim_start();
+        let quote = s.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+        let (text, rest) = s[1..].split_once(quote)?;
+        let rest = rest.trim_start().strip_prefix(']')?;
+        Some((text, rest))
+    }
+    let mut names = Vec::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("steps") {
+        let before = rest[..at].chars().next_back();
+        let after = &rest[at + "steps".len()..];
+        rest = after;
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.') {
+            continue;
+        }
+        let Some((id, tail)) = after.trim_start().strip_prefix('[').and_then(quoted_then_bracket) else { continue };
+        let attribute = match tail.strip_prefix('.') {
+            Some(t) => Some(t.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or_default()),
+            None => tail.trim_start().strip_prefix('[').and_then(quoted_then_bracket).map(|(a, _)| a),
+        };
+        names.push(match attribute.filter(|a| !a.is_empty()) {
+            Some(a) => format!("steps.{id}.{a}"),
+            None => format!("steps.{id}"),
+        });
+    }
+    names
 }
 
 /// Step ids a set of dotted names reads through `steps.<id>`.
@@ -165,7 +211,7 @@ pub fn render(source: &str, ctx: &Context) -> Result<String, TemplateError> {
         return Ok(source.to_string());
     }
     let tmpl = env().template_from_str(source).map_err(|e| TemplateError::new(source, e))?;
-    let wanted = referenced_steps(&tmpl.undeclared_variables(true).into_iter().collect());
+    let wanted = wanted_steps(tmpl.undeclared_variables(true), source);
     tmpl.render(ctx.to_value(Some(&wanted))).map_err(|e| TemplateError::new(source, e))
 }
 
@@ -173,7 +219,7 @@ pub fn render(source: &str, ctx: &Context) -> Result<String, TemplateError> {
 pub fn eval_condition(source: &str, ctx: &Context) -> Result<bool, TemplateError> {
     let expr = bare_expression(source);
     let compiled = env().compile_expression(expr).map_err(|e| TemplateError::new(source, e))?;
-    let wanted = referenced_steps(&compiled.undeclared_variables(true).into_iter().collect());
+    let wanted = wanted_steps(compiled.undeclared_variables(true), expr);
     let value = compiled.eval(ctx.to_value(Some(&wanted))).map_err(|e| TemplateError::new(source, e))?;
     if value.is_undefined() {
         return Err(TemplateError::msg(format!("undefined value in {:?}", shorten(source))));
@@ -192,7 +238,7 @@ pub fn eval_list(source: &str, ctx: &Context, max_items: usize) -> Result<Vec<Js
     let json = if single {
         let expr = bare_expression(trimmed);
         let compiled = env().compile_expression(expr).map_err(|e| TemplateError::new(source, e))?;
-        let wanted = referenced_steps(&compiled.undeclared_variables(true).into_iter().collect());
+        let wanted = wanted_steps(compiled.undeclared_variables(true), expr);
         let value = compiled.eval(ctx.to_value(Some(&wanted))).map_err(|e| TemplateError::new(source, e))?;
         if value.is_undefined() {
             return Err(TemplateError::msg(format!("undefined value in {:?}", shorten(source))));
@@ -293,5 +339,19 @@ mod tests {
             referenced_steps(&parse_expression("steps.q.phase == 'Failed'").unwrap()),
             BTreeSet::from(["q".to_string()])
         );
+    }
+
+    #[test]
+    fn ids_with_a_hyphen_are_read_by_subscript() {
+        let names =
+            parse_template("{{ steps['first-step'].output }} {{ steps[\"b-2\"]['json'].x }} {{ mysteps['no'] }}")
+                .unwrap();
+        assert!(names.contains("steps.first-step.output") && names.contains("steps.b-2.json"), "{names:?}");
+        assert_eq!(referenced_steps(&names), BTreeSet::from(["first-step".to_string(), "b-2".to_string()]));
+        let names = parse_expression("steps['a-b'].phase == 'Succeeded'").unwrap();
+        assert_eq!(referenced_steps(&names), BTreeSet::from(["a-b".to_string()]));
+        let mut c = ctx();
+        c.steps.insert("first-step".into(), StepView { phase: "Succeeded".into(), output: Some("hi".into()) });
+        assert_eq!(render("{{ steps['first-step'].output }}", &c).unwrap(), "hi");
     }
 }
