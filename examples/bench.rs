@@ -19,14 +19,8 @@
 //! cargo run --release --example bench -- --scale 0.1 --only inprocess,pods
 //! ```
 
-#[allow(dead_code)]
-#[path = "../tests/e2e/support/control_plane.rs"]
-mod control_plane;
-#[allow(dead_code)]
-#[path = "../tests/e2e/support/kubelet.rs"]
-mod kubelet;
-#[path = "../tests/e2e/support/openai.rs"]
-mod openai;
+#[path = "../tests/kit/mod.rs"]
+mod kit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -44,9 +38,9 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use volt_operator::api::{RunPhase, WorkflowRun};
 
-use control_plane::ControlPlane;
-use kubelet::{Kubelet, PodPlan};
-use openai::Stub;
+use kit::control_plane::{self, ControlPlane};
+use kit::kubelet::{self, Kubelet, PodPlan};
+use kit::openai::{self, Stub};
 
 /// Benchmarks of the operator against a real control plane.
 #[derive(Parser, Debug)]

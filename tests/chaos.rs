@@ -18,12 +18,8 @@
 //!
 //! `VOLT_CHAOS_SEED=<n>` replays a seed; each test prints the one it used.
 
-#[path = "e2e/support/mod.rs"]
-mod support;
-
-#[allow(dead_code)]
-#[path = "e2e/operator.rs"]
-mod operator;
+#[path = "kit/mod.rs"]
+mod kit;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
@@ -47,10 +43,10 @@ use tokio::task::JoinHandle;
 use volt_operator::api::{RunPhase, StepPhase, StepStatus, WorkflowRun, WorkflowRunStatus};
 use volt_operator::controllers::WatchBackoff;
 
-use support::control_plane::{ControlPlane, OPERATOR_USER};
-use support::kubelet::{Behaviour, Kubelet, Outcome, PodPlan};
-use support::openai::{Seen, Stub};
-use support::wait_until;
+use kit::control_plane::{ControlPlane, OPERATOR_USER};
+use kit::kubelet::{Behaviour, Kubelet, Outcome, PodPlan};
+use kit::openai::{Seen, Stub};
+use kit::wait_until;
 
 /// Latency of every agent call in the SIGKILL test: long enough that kills land mid-call.
 const SLOW_CALL: Duration = Duration::from_millis(1500);
@@ -93,7 +89,7 @@ async fn grant_operator(client: &Client, ns: &str) {
 }
 
 async fn apply(client: &Client, ns: &str, obj: Value) {
-    support::apply_as(client, ns, obj, "chaos").await;
+    kit::apply_as(client, ns, obj, "chaos").await;
 }
 
 fn agent(name: &str, base_url: &str) -> Value {
@@ -124,7 +120,7 @@ fn env_var(pod: &Pod, name: &str) -> Option<String> {
 /// `min` and `max` (fixed per pod name) Succeeded with `OUTPUT`, or Failed when `FAIL_ATTEMPTS`
 /// lists the pod's attempt.
 fn step_pods(min: Duration, max: Duration) -> Behaviour {
-    support::kubelet::behaviour(move |pod: &Pod| {
+    kit::kubelet::behaviour(move |pod: &Pod| {
         let attempt = pod.labels().get("volt.dev/attempt").cloned().unwrap_or_default();
         let fail = env_var(pod, "FAIL_ATTEMPTS").is_some_and(|f| f.split(',').any(|a| a == attempt));
         let outcome = if fail {
@@ -211,7 +207,7 @@ impl OperatorProcess {
 
     /// Status code and body of `GET path`, or `None` when nothing answers.
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        support::http_get(self.port, path, Duration::from_secs(2)).await
+        kit::http_get(self.port, path, Duration::from_secs(2)).await
     }
 
     /// Waits until `/readyz` answers 200; how long after the start that was.
@@ -245,7 +241,7 @@ impl OperatorProcess {
     /// The sum of the samples of `metric` on /metrics.
     async fn metric(&self, metric: &str) -> f64 {
         let (_, body) = self.get("/metrics").await.unwrap_or_default();
-        support::metric_sum(&body, metric)
+        kit::metric_sum(&body, metric)
     }
 
     fn log_tail(&self) -> String {
@@ -648,7 +644,7 @@ async fn sigkill_at_random_moments_during_twenty_runs() {
     let test_started = Instant::now();
     let seed = seed("sigkill");
     let mut rng = StdRng::seed_from_u64(seed);
-    let cp = support::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "chaos-kill").await;
     grant_operator(&client, &ns).await;
@@ -1028,7 +1024,7 @@ where
 async fn status_conflicts_and_other_writers_lose_nothing() {
     let test_started = Instant::now();
     let seed = seed("conflicts");
-    let cp = support::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "chaos-conflict").await;
     grant_operator(&client, &ns).await;
@@ -1050,7 +1046,7 @@ async fn status_conflicts_and_other_writers_lose_nothing() {
         writes: Arc::default(),
         injected: Arc::default(),
     };
-    let config = operator::kube_config(cp.operator_kubeconfig_path()).await;
+    let config = kit::in_process::kube_config(cp.operator_kubeconfig_path()).await;
     let metrics = volt_operator::metrics::Metrics::new();
     let counter = volt_operator::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
     let operator_client = kube::client::ClientBuilder::try_from(config)
@@ -1059,7 +1055,7 @@ async fn status_conflicts_and_other_writers_lose_nothing() {
         .with_layer(&conflicts)
         .build();
     // Every change written (no coalescing), so that many writes meet the injected conflicts.
-    let op = operator::Operator::start_on(&ns, operator_client, metrics, |args| {
+    let op = kit::in_process::Operator::start_on(&ns, operator_client, metrics, |args| {
         args.status_flush_interval = Duration::ZERO;
     })
     .await;

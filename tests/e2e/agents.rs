@@ -12,10 +12,10 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use volt_operator::api::{Agent, RunPhase, StepStatus, WorkflowRun, WorkflowRunStatus, condition_status};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-use crate::support::kubelet::{self, Kubelet, PodPlan};
-use crate::support::openai::{Reply, Stub};
+use crate::kit::control_plane;
+use crate::kit::in_process::{Operator, wait_for};
+use crate::kit::kubelet::{self, Kubelet, PodPlan};
+use crate::kit::openai::{Reply, Stub};
 
 const LONG: Duration = Duration::from_secs(90);
 const MODEL: &str = "stub-model";
@@ -48,7 +48,7 @@ pub(crate) async fn operator(e: &Env) -> Operator {
 }
 
 pub(crate) async fn apply(e: &Env, obj: Value) {
-    crate::support::apply_as(&e.client, &e.ns, obj, "test").await;
+    crate::kit::apply_as(&e.client, &e.ns, obj, "test").await;
 }
 
 /// An Agent of the `replicas` form: pods labelled `app=<app>`, serving on `port`.
@@ -340,7 +340,7 @@ async fn calls_of_a_killed_replica_are_retried_on_another_and_its_circuit_opens(
 
     apply(&e, fan_out("k-run", json!({"ref": "pair", "strategy": "round_robin"}), 16, 4)).await;
     // Kill the second replica while calls are in flight on it; its pod still looks Ready.
-    crate::support::wait_until("calls in flight on the doomed replica", LONG, || async {
+    crate::kit::wait_until("calls in flight on the doomed replica", LONG, || async {
         (stubs[1].requests() >= 1).then_some(())
     })
     .await;

@@ -10,9 +10,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use volt_operator::api::{RunPhase, WorkflowRun, WorkflowRunStatus};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-use crate::support::kubelet::{Kubelet, PodPlan, behaviour};
+use crate::kit::control_plane;
+use crate::kit::in_process::{Operator, wait_for};
+use crate::kit::kubelet::{Kubelet, PodPlan, behaviour};
 
 async fn finished(runs: &Api<WorkflowRun>, name: &str) -> WorkflowRunStatus {
     wait_for(runs, name, Duration::from_secs(60), |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished()))

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use volt_operator::api::{Agent, RunPhase, Workflow, WorkflowRun, condition_status};
 
 use crate::foundation::kubectl_stdin;
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
+use crate::kit::control_plane;
+use crate::kit::in_process::{Operator, wait_for};
 
 const CORPUS: &str = include_str!("../corpus/bad-objects.yaml");
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use volt_operator::api::{Agent, Workflow, WorkflowRun, condition_status};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
+use crate::kit::control_plane;
+use crate::kit::in_process::{Operator, wait_for};
 
 fn repo(path: &str) -> String {
     format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))

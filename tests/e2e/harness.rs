@@ -18,7 +18,7 @@ use kube::{
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 
-use crate::support::{
+use crate::kit::{
     self,
     control_plane::OPERATOR_USER,
     kubelet::{self, Kubelet, PodPlan},
@@ -64,7 +64,7 @@ fn phase(pod: &Pod) -> Option<&str> {
 
 #[tokio::test]
 async fn control_plane_is_ready() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let readyz = client
         .request_text(http::Request::get("/readyz").body(Vec::new()).expect("a request"))
@@ -90,7 +90,7 @@ async fn control_plane_is_ready() {
 
 #[tokio::test]
 async fn volt_crds_are_established() {
-    let client = support::shared().client().await;
+    let client = kit::shared().client().await;
     let api: Api<CustomResourceDefinition> = Api::all(client);
     let crds = volt_operator::api::crds();
     assert_eq!(crds.len(), 3);
@@ -109,7 +109,7 @@ async fn volt_crds_are_established() {
 
 #[tokio::test]
 async fn deployment_pods_run_and_become_available() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let ns = control_plane.namespace(&client, "harness-deploy").await;
     let kubelet =
@@ -168,7 +168,7 @@ async fn deployment_pods_run_and_become_available() {
 
 #[tokio::test]
 async fn owner_reference_garbage_collection() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let ns = control_plane.namespace(&client, "harness-gc").await;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -206,7 +206,7 @@ async fn owner_reference_garbage_collection() {
 
 #[tokio::test]
 async fn operator_user_is_authenticated_but_not_admin() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let operator = control_plane.client_as_operator().await;
 
     // Authenticated: any signed-in user may ask what it may do.
@@ -247,7 +247,7 @@ async fn operator_user_is_authenticated_but_not_admin() {
 
 #[tokio::test]
 async fn kubelet_helpers_write_pod_status() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let ns = control_plane.namespace(&client, "harness-kubelet").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -313,7 +313,7 @@ async fn kubelet_helpers_write_pod_status() {
 
 #[tokio::test]
 async fn kubelet_driver_follows_plans() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let ns = control_plane.namespace(&client, "harness-plans").await;
     let _kubelet = Kubelet::start(

@@ -23,9 +23,9 @@ use crate::agents::{
     Env, agent_status, apply, by, children, endpoint_agent, env, fan_out, finished, operator, replica_pod,
     replicas_agent, running_replicas, single,
 };
-use crate::support::kubelet;
-use crate::support::openai::{Reply, Stub};
-use crate::support::wait_until;
+use crate::kit::kubelet;
+use crate::kit::openai::{Reply, Stub};
+use crate::kit::wait_until;
 
 const LONG: Duration = Duration::from_secs(60);
 

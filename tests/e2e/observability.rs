@@ -11,8 +11,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use volt_operator::api::{RunPhase, WorkflowRun};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
+use crate::kit::control_plane;
+use crate::kit::in_process::{Operator, wait_for};
 
 async fn serve(router: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

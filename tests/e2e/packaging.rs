@@ -23,11 +23,11 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use volt_operator::api::{Agent, RunPhase, WorkflowRun, WorkflowRunStatus};
 
-use crate::operator::{Operator, kube_config, wait_for};
-use crate::support::control_plane::{self, OPERATOR_USER};
-use crate::support::kubelet::{self, Kubelet, PodPlan};
-use crate::support::openai::Stub;
-use crate::support::wait_until;
+use crate::kit::control_plane::{self, OPERATOR_USER};
+use crate::kit::in_process::{Operator, kube_config, wait_for};
+use crate::kit::kubelet::{self, Kubelet, PodPlan};
+use crate::kit::openai::Stub;
+use crate::kit::wait_until;
 
 const LONG: Duration = Duration::from_secs(90);
 const CHART: &str = "charts/volt-operator";
@@ -147,7 +147,7 @@ fn run_pods(client: &Client, ns: &str) -> Kubelet {
 }
 
 async fn apply(client: &Client, ns: &str, obj: Value) {
-    crate::support::apply_as(client, ns, obj, "test").await;
+    crate::kit::apply_as(client, ns, obj, "test").await;
 }
 
 async fn finished(runs: &Api<WorkflowRun>, name: &str) -> WorkflowRunStatus {
@@ -728,7 +728,7 @@ impl Process {
 
     /// Status code and body of `GET path`, or `None` when nothing answers.
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        crate::support::http_get(self.port, path, Duration::from_secs(2)).await
+        crate::kit::http_get(self.port, path, Duration::from_secs(2)).await
     }
 
     async fn ready(&self) -> bool {
@@ -738,7 +738,7 @@ impl Process {
     /// The sum of the samples of `metric` on this process's /metrics.
     async fn metric(&self, metric: &str) -> f64 {
         let (_, body) = self.get("/metrics").await.unwrap_or_default();
-        crate::support::metric_sum(&body, metric)
+        crate::kit::metric_sum(&body, metric)
     }
 
     fn pid(&self) -> i32 {

@@ -10,9 +10,9 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use volt_operator::api::{RunPhase, StepPhase, WorkflowRun, WorkflowRunStatus, condition_status};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-use crate::support::kubelet::{Kubelet, Outcome, PodPlan};
+use crate::kit::control_plane;
+use crate::kit::in_process::{Operator, wait_for};
+use crate::kit::kubelet::{Kubelet, Outcome, PodPlan};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -61,7 +61,7 @@ async fn kubelet(e: &Env, run_for: Duration) -> Kubelet {
 }
 
 async fn apply(e: &Env, obj: serde_json::Value) {
-    crate::support::apply_as(&e.client, &e.ns, obj, "test").await;
+    crate::kit::apply_as(&e.client, &e.ns, obj, "test").await;
 }
 
 fn run_obj(name: &str, workflow: serde_json::Value) -> serde_json::Value {

@@ -21,16 +21,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use volt_operator::api::{Agent, RunPhase, StepPhase, WorkflowRun, WorkflowRunStatus};
 use volt_operator::config::CidrList;
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-use crate::support::openai::{Reply, Stub, next_ip};
-use crate::support::wait_until;
+use crate::kit::control_plane;
+use crate::kit::in_process::{Operator, wait_for};
+use crate::kit::openai::{Reply, Stub, next_ip};
+use crate::kit::wait_until;
 
 const LONG: Duration = Duration::from_secs(90);
 const MODEL: &str = "stub-model";
 
 async fn apply(client: &Client, ns: &str, obj: Value) {
-    crate::support::apply_as(client, ns, obj, "test").await;
+    crate::kit::apply_as(client, ns, obj, "test").await;
 }
 
 fn run_obj(name: &str, workflow: Value) -> Value {
@@ -224,7 +224,7 @@ impl OperatorProcess {
 
     /// Status code and body of `GET path`, or `None` when nothing answers.
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        crate::support::http_get(self.port, path, Duration::from_secs(5)).await
+        crate::kit::http_get(self.port, path, Duration::from_secs(5)).await
     }
 
     /// Stops the process (SIGTERM, as Kubernetes does) and returns everything it wrote.

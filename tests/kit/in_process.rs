@@ -14,7 +14,7 @@ use volt_operator::config::RunArgs;
 use volt_operator::controllers::{self, Health};
 use volt_operator::metrics::Metrics;
 
-use crate::support::control_plane;
+use super::control_plane;
 
 pub struct Operator {
     pub metrics: Metrics,

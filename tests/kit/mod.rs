@@ -1,8 +1,11 @@
-//! The end-to-end fixture: a real control plane ([`control_plane`]) and a kubelet stand-in
-//! ([`kubelet`]).
-#![allow(dead_code)]
+//! The test kit, shared by `tests/e2e`, `tests/chaos.rs` and the examples (each includes it with
+//! `#[path = ".../tests/kit/mod.rs"] mod kit;`): a real control plane ([`control_plane`]), a
+//! kubelet stand-in ([`kubelet`]), OpenAI-compatible stub servers ([`openai`]) and the operator
+//! in-process ([`in_process`]).
+#![allow(dead_code, unused_imports)]
 
 pub mod control_plane;
+pub mod in_process;
 pub mod kubelet;
 pub mod openai;
 
