@@ -1,6 +1,6 @@
 //! Tests of the fixture itself: the control plane serves, the CRDs are installed, the controller
-//! manager runs Deployments and garbage collection, RBAC holds for the operator user, and the
-//! kubelet stand-in writes believable pod status.
+//! manager runs Deployments and garbage collection, RBAC holds for the operator user, the
+//! kubelet stand-in writes believable pod status, and test namespaces get valid names.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -20,7 +20,7 @@ use kube::{
 
 use crate::kit::{
     self,
-    control_plane::OPERATOR_USER,
+    control_plane::{OPERATOR_USER, namespace_name},
     kubelet::{self, Kubelet, PodPlan},
     wait_until,
 };
@@ -77,14 +77,9 @@ async fn control_plane_is_ready() {
         assert!(control_plane.server_url().starts_with("https://127.0.0.1:"));
     }
     // The kubeconfig works for kubectl too, when there is one.
-    if let Ok(output) = std::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(control_plane.kubeconfig_path())
-        .args(["get", "--raw", "/readyz"])
-        .output()
-    {
-        assert!(output.status.success(), "kubectl get --raw /readyz: {}", String::from_utf8_lossy(&output.stderr));
-        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok");
+    if let Ok(ran) = kit::tools::try_kubectl(&["get", "--raw", "/readyz"], None) {
+        assert!(ran.ok, "kubectl get --raw /readyz: {}", ran.stderr);
+        assert_eq!(ran.stdout.trim(), "ok");
     }
 }
 
@@ -343,4 +338,13 @@ async fn kubelet_driver_follows_plans() {
     }
     let ignored = pods.get("ignored").await.expect("get the ignored pod");
     assert_eq!(phase(&ignored), Some("Pending"));
+}
+
+#[test]
+fn namespace_names_are_dns_labels() {
+    let name = namespace_name("My_Test::Deployments", 3, 0xbeef);
+    assert_eq!(name, "my-test--deployments-3-beef");
+    let long = namespace_name(&"x".repeat(100), 12345, 1);
+    assert!(long.len() <= 63, "{long}");
+    assert_eq!(namespace_name("--", 0, 0), "e2e-0-0000");
 }
