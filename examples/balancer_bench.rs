@@ -9,8 +9,8 @@
 //! cargo run --release --example balancer_bench -- --calls 2000 --replicas 4 --concurrency 8 --latency-ms 25
 //! ```
 
-#[path = "../tests/e2e/support/openai.rs"]
-mod openai;
+#[path = "../tests/kit/mod.rs"]
+mod kit;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use volt_operator::api::{Agent, Scheme, Strategy};
 use volt_operator::engine::Work;
 use volt_operator::executors::AgentCaller;
 
-use openai::Stub;
+use kit::openai::Stub;
 
 /// Load-balancer benchmark.
 #[derive(Parser, Debug)]

@@ -19,34 +19,28 @@
 //! cargo run --release --example bench -- --scale 0.1 --only inprocess,pods
 //! ```
 
-#[allow(dead_code)]
-#[path = "../tests/e2e/support/control_plane.rs"]
-mod control_plane;
-#[allow(dead_code)]
-#[path = "../tests/e2e/support/kubelet.rs"]
-mod kubelet;
-#[path = "../tests/e2e/support/openai.rs"]
-mod openai;
+#[path = "../tests/kit/mod.rs"]
+mod kit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use volt_operator::api::{RunPhase, WorkflowRun};
 
-use control_plane::ControlPlane;
-use kubelet::{Kubelet, PodPlan};
-use openai::Stub;
+use kit::control_plane::{self, ControlPlane};
+use kit::kubelet::{self, Kubelet};
+use kit::openai::{self, Stub};
+use kit::{ChartIdentity, OperatorProcess};
 
 /// Benchmarks of the operator against a real control plane.
 #[derive(Parser, Debug)]
@@ -88,8 +82,9 @@ async fn main() {
     let machine = machine();
     eprintln!("machine: {machine}");
     let procs = Procs::find(cp.dir());
-    let sa = service_account(cp, &admin).await;
-    let sa_client = sa.client().await;
+    // The chart (no operator pod: replicaCount 0) for its ServiceAccount and RBAC.
+    let sa = kit::chart_identity(&admin, "bench", "volt-bench", &["replicaCount=0".into()]).await;
+    let sa_client = kit::kube_client(&sa.kubeconfig).await;
 
     let mut results: Vec<Value> = Vec::new();
     let ceiling = Ceiling::measure(cp, &admin, &sa_client, n(1000)).await;
@@ -98,8 +93,8 @@ async fn main() {
                         "configmap_patches_per_s": round(ceiling.patches)}));
     println!("{}", results.last().unwrap_or(&Value::Null));
 
-    let op = Operator::start(&bin, &sa.kubeconfig, &args.operator_args).await;
-    eprintln!("operator ready in {:.2}s (pid {})", op.ready_in.as_secs_f64(), op.pid);
+    let (mut op, ready_in) = start_operator(&bin, &sa.kubeconfig, &args.operator_args).await;
+    eprintln!("operator ready in {:.2}s (pid {})", ready_in.as_secs_f64(), op.pid());
 
     if want("inprocess") {
         let r = inprocess(cp, &admin, &op, &procs, &ceiling, n(500)).await;
@@ -123,10 +118,10 @@ async fn main() {
         let r = big_workflow(cp, &admin, &op, &procs, 2000).await;
         record(&mut results, r);
     }
-    let rss = op.rss_mb();
+    let rss = rss_of(op.pid());
     results.push(json!({"scenario": "operator_after_load", "rss_mb": round(rss.0), "peak_rss_mb": round(rss.1)}));
     println!("{}", results.last().unwrap_or(&Value::Null));
-    op.stop().await;
+    op.sigkill().await;
     if want("rest") {
         let r = at_rest(cp, &admin, &bin, &sa, &args.operator_args, &procs, n(10_000), n(1_000)).await;
         record(&mut results, r);
@@ -267,80 +262,6 @@ fn rss_of(pid: u32) -> (f64, f64) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The operator's identity: the chart's ServiceAccount and RBAC
-
-struct Identity {
-    kubeconfig: PathBuf,
-}
-
-impl Identity {
-    async fn client(&self) -> Client {
-        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read the kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("kubeconfig");
-        Client::try_from(config).expect("client")
-    }
-}
-
-/// Installs the chart (no operator pod: replicaCount 0) for its ServiceAccount and RBAC, and
-/// writes a kubeconfig with the ServiceAccount's token.
-async fn service_account(cp: &ControlPlane, admin: &Client) -> Identity {
-    let helm = hack_bin("helm");
-    let ns = "volt-bench";
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/volt-operator");
-    let out = tokio::process::Command::new(&helm)
-        .args(["install", "bench", &chart.to_string_lossy(), "--namespace", ns, "--create-namespace"])
-        .args(["--set", "replicaCount=0", "--skip-crds", "--kubeconfig"])
-        .arg(cp.kubeconfig_path())
-        .output()
-        .await
-        .expect("run helm");
-    assert!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
-    let sa_name = "bench-volt-operator";
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
-    let token_secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "bench-token", "annotations": {"kubernetes.io/service-account.name": sa_name}},
-        "type": "kubernetes.io/service-account-token"
-    }))
-    .expect("secret");
-    secrets.create(&PostParams::default(), &token_secret).await.expect("create the token Secret");
-    let token = loop {
-        let s = secrets.get("bench-token").await.expect("token Secret");
-        if let Some(t) = s.data.and_then(|mut d| d.remove("token")).and_then(|b| String::from_utf8(b.0).ok())
-            && !t.is_empty()
-        {
-            break t;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut kc = kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).expect("admin kubeconfig");
-    for named in &mut kc.auth_infos {
-        named.auth_info = Some(kube::config::AuthInfo { token: Some(token.clone().into()), ..Default::default() });
-    }
-    let path = cp.dir().join("bench-operator.kubeconfig");
-    let text = kubeconfig_json(&kc, &token);
-    std::fs::write(&path, text).expect("write the kubeconfig");
-    Identity { kubeconfig: path }
-}
-
-/// The kubeconfig as JSON (a kubeconfig may be JSON), with the token written out in clear.
-fn kubeconfig_json(kc: &kube::config::Kubeconfig, token: &str) -> String {
-    let mut v = serde_json::to_value(kc).expect("kubeconfig to json");
-    if let Some(users) = v.get_mut("users").and_then(Value::as_array_mut) {
-        for u in users {
-            u["user"] = json!({"token": token});
-        }
-    }
-    v.to_string()
-}
-
-fn hack_bin(name: &str) -> PathBuf {
-    let dir = std::env::var("VOLT_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/volt-operator"));
-    dir.join("bin").join(name)
-}
-
-// ---------------------------------------------------------------------------------------------
 // The box's ceiling
 
 struct Ceiling {
@@ -405,91 +326,41 @@ impl Ceiling {
 // ---------------------------------------------------------------------------------------------
 // The operator process
 
-struct Operator {
-    child: tokio::process::Child,
-    pid: u32,
-    port: u16,
-    ready_in: Duration,
-    http: reqwest::Client,
+/// `volt-operator run` (`bin`) with the identity of `kubeconfig`, its log appended to
+/// `volt-bench-operator-<pid>.log` in the temp dir; once ready, and how long that took.
+async fn start_operator(bin: &Path, kubeconfig: &Path, extra: &[String]) -> (OperatorProcess, Duration) {
+    let log = std::env::temp_dir().join(format!("volt-bench-operator-{}.log", std::process::id()));
+    let mut op = OperatorProcess::builder(kubeconfig, log)
+        .bin(bin)
+        .args(["--log-level", &std::env::var("VOLT_BENCH_LOG").unwrap_or_else(|_| "warn".into())])
+        .args(extra)
+        .append_log()
+        .http_timeout(Duration::from_secs(30))
+        .spawn();
+    let ready_in = op.wait_ready(Duration::from_secs(120)).await;
+    (op, ready_in)
 }
 
-impl Operator {
-    async fn start(bin: &Path, kubeconfig: &Path, extra: &[String]) -> Operator {
-        let port =
-            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
-        let log = std::env::temp_dir().join(format!("volt-bench-operator-{}.log", std::process::id()));
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let started = Instant::now();
-        let child = tokio::process::Command::new(bin)
-            .args(["run", "--http-addr", &format!("127.0.0.1:{port}")])
-            .args(["--log-level", &std::env::var("VOLT_BENCH_LOG").unwrap_or_else(|_| "warn".into())])
-            .args(extra)
-            .env("KUBECONFIG", kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the operator");
-        let pid = child.id().unwrap_or(0);
-        let http = reqwest::Client::new();
-        let mut op = Operator { child, pid, port, ready_in: Duration::ZERO, http };
-        loop {
-            if let Ok(Some(status)) = op.child.try_wait() {
-                panic!("the operator exited ({status}); its log: {}", log.display());
-            }
-            if op.get("/readyz").await.is_some_and(|(code, _)| code == 200) {
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(120), "the operator was not ready in 120 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+/// `volt_kube_api_requests_total` by verb.
+async fn requests(op: &OperatorProcess) -> BTreeMap<String, f64> {
+    op.metric_by_label("volt_kube_api_requests_total", "verb").await
+}
+
+/// Request counts once the operator has stopped sending writes (its status writes and Events
+/// lag the runs by up to the flush interval and event window), at most 15 s.
+async fn settled_requests(op: &OperatorProcess) -> BTreeMap<String, f64> {
+    let writes = |m: &BTreeMap<String, f64>| {
+        ["create", "patch", "update", "delete"].iter().map(|v| m.get(*v).copied().unwrap_or(0.0)).sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = requests(op).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = requests(op).await;
+        if writes(&now) == writes(&last) || Instant::now() > deadline {
+            return now;
         }
-        op.ready_in = started.elapsed();
-        op
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let resp = self.http.get(format!("http://127.0.0.1:{}{path}", self.port)).send().await.ok()?;
-        let code = resp.status().as_u16();
-        Some((code, resp.text().await.ok()?))
-    }
-
-    /// `volt_kube_api_requests_total` by verb.
-    async fn requests(&self) -> BTreeMap<String, f64> {
-        let text = self.get("/metrics").await.map(|(_, t)| t).unwrap_or_default();
-        let mut out = BTreeMap::new();
-        for line in text.lines().filter(|l| l.starts_with("volt_kube_api_requests_total{")) {
-            let verb = line.split("verb=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
-            let v = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            *out.entry(verb.to_string()).or_default() += v;
-        }
-        out
-    }
-
-    /// Request counts once the operator has stopped sending writes (its status writes and
-    /// Events lag the runs by up to the flush interval and event window), at most 15 s.
-    async fn settled_requests(&self) -> BTreeMap<String, f64> {
-        let writes = |m: &BTreeMap<String, f64>| {
-            ["create", "patch", "update", "delete"].iter().map(|v| m.get(*v).copied().unwrap_or(0.0)).sum::<f64>()
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let mut last = self.requests().await;
-        loop {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            let now = self.requests().await;
-            if writes(&now) == writes(&last) || Instant::now() > deadline {
-                return now;
-            }
-            last = now;
-        }
-    }
-
-    fn rss_mb(&self) -> (f64, f64) {
-        rss_of(self.pid)
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        last = now;
     }
 }
 
@@ -651,7 +522,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn inprocess(
     cp: &ControlPlane,
     admin: &Client,
-    op: &Operator,
+    op: &OperatorProcess,
     procs: &Procs,
     ceiling: &Ceiling,
     runs: usize,
@@ -667,15 +538,15 @@ async fn inprocess(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let objects: Vec<Value> =
         (0..runs).map(|i| run_of(&format!("r{i}"), if i % 2 == 0 { "chain" } else { "fan" })).collect();
-    let before = op.settled_requests().await;
-    let cpu = procs.sample(op.pid);
+    let before = settled_requests(op).await;
+    let cpu = procs.sample(op.pid());
     let started = Instant::now();
     create_all(admin, &ns, &run_ar(), objects).await;
     let created_in = started.elapsed();
     let (took, done) = wait_runs(admin, &ns, runs, started, Duration::from_secs(600)).await;
-    let cpu = cpu.cores_until(&procs.sample(op.pid));
+    let cpu = cpu.cores_until(&procs.sample(op.pid()));
     let steps = runs * 10;
-    let (by_verb, writes_per_step, _) = per_step(&before, &op.settled_requests().await, steps);
+    let (by_verb, writes_per_step, _) = per_step(&before, &settled_requests(op).await, steps);
     let rate = steps as f64 / took.as_secs_f64();
     json!({"scenario": "inprocess_throughput", "runs": runs, "steps": steps, "failed_runs": check_succeeded(&done),
            "seconds": round(took.as_secs_f64()), "create_seconds": round(created_in.as_secs_f64()),
@@ -704,17 +575,20 @@ async fn hops_server() -> Hops {
         seen.lock().unwrap_or_else(|p| p.into_inner()).insert((run, i), (arrived, Instant::now()));
         "ok"
     }
-    let ip = openai::next_ip();
-    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let app = axum::Router::new().route("/hop", axum::routing::get(hop)).with_state(seen.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = kit::serve_on(openai::next_ip(), app).await;
     Hops { addr, seen }
 }
 
 /// 2a: in-process dispatch latency: chains of 10 HTTP steps; from the answer to step i to the
 /// request of step i+1, as the endpoint sees them.
-async fn dispatch_inprocess(cp: &ControlPlane, admin: &Client, op: &Operator, procs: &Procs, runs: usize) -> Value {
+async fn dispatch_inprocess(
+    cp: &ControlPlane,
+    admin: &Client,
+    op: &OperatorProcess,
+    procs: &Procs,
+    runs: usize,
+) -> Value {
     let ns = cp.namespace(admin, "bench-hops").await;
     let hops = hops_server().await;
     let addr = hops.addr;
@@ -724,13 +598,13 @@ async fn dispatch_inprocess(cp: &ControlPlane, admin: &Client, op: &Operator, pr
     });
     create_all(admin, &ns, &wf_ar(), vec![workflow("hops", steps)]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = op.settled_requests().await;
-    let cpu = procs.sample(op.pid);
+    let before = settled_requests(op).await;
+    let cpu = procs.sample(op.pid());
     let started = Instant::now();
     create_all(admin, &ns, &run_ar(), (0..runs).map(|i| run_of(&format!("h{i}"), "hops")).collect()).await;
     let (took, done) = wait_runs(admin, &ns, runs, started, Duration::from_secs(300)).await;
-    let cpu = cpu.cores_until(&procs.sample(op.pid));
-    let (by_verb, writes_per_step, _) = per_step(&before, &op.settled_requests().await, runs * 10);
+    let cpu = cpu.cores_until(&procs.sample(op.pid()));
+    let (by_verb, writes_per_step, _) = per_step(&before, &settled_requests(op).await, runs * 10);
     let seen = hops.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut lat: Vec<f64> = Vec::new();
     for r in 0..runs {
@@ -776,40 +650,26 @@ fn watch_pods(client: &Client, ns: &str) -> (Arc<Mutex<PodTimes>>, tokio::task::
     (times, task)
 }
 
+/// The kubelet stand-in for step pods: Succeeded at once with their `OUTPUT`.
 fn pod_kubelet(client: &Client, ns: &str) -> Kubelet {
-    Kubelet::start(
-        client.clone(),
-        ns,
-        Some("volt.dev/run".into()),
-        kubelet::behaviour(|pod| {
-            let out = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.containers.first())
-                .and_then(|c| c.env.as_ref())
-                .and_then(|e| e.iter().find(|v| v.name == "OUTPUT"))
-                .and_then(|v| v.value.clone())
-                .unwrap_or_default();
-            PodPlan::succeed("10.0.0.1", out)
-        }),
-    )
+    Kubelet::start(client.clone(), ns, Some("volt.dev/run".into()), kubelet::scripted(|_| Duration::ZERO))
 }
 
 /// 2b: pod dispatch latency: chains of 10 container steps; from a pod seen Succeeded to the
 /// next step's pod seen created.
-async fn dispatch_pods(cp: &ControlPlane, admin: &Client, op: &Operator, procs: &Procs, runs: usize) -> Value {
+async fn dispatch_pods(cp: &ControlPlane, admin: &Client, op: &OperatorProcess, procs: &Procs, runs: usize) -> Value {
     let ns = cp.namespace(admin, "bench-podlat").await;
     let (times, watch) = watch_pods(admin, &ns);
     let _kubelet = pod_kubelet(admin, &ns);
     create_all(admin, &ns, &wf_ar(), vec![workflow("pods", chain(10, container_step))]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = op.settled_requests().await;
-    let cpu = procs.sample(op.pid);
+    let before = settled_requests(op).await;
+    let cpu = procs.sample(op.pid());
     let started = Instant::now();
     create_all(admin, &ns, &run_ar(), (0..runs).map(|i| run_of(&format!("p{i}"), "pods")).collect()).await;
     let (took, done) = wait_runs(admin, &ns, runs, started, Duration::from_secs(300)).await;
-    let cpu = cpu.cores_until(&procs.sample(op.pid));
-    let (by_verb, writes_per_step, writes) = per_step(&before, &op.settled_requests().await, runs * 10);
+    let cpu = cpu.cores_until(&procs.sample(op.pid()));
+    let (by_verb, writes_per_step, writes) = per_step(&before, &settled_requests(op).await, runs * 10);
     watch.abort();
     let t = times.lock().unwrap_or_else(|p| p.into_inner());
     let mut lat = Vec::new();
@@ -838,7 +698,7 @@ async fn dispatch_pods(cp: &ControlPlane, admin: &Client, op: &Operator, procs: 
 async fn pod_churn(
     cp: &ControlPlane,
     admin: &Client,
-    op: &Operator,
+    op: &OperatorProcess,
     procs: &Procs,
     ceiling: &Ceiling,
     runs: usize,
@@ -854,15 +714,15 @@ async fn pod_churn(
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = op.settled_requests().await;
-    let cpu = procs.sample(op.pid);
+    let before = settled_requests(op).await;
+    let cpu = procs.sample(op.pid());
     let started = Instant::now();
     let objects = (0..runs).map(|i| run_of(&format!("c{i}"), if i % 2 == 0 { "chain" } else { "fan" })).collect();
     create_all(admin, &ns, &run_ar(), objects).await;
     let (took, done) = wait_runs(admin, &ns, runs, started, Duration::from_secs(900)).await;
-    let cpu = cpu.cores_until(&procs.sample(op.pid));
+    let cpu = cpu.cores_until(&procs.sample(op.pid()));
     let steps = runs * 10;
-    let (by_verb, writes_per_step, writes) = per_step(&before, &op.settled_requests().await, steps);
+    let (by_verb, writes_per_step, writes) = per_step(&before, &settled_requests(op).await, steps);
     watch.abort();
     let t = times.lock().unwrap_or_else(|p| p.into_inner());
     let pods = t.created.len();
@@ -879,7 +739,7 @@ async fn pod_churn(
 }
 
 /// 5: `calls` agent calls through the balancer to 4 replicas (50 ms, maxConcurrency 8 each).
-async fn agents(cp: &ControlPlane, admin: &Client, op: &Operator, procs: &Procs, calls: usize) -> Value {
+async fn agents(cp: &ControlPlane, admin: &Client, op: &OperatorProcess, procs: &Procs, calls: usize) -> Value {
     let ns = cp.namespace(admin, "bench-agents").await;
     let latency = Duration::from_millis(50);
     let stubs = Stub::group(&[("llm-0", latency), ("llm-1", latency), ("llm-2", latency), ("llm-3", latency)]).await;
@@ -916,14 +776,14 @@ async fn agents(cp: &ControlPlane, admin: &Client, op: &Operator, procs: &Procs,
     );
     create_all(admin, &ns, &wf_ar(), vec![wf]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = op.settled_requests().await;
-    let cpu = procs.sample(op.pid);
+    let before = settled_requests(op).await;
+    let cpu = procs.sample(op.pid());
     let started = Instant::now();
     create_all(admin, &ns, &run_ar(), (0..runs).map(|i| run_of(&format!("a{i}"), "ask")).collect()).await;
     let (took, done) = wait_runs(admin, &ns, runs, started, Duration::from_secs(600)).await;
-    let cpu = cpu.cores_until(&procs.sample(op.pid));
+    let cpu = cpu.cores_until(&procs.sample(op.pid()));
     let total = runs * per_run;
-    let (by_verb, writes_per_step, _) = per_step(&before, &op.settled_requests().await, total);
+    let (by_verb, writes_per_step, _) = per_step(&before, &settled_requests(op).await, total);
     let seen: Vec<Instant> = stubs.iter().flat_map(|s| s.seen().into_iter().map(|r| r.at)).collect();
     let first = seen.iter().min().copied().unwrap_or(started);
     let last = seen.iter().max().copied().unwrap_or(started) + latency;
@@ -943,7 +803,7 @@ async fn agents(cp: &ControlPlane, admin: &Client, op: &Operator, procs: &Procs,
 }
 
 /// 7: one run of `steps` template steps.
-async fn big_workflow(cp: &ControlPlane, admin: &Client, op: &Operator, procs: &Procs, steps: usize) -> Value {
+async fn big_workflow(cp: &ControlPlane, admin: &Client, op: &OperatorProcess, procs: &Procs, steps: usize) -> Value {
     let ns = cp.namespace(admin, "bench-big").await;
     let list: Vec<Value> = (0..steps)
         .map(|i| {
@@ -952,15 +812,15 @@ async fn big_workflow(cp: &ControlPlane, admin: &Client, op: &Operator, procs: &
             json!({"id": format!("s{i}"), "dependsOn": deps, "template": format!("{i}")})
         })
         .collect();
-    let before = op.settled_requests().await;
-    let cpu = procs.sample(op.pid);
+    let before = settled_requests(op).await;
+    let cpu = procs.sample(op.pid());
     let started = Instant::now();
     let run = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "big"},
                      "spec": {"workflow": {"steps": list}}});
     create_all(admin, &ns, &run_ar(), vec![run]).await;
     let (took, done) = wait_runs(admin, &ns, 1, started, Duration::from_secs(300)).await;
-    let cpu = cpu.cores_until(&procs.sample(op.pid));
-    let (by_verb, _, writes) = per_step(&before, &op.settled_requests().await, steps);
+    let cpu = cpu.cores_until(&procs.sample(op.pid()));
+    let (by_verb, _, writes) = per_step(&before, &settled_requests(op).await, steps);
     let api: Api<WorkflowRun> = Api::namespaced(admin.clone(), &ns);
     let size = serde_json::to_vec(&api.get("big").await.expect("the run")).map(|v| v.len()).unwrap_or(0);
     let progress = done.first().and_then(|r| r.status.as_ref()).map(|s| s.progress.clone()).unwrap_or_default();
@@ -976,7 +836,7 @@ async fn at_rest(
     cp: &ControlPlane,
     admin: &Client,
     bin: &Path,
-    sa: &Identity,
+    sa: &ChartIdentity,
     extra: &[String],
     procs: &Procs,
     runs: usize,
@@ -1033,30 +893,28 @@ async fn at_rest(
     eprintln!("{runs} finished runs and {workflows} workflows created in {:.1}s", loaded_in.as_secs_f64());
     // A first start writes what an operator writes once (the Workflows' status); the
     // measured start is the next one, as after an upgrade or a crash.
-    let first = Operator::start(bin, &sa.kubeconfig, extra).await;
-    let first_ready = first.ready_in;
+    let (mut first, first_ready) = start_operator(bin, &sa.kubeconfig, extra).await;
     // Until it has written all of it (settled: no write for 1.5 s), at most 3 minutes.
     for _ in 0..12 {
-        let before = first.requests().await;
-        let after = first.settled_requests().await;
+        let before = requests(&first).await;
+        let after = settled_requests(&first).await;
         if before == after {
             break;
         }
     }
-    first.stop().await;
+    first.sigkill().await;
     let cpu = procs.sample(0);
-    let op = Operator::start(bin, &sa.kubeconfig, extra).await;
-    let ready = op.ready_in;
-    let rss_ready = op.rss_mb();
-    let before = op.requests().await;
+    let (mut op, ready) = start_operator(bin, &sa.kubeconfig, extra).await;
+    let rss_ready = rss_of(op.pid());
+    let before = requests(&op).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let rss = op.rss_mb();
-    let after = op.requests().await;
+    let rss = rss_of(op.pid());
+    let after = requests(&op).await;
     let (by_verb, _, writes_at_rest) = per_step(&before, &after, 1);
-    let cpu = cpu.cores_until(&procs.sample(op.pid));
+    let cpu = cpu.cores_until(&procs.sample(op.pid()));
     let list: Api<WorkflowRun> = Api::namespaced(admin.clone(), &ns);
     let present = list.list_metadata(&ListParams::default()).await.map(|l| l.items.len()).unwrap_or(0);
-    op.stop().await;
+    op.sigkill().await;
     json!({"scenario": "at_rest", "runs": present, "workflows": workflows, "load_seconds": round(loaded_in.as_secs_f64()),
            "ready_seconds": round(ready.as_secs_f64()), "goal_ready_seconds": 10,
            "first_start_ready_seconds": round(first_ready.as_secs_f64()),

@@ -6,9 +6,10 @@
 //! ```
 //! It stops, removing its data, on Ctrl-C or SIGTERM.
 
-#[path = "../tests/e2e/support/control_plane.rs"]
-#[allow(dead_code)]
-mod control_plane;
+#[path = "../tests/kit/mod.rs"]
+mod kit;
+
+use kit::control_plane;
 
 fn main() {
     let cp = control_plane::shared();

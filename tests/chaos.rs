@@ -18,17 +18,12 @@
 //!
 //! `VOLT_CHAOS_SEED=<n>` replays a seed; each test prints the one it used.
 
-#[path = "e2e/support/mod.rs"]
-mod support;
-
-#[allow(dead_code)]
-#[path = "e2e/operator.rs"]
-mod operator;
+#[path = "kit/mod.rs"]
+mod kit;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -36,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -47,10 +41,11 @@ use tokio::task::JoinHandle;
 use volt_operator::api::{RunPhase, StepPhase, StepStatus, WorkflowRun, WorkflowRunStatus};
 use volt_operator::kube_util::WatchBackoff;
 
-use support::control_plane::{ControlPlane, OPERATOR_USER};
-use support::kubelet::{Behaviour, Kubelet, Outcome, PodPlan};
-use support::openai::{Seen, Stub};
-use support::wait_until;
+use kit::kubelet::{Behaviour, Kubelet};
+use kit::openai::{Seen, Stub};
+use kit::{
+    ControlPlane, LogDir, OperatorProcess, container, container_failing, grant_operator, run_obj, step, wait_until,
+};
 
 /// Latency of every agent call in the SIGKILL test: long enough that kills land mid-call.
 const SLOW_CALL: Duration = Duration::from_millis(1500);
@@ -64,202 +59,32 @@ fn seed(test: &str) -> u64 {
     seed
 }
 
-/// The chart's ClusterRole rules (from `manifests/install.yaml`) as a Role in `ns`, bound to the
-/// operator user: the operator gets what the chart gives it and nothing more.
-async fn grant_operator(client: &Client, ns: &str) {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/install.yaml"))
-        .expect("read manifests/install.yaml");
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("manifests/install.yaml parses");
-    let rules = docs
-        .iter()
-        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "volt-operator")
-        .map(|d| d["rules"].clone())
-        .expect("the chart's ClusterRole volt-operator");
-    let params = PatchParams::apply("chaos").force();
-    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                      "metadata": {"name": "volt-operator", "namespace": ns}, "rules": rules});
-    Api::<Role>::namespaced(client.clone(), ns)
-        .patch("volt-operator", &params, &Patch::Apply(&role))
-        .await
-        .expect("apply the operator's Role");
-    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                         "metadata": {"name": "volt-operator", "namespace": ns},
-                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "volt-operator"},
-                         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": OPERATOR_USER}]});
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .patch("volt-operator", &params, &Patch::Apply(&binding))
-        .await
-        .expect("apply the operator's RoleBinding");
-}
-
 async fn apply(client: &Client, ns: &str, obj: Value) {
-    support::apply_as(client, ns, obj, "chaos").await;
+    kit::apply_as(client, ns, obj, "chaos").await;
 }
 
 fn agent(name: &str, base_url: &str) -> Value {
-    json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "metadata": {"name": name},
-           "spec": {"model": "stub-model", "maxConcurrency": 64, "timeoutSeconds": 60, "endpoint": {"baseUrl": base_url}}})
+    kit::endpoint_agent(name, base_url, json!({"maxConcurrency": 64, "timeoutSeconds": 60}))
 }
 
-fn run_obj(name: &str, workflow: Value) -> Value {
-    json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
-           "spec": {"workflow": workflow}})
-}
-
-/// A container step whose pod the kubelet stand-in ends with `OUTPUT` as termination message,
-/// or fails when `FAIL_ATTEMPTS` lists the attempt.
-fn container(output: &str, fail_attempts: &str) -> Value {
-    let mut env = vec![json!({"name": "OUTPUT", "value": output})];
-    if !fail_attempts.is_empty() {
-        env.push(json!({"name": "FAIL_ATTEMPTS", "value": fail_attempts}));
-    }
-    json!({"image": "busybox", "command": ["sh", "-c", "true"], "env": env})
-}
-
-fn env_var(pod: &Pod, name: &str) -> Option<String> {
-    pod.spec.as_ref()?.containers.first()?.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
-}
-
-/// The kubelet stand-in's plan for step pods: Running at once, then after a run time between
-/// `min` and `max` (fixed per pod name) Succeeded with `OUTPUT`, or Failed when `FAIL_ATTEMPTS`
-/// lists the pod's attempt.
+/// The kubelet stand-in's plan for step pods ([`kit::kubelet::scripted`]): Running at once, then
+/// after a run time between `min` and `max` (fixed per pod name) Succeeded with `OUTPUT`, or
+/// Failed when `FAIL_ATTEMPTS` lists the pod's attempt.
 fn step_pods(min: Duration, max: Duration) -> Behaviour {
-    support::kubelet::behaviour(move |pod: &Pod| {
-        let attempt = pod.labels().get("volt.dev/attempt").cloned().unwrap_or_default();
-        let fail = env_var(pod, "FAIL_ATTEMPTS").is_some_and(|f| f.split(',').any(|a| a == attempt));
-        let outcome = if fail {
-            Outcome::Fail { message: format!("attempt {attempt} failed on purpose"), exit_code: 3 }
-        } else {
-            Outcome::Succeed { message: env_var(pod, "OUTPUT").unwrap_or_default() }
-        };
+    kit::kubelet::scripted(move |pod: &Pod| {
         let spread = (max - min).as_millis().max(1) as u64;
         let hash = pod.name_any().bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-        let run_for = min + Duration::from_millis(hash % spread);
-        PodPlan { run_for, outcome, ..PodPlan::run("127.0.0.1") }
+        min + Duration::from_millis(hash % spread)
     })
 }
 
-/// A directory for the operator logs, removed at the end unless `VOLT_TEST_KEEP` is set.
-struct LogDir {
-    path: PathBuf,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl LogDir {
-    fn new(test: &str) -> LogDir {
-        let dir = tempfile::Builder::new().prefix(&format!("volt-chaos-{test}-")).tempdir().expect("a log directory");
-        if std::env::var_os("VOLT_TEST_KEEP").is_some_and(|v| !v.is_empty() && v != "0") {
-            let path = dir.keep();
-            eprintln!("[chaos] {test}: operator logs kept in {}", path.display());
-            return LogDir { path, _dir: None };
-        }
-        LogDir { path: dir.path().to_path_buf(), _dir: Some(dir) }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-// ---------------------------------------------------------------------------------------------
-// The operator as an OS process
-
-/// `volt-operator run` as a child process of the test, as the operator user, watching one
-/// namespace; killed when dropped (and when the test process dies).
-struct OperatorProcess {
-    child: tokio::process::Child,
-    port: u16,
-    log: PathBuf,
-    started: Instant,
-}
-
-impl OperatorProcess {
-    async fn start(kubeconfig: &Path, ns: &str, log: PathBuf) -> OperatorProcess {
-        let port = free_port();
-        let file = std::fs::File::create(&log).expect("operator log file");
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_volt-operator"));
-        command
-            .args(["run", "--http-addr", &format!("127.0.0.1:{port}"), "--namespaces", ns])
-            .args(["--health-check-interval", "1", "--metrics-interval", "1", "--log-level", "info"])
-            .env("KUBECONFIG", kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true);
-        // SAFETY: only prctl, which is async-signal-safe, runs between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn().expect("start volt-operator");
-        OperatorProcess { child, port, log, started: Instant::now() }
-    }
-
-    /// Status code and body of `GET path`, or `None` when nothing answers.
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        support::http_get(self.port, path, Duration::from_secs(2)).await
-    }
-
-    /// Waits until `/readyz` answers 200; how long after the start that was.
-    async fn wait_ready(&mut self, timeout: Duration) -> Duration {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.assert_alive("while starting");
-            if matches!(self.get("/readyz").await, Some((200, _))) {
-                return self.started.elapsed();
-            }
-            assert!(Instant::now() < deadline, "operator not ready after {timeout:?}\n{}", self.log_tail());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Panics if the process has exited (on its own: the tests only ever SIGKILL it on purpose).
-    fn assert_alive(&mut self, when: &str) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("the operator exited on its own {when} ({status})\n{}", self.log_tail());
-        }
-    }
-
-    async fn sigkill(&mut self) -> ExitStatus {
-        self.child.start_kill().expect("SIGKILL the operator");
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("the operator exits after SIGKILL")
-            .expect("wait for the operator")
-    }
-
-    /// The sum of the samples of `metric` on /metrics.
-    async fn metric(&self, metric: &str) -> f64 {
-        let (_, body) = self.get("/metrics").await.unwrap_or_default();
-        support::metric_sum(&body, metric)
-    }
-
-    fn log_tail(&self) -> String {
-        format!("----- {} (last 40 lines) -----\n{}", self.log.display(), tail(&self.log, 40))
-    }
-}
-
-/// Panics, with the lines, if an operator log shows a panic.
-fn assert_no_panic(logs: &[PathBuf]) {
-    for log in logs {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let panics: Vec<&str> = text.lines().filter(|l| l.contains("panicked")).collect();
-        assert!(panics.is_empty(), "{} shows a panic: {panics:#?}", log.display());
-    }
+/// `volt-operator run` as the operator user (the kubeconfig of `cp`), watching `ns`, logging to
+/// `log`; not yet ready.
+fn start_operator(cp: &ControlPlane, ns: &str, log: PathBuf) -> OperatorProcess {
+    OperatorProcess::builder(cp.operator_kubeconfig_path(), log)
+        .namespaces(&[ns])
+        .args(["--health-check-interval", "1", "--metrics-interval", "1", "--log-level", "info"])
+        .spawn()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -531,10 +356,6 @@ fn prompt_step(prompt: &str) -> (String, String) {
     (run.to_string(), step.to_string())
 }
 
-fn step<'a>(status: &'a WorkflowRunStatus, key: &str) -> &'a StepStatus {
-    status.steps.get(key).unwrap_or_else(|| panic!("no step {key} in {:#?}", status.steps))
-}
-
 // ---------------------------------------------------------------------------------------------
 // SIGKILL
 
@@ -550,17 +371,17 @@ const SUITES: [&str; 2] = ["unit", "e2e"];
 /// (template): about 7 s with no crash.
 fn chaos_workflow(fails: bool) -> Value {
     json!({"steps": [
-        {"id": "fetch", "container": container("{{ run.name }}-fetched", "")},
+        {"id": "fetch", "container": container("{{ run.name }}-fetched")},
         {"id": "plan", "dependsOn": ["fetch"],
          "agent": {"ref": "writer", "prompt": "{{ run.name }}/plan: {{ steps.fetch.output }}"}},
         {"id": "build", "dependsOn": ["plan"], "forEach": serde_json::to_string(&ITEMS).expect("json"),
-         "container": container("{{ run.name }}-built-{{ item }}", "")},
+         "container": container("{{ run.name }}-built-{{ item }}")},
         {"id": "flaky", "dependsOn": ["plan"], "retry": {"limit": 2, "backoff": {"initialSeconds": 0.2}},
-         "container": container("{{ run.name }}-flaky", if fails { "1,2,3" } else { "1" })},
+         "container": container_failing("{{ run.name }}-flaky", if fails { "1,2,3" } else { "1" })},
         {"id": "review", "dependsOn": ["build", "flaky"],
          "agent": {"ref": "writer", "prompt": "{{ run.name }}/review: {{ steps.build.output }} {{ steps.flaky.output }}"}},
         {"id": "test", "dependsOn": ["review"], "forEach": serde_json::to_string(&SUITES).expect("json"),
-         "container": container("{{ run.name }}-tested-{{ item }}", "")},
+         "container": container("{{ run.name }}-tested-{{ item }}")},
         {"id": "summary", "dependsOn": ["review", "test"],
          "agent": {"ref": "writer", "prompt": "{{ run.name }}/summary: {{ steps.review.output }}"}},
         {"id": "report", "dependsOn": ["summary"], "template": "{{ steps.summary.output }}"}
@@ -648,7 +469,7 @@ async fn sigkill_at_random_moments_during_twenty_runs() {
     let test_started = Instant::now();
     let seed = seed("sigkill");
     let mut rng = StdRng::seed_from_u64(seed);
-    let cp = support::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "chaos-kill").await;
     grant_operator(&client, &ns).await;
@@ -662,9 +483,9 @@ async fn sigkill_at_random_moments_during_twenty_runs() {
         Some("volt.dev/run".into()),
         step_pods(Duration::from_millis(200), Duration::from_millis(700)),
     );
-    let dir = LogDir::new("sigkill");
-    let mut logs = vec![dir.path().join("operator-1.log")];
-    let mut op = OperatorProcess::start(cp.operator_kubeconfig_path(), &ns, logs[0].clone()).await;
+    let dir = LogDir::new("chaos-sigkill");
+    let mut logs = vec![dir.join("operator-1.log")];
+    let mut op = start_operator(cp, &ns, logs[0].clone());
     let first_ready = op.wait_ready(Duration::from_secs(60)).await;
 
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
@@ -702,7 +523,7 @@ async fn sigkill_at_random_moments_during_twenty_runs() {
         let at = Instant::now();
         assert_eq!(status.signal(), Some(libc::SIGKILL), "the operator died of SIGKILL: {status}");
         let in_flight =
-            stub.seen().iter().filter(|s| s.at >= op.started && s.at <= at && s.at + SLOW_CALL > at).count();
+            stub.seen().iter().filter(|s| s.at >= op.started() && s.at <= at && s.at + SLOW_CALL > at).count();
         eprintln!(
             "[chaos] kill {k} at {:.2}s ({unfinished} runs unfinished, {} steps succeeded, {in_flight} agent calls \
              in flight); down for {:.2}s",
@@ -710,10 +531,10 @@ async fn sigkill_at_random_moments_during_twenty_runs() {
             succeeded.len(),
             down.as_secs_f64()
         );
-        kills.push(Kill { at, process_started: op.started, succeeded });
+        kills.push(Kill { at, process_started: op.started(), succeeded });
         tokio::time::sleep(down).await;
-        logs.push(dir.path().join(format!("operator-{}.log", k + 1)));
-        op = OperatorProcess::start(cp.operator_kubeconfig_path(), &ns, logs[k].clone()).await;
+        logs.push(dir.join(format!("operator-{}.log", k + 1)));
+        op = start_operator(cp, &ns, logs[k].clone());
         restarts.push(op.wait_ready(Duration::from_secs(60)).await);
     }
 
@@ -787,7 +608,7 @@ async fn sigkill_at_random_moments_during_twenty_runs() {
         .sum();
     assert!(repeats <= unrecorded, "{repeats} repeated calls, but only {unrecorded} were unrecorded at the kills");
     assert!(unrecorded > 0, "no kill landed while agent calls were under way: the test did not test anything");
-    assert_no_panic(&logs);
+    kit::logs::assert_no_panic(&logs);
 
     let failed = finals.values().filter(|s| s.phase == RunPhase::Failed).count();
     eprintln!(
@@ -816,11 +637,11 @@ const OUTAGE: Duration = Duration::from_secs(30);
 /// fetch (pod) -> plan (agent) -> build (3 pods of about 2 s) -> review (agent) -> report.
 fn outage_workflow() -> Value {
     json!({"steps": [
-        {"id": "fetch", "container": container("{{ run.name }}-fetched", "")},
+        {"id": "fetch", "container": container("{{ run.name }}-fetched")},
         {"id": "plan", "dependsOn": ["fetch"],
          "agent": {"ref": "writer", "prompt": "{{ run.name }}/plan: {{ steps.fetch.output }}"}},
         {"id": "build", "dependsOn": ["plan"], "forEach": serde_json::to_string(&ITEMS).expect("json"),
-         "container": container("{{ run.name }}-built-{{ item }}", "")},
+         "container": container("{{ run.name }}-built-{{ item }}")},
         {"id": "review", "dependsOn": ["build"],
          "agent": {"ref": "writer", "prompt": "{{ run.name }}/review: {{ steps.build.output }}"}},
         {"id": "report", "dependsOn": ["review"], "template": "{{ steps.review.output }}"}
@@ -850,9 +671,8 @@ async fn apiserver_stopped_for_30s_mid_run() {
         Some("volt.dev/run".into()),
         step_pods(Duration::from_millis(1500), Duration::from_millis(2500)),
     );
-    let dir = LogDir::new("outage");
-    let log = dir.path().join("operator.log");
-    let mut op = OperatorProcess::start(cp.operator_kubeconfig_path(), &ns, log.clone()).await;
+    let dir = LogDir::new("chaos-outage");
+    let mut op = start_operator(&cp, &ns, dir.join("operator.log"));
     op.wait_ready(Duration::from_secs(60)).await;
 
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
@@ -937,7 +757,7 @@ async fn apiserver_stopped_for_30s_mid_run() {
     let repeated: Vec<_> = calls.iter().filter(|(_, at)| at.len() > 1).map(|(p, at)| (p, at.len())).collect();
     assert!(repeated.is_empty(), "agent calls repeated across an apiserver outage: {repeated:#?}");
     assert_eq!(calls.len(), names.len() * 2, "two agent calls per run");
-    assert_no_panic(&[log]);
+    op.assert_no_panic();
     eprintln!(
         "[chaos] apiserver outage: {} runs Succeeded ({} started before a {:.0}s outage, 1 after), \
          {calls_during} agent calls answered during the outage, {errors_during} failed reconciles during \
@@ -1028,7 +848,7 @@ where
 async fn status_conflicts_and_other_writers_lose_nothing() {
     let test_started = Instant::now();
     let seed = seed("conflicts");
-    let cp = support::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "chaos-conflict").await;
     grant_operator(&client, &ns).await;
@@ -1050,7 +870,7 @@ async fn status_conflicts_and_other_writers_lose_nothing() {
         writes: Arc::default(),
         injected: Arc::default(),
     };
-    let config = operator::kube_config(cp.operator_kubeconfig_path()).await;
+    let config = kit::kube_config(cp.operator_kubeconfig_path()).await;
     let metrics = volt_operator::metrics::Metrics::new();
     let counter = volt_operator::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
     let operator_client = kube::client::ClientBuilder::try_from(config)
@@ -1059,7 +879,7 @@ async fn status_conflicts_and_other_writers_lose_nothing() {
         .with_layer(&conflicts)
         .build();
     // Every change written (no coalescing), so that many writes meet the injected conflicts.
-    let op = operator::Operator::start_on(&ns, operator_client, metrics, |args| {
+    let op = kit::in_process::Operator::start_on(&ns, operator_client, metrics, |args| {
         args.status_flush_interval = Duration::ZERO;
     })
     .await;
@@ -1072,7 +892,7 @@ async fn status_conflicts_and_other_writers_lose_nothing() {
         {"id": "fan", "dependsOn": ["list"], "forEach": "{{ steps.list.json }}", "maxParallel": 4,
          "agent": {"ref": "writer", "prompt": "{{ run.name }}/fan[{{ index }}]: item {{ item }}"}},
         {"id": "pods", "dependsOn": ["list"], "forEach": serde_json::to_string(&pod_items).expect("json"), "maxParallel": 3,
-         "container": container("{{ run.name }}-pod-{{ item }}", "")},
+         "container": container("{{ run.name }}-pod-{{ item }}")},
         {"id": "join", "dependsOn": ["fan", "pods"], "template": "{{ steps.fan.json | length }} answers, {{ steps.pods.json | length }} pods"},
         {"id": "done", "dependsOn": ["join"], "template": "{{ steps.join.output }}!"}
     ]});

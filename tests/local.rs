@@ -2,17 +2,16 @@
 //!
 //! Each test uses its own cache directory (`XDG_CACHE_HOME` in a temporary directory).
 
-use std::path::{Path, PathBuf};
+#[path = "kit/mod.rs"]
+mod kit;
+
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_volt-operator");
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
+use kit::{operator_bin, repo};
 
 struct Run {
     code: i32,
@@ -30,12 +29,12 @@ impl Run {
 
 fn volt(cache: &Path, args: &[&str]) -> Run {
     let started = Instant::now();
-    let out: Output = Command::new(BIN)
+    let out: Output = Command::new(operator_bin())
         .args(args)
         .env("XDG_CACHE_HOME", cache)
         .env_remove("VOLT_LOCAL_CACHE_DIR")
         .env_remove("OPENAI_API_KEY")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(repo(""))
         .output()
         .expect("the binary runs");
     Run {
@@ -249,7 +248,7 @@ fn ctrl_c_cancels_the_run_and_finally_steps_still_run() {
             marker.display()
         ),
     );
-    let child = Command::new(BIN)
+    let child = Command::new(operator_bin())
         .args(["local", "run", &file, "-o", "json"])
         .env("XDG_CACHE_HOME", tmp.path())
         .stdout(std::process::Stdio::piped())
@@ -335,7 +334,7 @@ fn agent_steps_call_any_openai_compatible_server_with_the_key_from_the_environme
     );
     let example = repo("examples/local/pipeline.yaml").display().to_string();
     let args = ["local", "run", &example, &agent, "--param", "llm=true", "--param", "modules:=[\"api\"]", "-o", "json"];
-    let out = Command::new(BIN)
+    let out = Command::new(operator_bin())
         .args(args)
         .env("XDG_CACHE_HOME", tmp.path())
         .env("VOLT_TEST_KEY", "sk-local-test")
@@ -359,7 +358,7 @@ fn agent_steps_call_any_openai_compatible_server_with_the_key_from_the_environme
         assert!(body["messages"][1]["content"].as_str().is_some_and(|p| p.contains("volt release: api-")), "{body}");
     }
     // The agent step is cached too: a second run makes no call.
-    let again = Command::new(BIN).args(args).env("XDG_CACHE_HOME", tmp.path()).output().expect("runs");
+    let again = Command::new(operator_bin()).args(args).env("XDG_CACHE_HOME", tmp.path()).output().expect("runs");
     assert_eq!(again.status.code(), Some(0));
     let status: Json = serde_json::from_slice(&again.stdout).expect("JSON");
     assert_eq!(status["steps"]["describe"]["cached"], true);

@@ -7,48 +7,22 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Pod, Secret};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use volt_operator::api::{Agent, RunPhase, StepStatus, WorkflowRun, WorkflowRunStatus, condition_status};
+use volt_operator::api::{Agent, RunPhase, StepStatus, WorkflowRunStatus, condition_status};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-use crate::support::kubelet::{self, Kubelet, PodPlan};
-use crate::support::openai::{Reply, Stub};
+use crate::kit::kubelet::{self, Kubelet, PodPlan};
+use crate::kit::objects::merge;
+use crate::kit::openai::{Reply, Stub};
+use crate::kit::{Env, Operator, endpoint_agent, metric_sum_where, wait_for};
 
 const LONG: Duration = Duration::from_secs(90);
 const MODEL: &str = "stub-model";
 
-#[derive(Clone)]
-pub(crate) struct Env {
-    pub client: Client,
-    pub ns: String,
-    pub runs: Api<WorkflowRun>,
-    pub pods: Api<Pod>,
-    pub agents: Api<Agent>,
-}
-
-pub(crate) async fn env(prefix: &str) -> Env {
-    let cp = control_plane::shared();
-    let client = cp.client().await;
-    let ns = cp.namespace(&client, prefix).await;
-    Env {
-        runs: Api::namespaced(client.clone(), &ns),
-        pods: Api::namespaced(client.clone(), &ns),
-        agents: Api::namespaced(client.clone(), &ns),
-        client,
-        ns,
-    }
-}
-
 /// The operator, refreshing live load every second.
 pub(crate) async fn operator(e: &Env) -> Operator {
     Operator::start_with(&e.ns, |a| a.metrics_interval = Duration::from_secs(1)).await
-}
-
-pub(crate) async fn apply(e: &Env, obj: Value) {
-    crate::support::apply_as(&e.client, &e.ns, obj, "test").await;
 }
 
 /// An Agent of the `replicas` form: pods labelled `app=<app>`, serving on `port`.
@@ -63,19 +37,6 @@ pub(crate) fn replicas_agent(name: &str, app: &str, port: u16, extra: Value) -> 
     });
     merge(&mut spec, extra);
     json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "metadata": {"name": name}, "spec": spec})
-}
-
-/// An Agent of the `endpoint` form.
-pub(crate) fn endpoint_agent(name: &str, base_url: &str, extra: Value) -> Value {
-    let mut spec = json!({"model": MODEL, "timeoutSeconds": 10, "endpoint": {"baseUrl": base_url}});
-    merge(&mut spec, extra);
-    json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "metadata": {"name": name}, "spec": spec})
-}
-
-fn merge(into: &mut Value, extra: Value) {
-    if let (Some(into), Value::Object(extra)) = (into.as_object_mut(), extra) {
-        into.extend(extra);
-    }
 }
 
 /// A run fanning `items` agent calls out, `max_parallel` at once.
@@ -100,8 +61,7 @@ pub(crate) fn single(name: &str, agent: Value) -> Value {
 }
 
 pub(crate) async fn finished(e: &Env, name: &str) -> WorkflowRunStatus {
-    let run = wait_for(&e.runs, name, LONG, |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).await;
-    run.status.unwrap_or_default()
+    e.finished(name, LONG).await
 }
 
 /// The fan-out children's rows.
@@ -154,13 +114,7 @@ pub(crate) async fn agent_status(
 
 /// The sum of the samples of `metric` whose labels include all of `labels`.
 fn metric(op: &Operator, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    op.metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum_where(&op.metrics.render(), metric, labels)
 }
 
 async fn events(e: &Env) -> Vec<Event> {
@@ -169,15 +123,15 @@ async fn events(e: &Env) -> Vec<Event> {
 
 #[tokio::test]
 async fn round_robin_spreads_a_fan_out_evenly_and_reports_live_load() {
-    let e = env("ag-rr").await;
+    let e = Env::new("ag-rr").await;
     let op = operator(&e).await;
     let ms = Duration::from_millis(50);
     let stubs = Stub::group(&[("rr-a", ms), ("rr-b", ms), ("rr-c", ms)]).await;
     running_replicas(&e, "rr", &stubs).await;
-    apply(&e, replicas_agent("rr", "rr", stubs[0].port(), json!({}))).await;
+    e.apply(replicas_agent("rr", "rr", stubs[0].port(), json!({}))).await;
     agent_status(&e, "rr", |s| s.replicas.healthy == 3).await;
 
-    apply(&e, fan_out("rr-run", json!({"ref": "rr", "strategy": "round_robin"}), 30, 3)).await;
+    e.apply(fan_out("rr-run", json!({"ref": "rr", "strategy": "round_robin"}), 30, 3)).await;
     let s = finished(&e, "rr-run").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     let rows = children(&s, "ask");
@@ -224,14 +178,14 @@ async fn round_robin_spreads_a_fan_out_evenly_and_reports_live_load() {
 
 /// Two replicas, one fast and one slow: `strategy` sends most calls to the fast one.
 async fn faster_replica_gets_most_calls(prefix: &str, strategy: &str) {
-    let e = env(prefix).await;
+    let e = Env::new(prefix).await;
     let _op = operator(&e).await;
     let stubs = Stub::group(&[("fast", Duration::from_millis(10)), ("slow", Duration::from_millis(600))]).await;
     running_replicas(&e, prefix, &stubs).await;
-    apply(&e, replicas_agent("pair", prefix, stubs[0].port(), json!({}))).await;
+    e.apply(replicas_agent("pair", prefix, stubs[0].port(), json!({}))).await;
     agent_status(&e, "pair", |s| s.replicas.healthy == 2).await;
 
-    apply(&e, fan_out("pair-run", json!({"ref": "pair", "strategy": strategy}), 24, 4)).await;
+    e.apply(fan_out("pair-run", json!({"ref": "pair", "strategy": strategy}), 24, 4)).await;
     let s = finished(&e, "pair-run").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     let counts = by(&children(&s, "ask"), |r| r.replica.as_ref());
@@ -254,19 +208,19 @@ async fn performance_based_prefers_the_faster_replica() {
 
 #[tokio::test]
 async fn weighted_follows_agent_weights_across_selected_agents() {
-    let e = env("ag-w").await;
+    let e = Env::new("ag-w").await;
     let _op = operator(&e).await;
     let heavy = Stub::start("heavy", Duration::from_millis(10)).await;
     let light = Stub::start("light", Duration::from_millis(10)).await;
-    apply(&e, endpoint_agent("heavy", &heavy.base_url(), json!({"capabilities": ["w"], "weight": 3}))).await;
-    apply(&e, endpoint_agent("light", &light.base_url(), json!({"capabilities": ["w"], "weight": 1}))).await;
-    apply(&e, endpoint_agent("other", &light.base_url(), json!({"capabilities": ["x"], "weight": 100}))).await;
+    e.apply(endpoint_agent("heavy", &heavy.base_url(), json!({"capabilities": ["w"], "weight": 3}))).await;
+    e.apply(endpoint_agent("light", &light.base_url(), json!({"capabilities": ["w"], "weight": 1}))).await;
+    e.apply(endpoint_agent("other", &light.base_url(), json!({"capabilities": ["x"], "weight": 100}))).await;
     for name in ["heavy", "light", "other"] {
         agent_status(&e, name, |s| s.replicas.healthy == 1).await;
     }
 
     let call = json!({"selector": {"capabilities": ["w"]}, "strategy": "weighted"});
-    apply(&e, fan_out("w-run", call, 40, 4)).await;
+    e.apply(fan_out("w-run", call, 40, 4)).await;
     let s = finished(&e, "w-run").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     let agents = by(&children(&s, "ask"), |r| r.agent.as_ref());
@@ -276,7 +230,7 @@ async fn weighted_follows_agent_weights_across_selected_agents() {
 
 #[tokio::test]
 async fn not_ready_terminating_and_crash_looping_replicas_get_no_calls() {
-    let e = env("ag-health").await;
+    let e = Env::new("ag-health").await;
     let _op = operator(&e).await;
     let ms = Duration::from_millis(20);
     let stubs = Stub::group(&[("ok", ms), ("unready", ms), ("crashing", ms), ("leaving", ms)]).await;
@@ -285,7 +239,7 @@ async fn not_ready_terminating_and_crash_looping_replicas_get_no_calls() {
         let ready = stub.name() != "unready";
         kubelet::set_running(&e.client, &e.ns, stub.name(), &stub.ip().to_string(), ready).await.expect("running");
     }
-    apply(&e, replicas_agent("mixed", "mixed", stubs[0].port(), json!({}))).await;
+    e.apply(replicas_agent("mixed", "mixed", stubs[0].port(), json!({}))).await;
     agent_status(&e, "mixed", |s| s.replicas.healthy == 3).await;
 
     // One crash loops, one is being deleted.
@@ -304,7 +258,7 @@ async fn not_ready_terminating_and_crash_looping_replicas_get_no_calls() {
     assert_eq!(degraded.status, "True");
     assert!(degraded.message.contains("crashing (CrashLoopBackOff"), "{}", degraded.message);
 
-    apply(&e, fan_out("h-run", json!({"ref": "mixed"}), 12, 4)).await;
+    e.apply(fan_out("h-run", json!({"ref": "mixed"}), 12, 4)).await;
     let s = finished(&e, "h-run").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     assert_eq!(stubs[0].answered(), 12);
@@ -330,17 +284,17 @@ async fn not_ready_terminating_and_crash_looping_replicas_get_no_calls() {
 
 #[tokio::test]
 async fn calls_of_a_killed_replica_are_retried_on_another_and_its_circuit_opens() {
-    let e = env("ag-kill").await;
+    let e = Env::new("ag-kill").await;
     let _op = operator(&e).await;
     let ms = Duration::from_millis(300);
     let stubs = Stub::group(&[("steady", ms), ("doomed", ms)]).await;
     running_replicas(&e, "kill", &stubs).await;
-    apply(&e, replicas_agent("pair", "kill", stubs[0].port(), json!({}))).await;
+    e.apply(replicas_agent("pair", "kill", stubs[0].port(), json!({}))).await;
     agent_status(&e, "pair", |s| s.replicas.healthy == 2).await;
 
-    apply(&e, fan_out("k-run", json!({"ref": "pair", "strategy": "round_robin"}), 16, 4)).await;
+    e.apply(fan_out("k-run", json!({"ref": "pair", "strategy": "round_robin"}), 16, 4)).await;
     // Kill the second replica while calls are in flight on it; its pod still looks Ready.
-    crate::support::wait_until("calls in flight on the doomed replica", LONG, || async {
+    crate::kit::wait_until("calls in flight on the doomed replica", LONG, || async {
         (stubs[1].requests() >= 1).then_some(())
     })
     .await;
@@ -378,7 +332,7 @@ async fn calls_of_a_killed_replica_are_retried_on_another_and_its_circuit_opens(
 
 #[tokio::test]
 async fn timeouts_and_server_errors_are_retried_on_a_healthy_replica() {
-    let e = env("ag-5xx").await;
+    let e = Env::new("ag-5xx").await;
     let _op = operator(&e).await;
     let stubs = Stub::group(&[
         ("fine", Duration::from_millis(20)),
@@ -388,10 +342,10 @@ async fn timeouts_and_server_errors_are_retried_on_a_healthy_replica() {
     .await;
     stubs[2].always(Reply::Status(503));
     running_replicas(&e, "flaky", &stubs).await;
-    apply(&e, replicas_agent("flaky", "flaky", stubs[0].port(), json!({"timeoutSeconds": 1}))).await;
+    e.apply(replicas_agent("flaky", "flaky", stubs[0].port(), json!({"timeoutSeconds": 1}))).await;
     agent_status(&e, "flaky", |s| s.replicas.healthy == 3).await;
 
-    apply(&e, fan_out("f-run", json!({"ref": "flaky", "strategy": "round_robin"}), 12, 3)).await;
+    e.apply(fan_out("f-run", json!({"ref": "flaky", "strategy": "round_robin"}), 12, 3)).await;
     let s = finished(&e, "f-run").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     let rows = children(&s, "ask");
@@ -410,15 +364,15 @@ async fn timeouts_and_server_errors_are_retried_on_a_healthy_replica() {
 
 #[tokio::test]
 async fn rate_limits_with_retry_after_are_honoured() {
-    let e = env("ag-429").await;
+    let e = Env::new("ag-429").await;
     let op = operator(&e).await;
     let stub = Stub::start("limited", Duration::from_millis(5)).await;
     let wait = Duration::from_secs(1);
     stub.script([Reply::RateLimited { retry_after: wait }, Reply::RateLimited { retry_after: wait }]);
-    apply(&e, endpoint_agent("limited", &stub.base_url(), json!({}))).await;
+    e.apply(endpoint_agent("limited", &stub.base_url(), json!({}))).await;
     agent_status(&e, "limited", |s| s.replicas.healthy == 1).await;
 
-    apply(&e, single("rl-run", json!({"ref": "limited"}))).await;
+    e.apply(single("rl-run", json!({"ref": "limited"}))).await;
     let s = finished(&e, "rl-run").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     let row = &s.steps["ask"];
@@ -439,7 +393,7 @@ async fn rate_limits_with_retry_after_are_honoured() {
 
 #[tokio::test]
 async fn the_api_key_comes_from_the_secret_and_a_missing_secret_fails_the_step() {
-    let e = env("ag-key").await;
+    let e = Env::new("ag-key").await;
     let _op = operator(&e).await;
     let stub = Stub::start("keyed", Duration::from_millis(5)).await;
     const KEY: &str = "sk-test-VERY-SECRET-0042";
@@ -450,15 +404,15 @@ async fn the_api_key_comes_from_the_secret_and_a_missing_secret_fails_the_step()
     .expect("secret");
     Api::<Secret>::namespaced(e.client.clone(), &e.ns).create(&PostParams::default(), &secret).await.expect("secret");
     let with_ref = |name: &str, key: &str| json!({"apiKeySecretRef": {"name": name, "key": key}});
-    apply(&e, endpoint_agent("nosecret", &stub.base_url(), with_ref("missing-secret", "api-key"))).await;
-    apply(&e, endpoint_agent("nokey", &stub.base_url(), with_ref("llm-creds", "token"))).await;
-    apply(&e, endpoint_agent("good", &stub.base_url(), with_ref("llm-creds", "api-key"))).await;
+    e.apply(endpoint_agent("nosecret", &stub.base_url(), with_ref("missing-secret", "api-key"))).await;
+    e.apply(endpoint_agent("nokey", &stub.base_url(), with_ref("llm-creds", "token"))).await;
+    e.apply(endpoint_agent("good", &stub.base_url(), with_ref("llm-creds", "api-key"))).await;
     for name in ["nosecret", "nokey", "good"] {
         agent_status(&e, name, |s| s.replicas.healthy == 1).await;
     }
 
     for (run, agent) in [("r-nosecret", "nosecret"), ("r-nokey", "nokey"), ("r-good", "good")] {
-        apply(&e, single(run, json!({"ref": agent}))).await;
+        e.apply(single(run, json!({"ref": agent}))).await;
     }
     let s = finished(&e, "r-nosecret").await;
     assert_eq!(s.phase, RunPhase::Failed);
@@ -500,7 +454,7 @@ async fn the_api_key_comes_from_the_secret_and_a_missing_secret_fails_the_step()
 
 #[tokio::test]
 async fn a_deployment_mode_agent_creates_its_deployment_and_reports_its_replicas() {
-    let e = env("ag-dep").await;
+    let e = Env::new("ag-dep").await;
     let _op = operator(&e).await;
     let ms = Duration::from_millis(20);
     let stubs = Stub::group(&[("dep-0", ms), ("dep-1", ms)]).await;
@@ -521,7 +475,7 @@ async fn a_deployment_mode_agent_creates_its_deployment_and_reports_its_replicas
                  "deployment": {"replicas": 2, "port": stubs[0].port(), "path": "/v1",
                                 "template": {"metadata": {"labels": {"team": "ml"}},
                                              "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.6.0"}]}}}}});
-    apply(&e, agent).await;
+    e.apply(agent).await;
 
     let deployments: Api<Deployment> = Api::namespaced(e.client.clone(), &e.ns);
     let dep = wait_for(&deployments, "coder-agent", LONG, |_| true).await;
@@ -544,7 +498,7 @@ async fn a_deployment_mode_agent_creates_its_deployment_and_reports_its_replicas
     assert_eq!(addresses, expected);
     assert!(status.endpoints.iter().all(|r| r.pod.starts_with("coder-agent-")), "{:?}", status.endpoints);
 
-    apply(&e, fan_out("d-run", json!({"selector": {"capabilities": ["code"]}}), 6, 2)).await;
+    e.apply(fan_out("d-run", json!({"selector": {"capabilities": ["code"]}}), 6, 2)).await;
     let s = finished(&e, "d-run").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     assert_eq!((stubs[0].answered(), stubs[1].answered()), (3, 3));

@@ -10,15 +10,11 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use volt_operator::api::{RunPhase, WorkflowRun, WorkflowRunStatus};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-use crate::support::kubelet::{Kubelet, PodPlan, behaviour};
+use crate::kit::kubelet::{Kubelet, PodPlan, behaviour};
+use crate::kit::{self, Operator, control_plane};
 
 async fn finished(runs: &Api<WorkflowRun>, name: &str) -> WorkflowRunStatus {
-    wait_for(runs, name, Duration::from_secs(60), |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished()))
-        .await
-        .status
-        .unwrap_or_default()
+    kit::run_finished(runs, name, Duration::from_secs(60)).await
 }
 
 #[tokio::test]
@@ -26,8 +22,6 @@ async fn a_second_run_hits_the_cache_even_after_a_restart() {
     use axum::extract::State;
     use axum::routing::get;
     let calls = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let app = axum::Router::new()
         .route(
             "/item/{n}",
@@ -37,7 +31,7 @@ async fn a_second_run_hits_the_cache_even_after_a_restart() {
             }),
         )
         .with_state(calls.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = kit::serve(app).await;
 
     let cp = control_plane::shared();
     let client = cp.client().await;

@@ -9,9 +9,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 use volt_operator::api::{Agent, RunPhase, Workflow, WorkflowRun, condition_status};
 
-use crate::foundation::kubectl_stdin;
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
+use crate::kit::{Operator, control_plane, kubectl_stdin, wait_for};
 
 const CORPUS: &str = include_str!("../corpus/bad-objects.yaml");
 
@@ -37,7 +35,7 @@ async fn every_bad_object_is_rejected_or_reported() {
             .split_once(": ")
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .unwrap_or((expect.clone(), String::new()));
-        let (ok, _out, err) = kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], Some(doc));
+        let (ok, _out, err) = kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], Some(doc)).parts();
         if how == "rejected" {
             if ok || !err.contains(&what) {
                 failures.push(format!("{kind}/{name}: expected a rejection naming {what:?}, got ok={ok}: {err}"));

@@ -1,42 +1,12 @@
 //! The foundation against a real API server: CRDs, schema validation, printer columns, and the
 //! Workflow controller's validation.
 
-use std::process::Command;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use volt_operator::api::{Agent, Workflow, WorkflowRun, condition_status};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-
-fn repo(path: &str) -> String {
-    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs kubectl against the test control plane; returns (success, stdout, stderr).
-pub fn kubectl(args: &[&str]) -> (bool, String, String) {
-    kubectl_stdin(args, None)
-}
-
-pub fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    use std::io::Write;
-    let cp = control_plane::shared();
-    let mut cmd = Command::new("kubectl");
-    cmd.arg("--kubeconfig").arg(cp.kubeconfig_path()).args(args);
-    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("kubectl runs");
-    if let Some(input) = stdin {
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("kubectl finishes");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::kit::{Operator, control_plane, kubectl, kubectl_stdin, wait_for};
 
 #[tokio::test]
 async fn spec_examples_apply() {
@@ -44,10 +14,10 @@ async fn spec_examples_apply() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "examples").await;
     for f in ["examples/spec/agents.yaml", "examples/spec/workflow.yaml"] {
-        let (ok, out, err) = kubectl(&["apply", "-n", &ns, "-f", &repo(f)]);
+        let (ok, out, err) = kubectl(&["apply", "-n", &ns, "-f", f]).parts();
         assert!(ok, "kubectl apply {f}: {out}{err}");
     }
-    let (ok, out, err) = kubectl(&["create", "-n", &ns, "-f", &repo("examples/spec/run.yaml")]);
+    let (ok, out, err) = kubectl(&["create", "-n", &ns, "-f", "examples/spec/run.yaml"]).parts();
     assert!(ok, "kubectl create run: {out}{err}");
     assert!(out.contains("workflowrun.volt.dev/dev-"), "{out}");
 }
@@ -100,7 +70,7 @@ async fn schema_rejects_bad_objects_naming_the_field() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "schema").await;
     for (yaml, field) in BAD {
-        let (ok, out, err) = kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], Some(yaml));
+        let (ok, out, err) = kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], Some(yaml)).parts();
         assert!(!ok, "should be rejected:\n{yaml}\n{out}");
         assert!(err.contains(field), "error should name {field}:\n{yaml}\n{err}");
     }
@@ -112,19 +82,19 @@ async fn kubectl_get_shows_the_columns() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "columns").await;
     let _op = Operator::start(&ns).await;
-    let (ok, _, err) = kubectl(&["apply", "-n", &ns, "-f", &repo("examples/spec/agents.yaml")]);
+    let (ok, _, err) = kubectl(&["apply", "-n", &ns, "-f", "examples/spec/agents.yaml"]).parts();
     assert!(ok, "{err}");
     let wf = "apiVersion: volt.dev/v1alpha1\nkind: Workflow\nmetadata: {name: hello}\nspec:\n  steps:\n  - {id: a, template: hi}\n  - {id: b, dependsOn: [a], template: '{{ steps.a.output }}!'}\n";
     let run = "apiVersion: volt.dev/v1alpha1\nkind: WorkflowRun\nmetadata: {name: hello-1}\nspec: {workflowRef: {name: hello}}\n";
     for y in [wf, run] {
-        let (ok, _, err) = kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], Some(y));
+        let (ok, _, err) = kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], Some(y)).parts();
         assert!(ok, "{err}");
     }
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
     wait_for(&runs, "hello-1", Duration::from_secs(30), |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished()))
         .await;
 
-    let (ok, out, err) = kubectl(&["get", "workflowruns", "-n", &ns]);
+    let (ok, out, err) = kubectl(&["get", "workflowruns", "-n", &ns]).parts();
     assert!(ok, "{err}");
     let header: Vec<&str> = out.lines().next().unwrap_or("").split_whitespace().collect();
     assert_eq!(header, ["NAME", "WORKFLOW", "PHASE", "PROGRESS", "STARTED", "AGE"], "{out}");
@@ -132,19 +102,19 @@ async fn kubectl_get_shows_the_columns() {
         out.contains("hello-1") && out.contains("hello") && out.contains("Succeeded") && out.contains("2/2"),
         "{out}"
     );
-    let (_, wide, _) = kubectl(&["get", "wfr", "-n", &ns, "-o", "wide"]);
+    let (_, wide, _) = kubectl(&["get", "wfr", "-n", &ns, "-o", "wide"]).parts();
     assert!(wide.lines().next().unwrap_or("").contains("MESSAGE"), "{wide}");
 
-    let (_, out, _) = kubectl(&["get", "ag", "-n", &ns]);
+    let (_, out, _) = kubectl(&["get", "ag", "-n", &ns]).parts();
     let header: Vec<&str> = out.lines().next().unwrap_or("").split_whitespace().collect();
     assert_eq!(header, ["NAME", "MODEL", "READY", "ENDPOINT", "AGE"], "{out}");
     assert!(out.contains("gpt-4o-mini"), "{out}");
 
-    let (_, out, _) = kubectl(&["get", "vwf", "-n", &ns]);
+    let (_, out, _) = kubectl(&["get", "vwf", "-n", &ns]).parts();
     let header: Vec<&str> = out.lines().next().unwrap_or("").split_whitespace().collect();
     assert_eq!(header, ["NAME", "STEPS", "READY", "AGE"], "{out}");
 
-    let (ok, out, err) = kubectl(&["get", "volt", "-n", &ns]);
+    let (ok, out, err) = kubectl(&["get", "volt", "-n", &ns]).parts();
     assert!(ok, "{err}");
     for kind in ["agent.volt.dev/analyst", "workflow.volt.dev/hello", "workflowrun.volt.dev/hello-1"] {
         assert!(out.contains(kind), "`kubectl get volt` should list {kind}:\n{out}");

@@ -1,6 +1,6 @@
 //! Tests of the fixture itself: the control plane serves, the CRDs are installed, the controller
-//! manager runs Deployments and garbage collection, RBAC holds for the operator user, and the
-//! kubelet stand-in writes believable pod status.
+//! manager runs Deployments and garbage collection, RBAC holds for the operator user, the
+//! kubelet stand-in writes believable pod status, and test namespaces get valid names.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -18,9 +18,9 @@ use kube::{
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 
-use crate::support::{
+use crate::kit::{
     self,
-    control_plane::OPERATOR_USER,
+    control_plane::{OPERATOR_USER, namespace_name},
     kubelet::{self, Kubelet, PodPlan},
     wait_until,
 };
@@ -64,7 +64,7 @@ fn phase(pod: &Pod) -> Option<&str> {
 
 #[tokio::test]
 async fn control_plane_is_ready() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let readyz = client
         .request_text(http::Request::get("/readyz").body(Vec::new()).expect("a request"))
@@ -77,20 +77,15 @@ async fn control_plane_is_ready() {
         assert!(control_plane.server_url().starts_with("https://127.0.0.1:"));
     }
     // The kubeconfig works for kubectl too, when there is one.
-    if let Ok(output) = std::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(control_plane.kubeconfig_path())
-        .args(["get", "--raw", "/readyz"])
-        .output()
-    {
-        assert!(output.status.success(), "kubectl get --raw /readyz: {}", String::from_utf8_lossy(&output.stderr));
-        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok");
+    if let Ok(ran) = kit::tools::try_kubectl(&["get", "--raw", "/readyz"], None) {
+        assert!(ran.ok, "kubectl get --raw /readyz: {}", ran.stderr);
+        assert_eq!(ran.stdout.trim(), "ok");
     }
 }
 
 #[tokio::test]
 async fn volt_crds_are_established() {
-    let client = support::shared().client().await;
+    let client = kit::shared().client().await;
     let api: Api<CustomResourceDefinition> = Api::all(client);
     let crds = volt_operator::api::crds();
     assert_eq!(crds.len(), 3);
@@ -109,7 +104,7 @@ async fn volt_crds_are_established() {
 
 #[tokio::test]
 async fn deployment_pods_run_and_become_available() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let ns = control_plane.namespace(&client, "harness-deploy").await;
     let kubelet =
@@ -168,7 +163,7 @@ async fn deployment_pods_run_and_become_available() {
 
 #[tokio::test]
 async fn owner_reference_garbage_collection() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let ns = control_plane.namespace(&client, "harness-gc").await;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -206,7 +201,7 @@ async fn owner_reference_garbage_collection() {
 
 #[tokio::test]
 async fn operator_user_is_authenticated_but_not_admin() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let operator = control_plane.client_as_operator().await;
 
     // Authenticated: any signed-in user may ask what it may do.
@@ -247,7 +242,7 @@ async fn operator_user_is_authenticated_but_not_admin() {
 
 #[tokio::test]
 async fn kubelet_helpers_write_pod_status() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let ns = control_plane.namespace(&client, "harness-kubelet").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -313,7 +308,7 @@ async fn kubelet_helpers_write_pod_status() {
 
 #[tokio::test]
 async fn kubelet_driver_follows_plans() {
-    let control_plane = support::shared();
+    let control_plane = kit::shared();
     let client = control_plane.client().await;
     let ns = control_plane.namespace(&client, "harness-plans").await;
     let _kubelet = Kubelet::start(
@@ -343,4 +338,13 @@ async fn kubelet_driver_follows_plans() {
     }
     let ignored = pods.get("ignored").await.expect("get the ignored pod");
     assert_eq!(phase(&ignored), Some("Pending"));
+}
+
+#[test]
+fn namespace_names_are_dns_labels() {
+    let name = namespace_name("My_Test::Deployments", 3, 0xbeef);
+    assert_eq!(name, "my-test--deployments-3-beef");
+    let long = namespace_name(&"x".repeat(100), 12345, 1);
+    assert!(long.len() <= 63, "{long}");
+    assert_eq!(namespace_name("--", 0, 0), "e2e-0-0000");
 }

@@ -20,12 +20,11 @@ use volt_operator::agents::caller::MAX_REPLY_BYTES;
 use volt_operator::api::{RunPhase, WorkflowRunStatus};
 
 use crate::agents::{
-    Env, agent_status, apply, by, children, endpoint_agent, env, fan_out, finished, operator, replica_pod,
-    replicas_agent, running_replicas, single,
+    agent_status, by, children, fan_out, finished, operator, replica_pod, replicas_agent, running_replicas, single,
 };
-use crate::support::kubelet;
-use crate::support::openai::{Reply, Stub};
-use crate::support::wait_until;
+use crate::kit::kubelet;
+use crate::kit::openai::{Reply, Stub};
+use crate::kit::{Env, endpoint_agent, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -33,7 +32,7 @@ const LONG: Duration = Duration::from_secs(60);
 async fn timed(e: &Env, run: Value) -> (WorkflowRunStatus, Duration) {
     let name = run["metadata"]["name"].as_str().expect("name").to_string();
     let start = Instant::now();
-    apply(e, run).await;
+    e.apply(run).await;
     let status = finished(e, &name).await;
     (status, start.elapsed())
 }
@@ -61,7 +60,7 @@ fn assert_failed_with(s: &WorkflowRunStatus, agent: &str, problem: &str) -> Stri
 /// The healthy agent `good`, alone, and how long its run takes with nothing else going on.
 async fn good_agent_and_baseline(e: &Env) -> (Stub, Duration) {
     let good = Stub::start("good", Duration::from_millis(20)).await;
-    apply(e, endpoint_agent("good", &good.base_url(), json!({"maxConcurrency": 8}))).await;
+    e.apply(endpoint_agent("good", &good.base_url(), json!({"maxConcurrency": 8}))).await;
     agent_status(e, "good", |s| s.replicas.healthy == 1).await;
     let (s, baseline) = timed(e, healthy_run("baseline")).await;
     assert_succeeded(&s, "baseline");
@@ -70,7 +69,7 @@ async fn good_agent_and_baseline(e: &Env) -> (Stub, Duration) {
 
 #[tokio::test]
 async fn silent_and_dripping_endpoints_fail_within_the_attempt_timeouts_and_other_runs_go_on() {
-    let e = env("llm-slow").await;
+    let e = Env::new("llm-slow").await;
     let _op = operator(&e).await;
     let (good, baseline) = good_agent_and_baseline(&e).await;
 
@@ -82,15 +81,15 @@ async fn silent_and_dripping_endpoints_fail_within_the_attempt_timeouts_and_othe
     let crowd = Stub::start("crowd", Duration::ZERO).await;
     crowd.always(Reply::Hang);
     let one_second = json!({"timeoutSeconds": 1, "maxConcurrency": 16});
-    apply(&e, endpoint_agent("hang", &hang.base_url(), one_second.clone())).await;
-    apply(&e, endpoint_agent("drip", &drip.base_url(), one_second)).await;
-    apply(&e, endpoint_agent("crowd", &crowd.base_url(), json!({"timeoutSeconds": 3, "maxConcurrency": 16}))).await;
+    e.apply(endpoint_agent("hang", &hang.base_url(), one_second.clone())).await;
+    e.apply(endpoint_agent("drip", &drip.base_url(), one_second)).await;
+    e.apply(endpoint_agent("crowd", &crowd.base_url(), json!({"timeoutSeconds": 3, "maxConcurrency": 16}))).await;
     for name in ["hang", "drip", "crowd"] {
         agent_status(&e, name, |s| s.replicas.healthy == 1).await;
     }
 
     let start = Instant::now();
-    apply(&e, fan_out("crowd-run", json!({"ref": "crowd"}), 16, 16)).await;
+    e.apply(fan_out("crowd-run", json!({"ref": "crowd"}), 16, 16)).await;
     let runs = [("hang", "hang-run"), ("drip", "drip-run")];
     let tasks: Vec<_> = runs
         .iter()
@@ -143,7 +142,7 @@ async fn silent_and_dripping_endpoints_fail_within_the_attempt_timeouts_and_othe
 
 #[tokio::test]
 async fn bad_answers_fail_with_a_clear_message_and_other_runs_go_on() {
-    let e = env("llm-bad").await;
+    let e = Env::new("llm-bad").await;
     let _op = operator(&e).await;
     let (good, baseline) = good_agent_and_baseline(&e).await;
 
@@ -163,7 +162,7 @@ async fn bad_answers_fail_with_a_clear_message_and_other_runs_go_on() {
     for (name, reply, _) in &faults {
         let stub = Stub::start(name, Duration::ZERO).await;
         stub.always(reply.clone());
-        apply(&e, endpoint_agent(name, &stub.base_url(), json!({"timeoutSeconds": 2}))).await;
+        e.apply(endpoint_agent(name, &stub.base_url(), json!({"timeoutSeconds": 2}))).await;
         stubs.insert(*name, stub);
     }
     for (name, ..) in &faults {
@@ -175,7 +174,7 @@ async fn bad_answers_fail_with_a_clear_message_and_other_runs_go_on() {
     for (name, ..) in &faults {
         let mut run = single(&format!("{name}-run"), json!({"ref": name}));
         run["spec"]["workflow"]["steps"][0]["timeoutSeconds"] = json!(5);
-        apply(&e, run).await;
+        e.apply(run).await;
     }
     let (s, during) = timed(&e, healthy_run("during")).await;
     assert_succeeded(&s, "healthy run during the faults");
@@ -207,7 +206,7 @@ async fn bad_answers_fail_with_a_clear_message_and_other_runs_go_on() {
 
 #[tokio::test]
 async fn a_healthy_replica_takes_every_call_from_misbehaving_ones() {
-    let e = env("llm-failover").await;
+    let e = Env::new("llm-failover").await;
     let _op = operator(&e).await;
     let stubs = Stub::group(&[
         ("healthy", Duration::from_millis(20)),
@@ -222,7 +221,7 @@ async fn a_healthy_replica_takes_every_call_from_misbehaving_ones() {
     let garbage = [Reply::Malformed, Reply::WrongShape, Reply::Huge { bytes: 16 << 20 }];
     stubs[3].script(garbage.iter().cycle().take(30).cloned());
     running_replicas(&e, "failover", &stubs).await;
-    apply(&e, replicas_agent("mixed", "failover", stubs[0].port(), json!({"timeoutSeconds": 1}))).await;
+    e.apply(replicas_agent("mixed", "failover", stubs[0].port(), json!({"timeoutSeconds": 1}))).await;
     agent_status(&e, "mixed", |s| s.replicas.healthy == 4).await;
 
     // A call's retries go to replicas it has not tried: with 3 bad replicas, its 4 attempts
@@ -322,12 +321,12 @@ async fn flap(
 
 #[tokio::test]
 async fn flapping_replicas_get_no_calls_while_down_and_the_run_finishes() {
-    let e = env("llm-flap").await;
+    let e = Env::new("llm-flap").await;
     let _op = operator(&e).await;
     let latency = Duration::from_millis(500);
     let stubs = Stub::group(&[("f0", latency), ("f1", latency), ("f2", latency), ("f3", latency)]).await;
     running_replicas(&e, "flap", &stubs).await;
-    apply(&e, replicas_agent("flap", "flap", stubs[0].port(), json!({"timeoutSeconds": 5}))).await;
+    e.apply(replicas_agent("flap", "flap", stubs[0].port(), json!({"timeoutSeconds": 5}))).await;
     agent_status(&e, "flap", |s| s.replicas.healthy == 4).await;
 
     // Two flappers, each with two replicas, one down at a time: at least two are up.

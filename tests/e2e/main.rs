@@ -4,10 +4,10 @@ mod cache;
 mod corpus;
 mod foundation;
 mod harness;
+#[path = "../kit/mod.rs"]
+mod kit;
 mod llm_faults;
 mod observability;
-mod operator;
 mod packaging;
 mod runs;
 mod security;
-mod support;

@@ -11,15 +11,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use volt_operator::api::{RunPhase, WorkflowRun};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-
-async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    format!("http://{addr}")
-}
+use crate::kit::{self, Operator, control_plane, wait_for};
 
 #[tokio::test]
 async fn events_stats_and_metrics() {
@@ -38,7 +30,7 @@ async fn events_stats_and_metrics() {
             }),
         )
     };
-    let sink_url = format!("{}/ce", serve(sink).await);
+    let sink_url = format!("http://{}/ce", kit::serve(sink).await);
 
     let cp = control_plane::shared();
     let client = cp.client().await;
@@ -67,7 +59,8 @@ async fn events_stats_and_metrics() {
         uids.push(r.uid().expect("uid"));
     }
 
-    let api = serve(volt_operator::http::router(op.metrics.clone(), op.health.clone())).await;
+    let api =
+        format!("http://{}", kit::serve(volt_operator::http::router(op.metrics.clone(), op.health.clone())).await);
     let http = reqwest::Client::new();
 
     // Replay: only obs-1's events, in order, from start to finish.

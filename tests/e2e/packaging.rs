@@ -4,10 +4,8 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,14 +20,16 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use volt_operator::api::{Agent, RunPhase, WorkflowRun, WorkflowRunStatus};
 
-use crate::operator::{Operator, kube_config, wait_for};
-use crate::support::control_plane::{self, OPERATOR_USER};
-use crate::support::kubelet::{self, Kubelet, PodPlan};
-use crate::support::openai::Stub;
-use crate::support::wait_until;
+use crate::kit::control_plane::{self, OPERATOR_USER};
+use crate::kit::kubelet::{self, Kubelet, PodPlan};
+use crate::kit::openai::Stub;
+use crate::kit::tools::{CHART, helm_binary};
+use crate::kit::{
+    self, LogDir, Operator, OperatorProcess, apply, chart_identity, helm, helm_install, helm_uninstall, kube_config,
+    kubectl, metric_sum, repo, wait_for, wait_until,
+};
 
 const LONG: Duration = Duration::from_secs(90);
-const CHART: &str = "charts/volt-operator";
 const INSTALL_YAML: &str = "manifests/install.yaml";
 /// What `make manifests` renders into manifests/install.yaml (under a comment header).
 const RENDER: &[&str] = &[
@@ -46,80 +46,13 @@ const RENDER: &[&str] = &[
 // ---------------------------------------------------------------------------------------------
 // Tools
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn read(path: &str) -> String {
-    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
-}
-
-/// The helm binary `hack/control-plane.sh install` puts in its bin-dir.
-fn helm_binary() -> &'static Path {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        let out = std::process::Command::new("bash")
-            .args(["hack/control-plane.sh", "bin-dir"])
-            .current_dir(repo())
-            .output()
-            .expect("run hack/control-plane.sh bin-dir");
-        assert!(out.status.success(), "hack/control-plane.sh bin-dir: {}", String::from_utf8_lossy(&out.stderr));
-        let helm = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("helm");
-        assert!(helm.is_file(), "no helm at {}: run `hack/control-plane.sh install` (make deps)", helm.display());
-        helm
-    })
-}
-
-struct Ran {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run_tool(program: &Path, args: &[&str]) -> Ran {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .current_dir(repo())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
-    Ran {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Runs helm and returns its stdout; panics with its output when it fails.
-async fn helm(args: &[&str]) -> String {
-    let ran = run_tool(helm_binary(), args).await;
-    assert!(ran.ok, "helm {} failed:\n{}\n{}", args.join(" "), ran.stdout, ran.stderr);
-    ran.stdout
-}
-
-async fn kubectl(args: &[&str]) -> Ran {
-    run_tool(Path::new("kubectl"), args).await
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
 }
 
 /// A release name no other test uses.
 fn release(prefix: &str) -> String {
     format!("{prefix}-{:04x}", rand::random::<u16>())
-}
-
-/// Installs the chart as `release` in `ns` (the CRDs are the fixture's already).
-async fn install(release: &str, ns: &str, sets: &[String]) {
-    let kubeconfig = control_plane::shared().kubeconfig_path().display().to_string();
-    let mut args = vec!["install", release, CHART, "--namespace", ns, "--kubeconfig", &kubeconfig, "--skip-crds"];
-    for set in sets {
-        args.extend(["--set", set.as_str()]);
-    }
-    helm(&args).await;
-}
-
-async fn uninstall(release: &str, ns: &str) {
-    let kubeconfig = control_plane::shared().kubeconfig_path().display().to_string();
-    helm(&["uninstall", release, "--namespace", ns, "--kubeconfig", &kubeconfig]).await;
 }
 
 /// Asserts that `result` is 403 Forbidden.
@@ -130,28 +63,14 @@ fn forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) {
     }
 }
 
-fn env_of(pod: &Pod, name: &str) -> Option<String> {
-    pod.spec.as_ref()?.containers.first()?.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
-}
-
-/// The kubelet stand-in for run pods: Succeeded, with the container's `OUTPUT` env var as
-/// termination message.
+/// The kubelet stand-in for run pods ([`kubelet::scripted`]): Succeeded at once, with the
+/// container's `OUTPUT` env var as termination message.
 fn run_pods(client: &Client, ns: &str) -> Kubelet {
-    Kubelet::start(
-        client.clone(),
-        ns,
-        Some("volt.dev/run".into()),
-        kubelet::behaviour(|pod| PodPlan::succeed("127.0.0.1", env_of(pod, "OUTPUT").unwrap_or_default())),
-    )
-}
-
-async fn apply(client: &Client, ns: &str, obj: Value) {
-    crate::support::apply_as(client, ns, obj, "test").await;
+    Kubelet::start(client.clone(), ns, Some("volt.dev/run".into()), kubelet::scripted(|_| Duration::ZERO))
 }
 
 async fn finished(runs: &Api<WorkflowRun>, name: &str) -> WorkflowRunStatus {
-    let run = wait_for(runs, name, LONG, |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).await;
-    run.status.unwrap_or_default()
+    kit::run_finished(runs, name, LONG).await
 }
 
 /// A run of a container step and a template.
@@ -189,18 +108,18 @@ async fn the_chart_lints_clean() {
         assert!(!out.contains("[WARNING]") && !out.contains("[ERROR]"), "helm lint {extra:?}:\n{out}");
     }
     // The schema rejects what the operator would reject.
-    let ran = run_tool(helm_binary(), &["template", "x", CHART, "--set", "config.lbStrategy=fastest"]).await;
+    let ran = kit::tools::run(helm_binary(), &["template", "x", CHART, "--set", "config.lbStrategy=fastest"]).await;
     assert!(!ran.ok && ran.stderr.contains("lbStrategy"), "{}", ran.stderr);
-    let ran = run_tool(helm_binary(), &["template", "x", CHART, "--set", "config.cacheTTL=3"]).await;
+    let ran = kit::tools::run(helm_binary(), &["template", "x", CHART, "--set", "config.cacheTTL=3"]).await;
     assert!(!ran.ok && ran.stderr.contains("cacheTTL"), "{}", ran.stderr);
-    let ran = run_tool(helm_binary(), &["template", "x", CHART, "--set", "leaderElection.leaseGrace=30"]).await;
+    let ran = kit::tools::run(helm_binary(), &["template", "x", CHART, "--set", "leaderElection.leaseGrace=30"]).await;
     assert!(!ran.ok && ran.stderr.contains("leaseGrace must be less than"), "{}", ran.stderr);
 }
 
 #[test]
 fn the_chart_crds_are_the_repo_crds() {
     let names = |dir: &str| -> BTreeSet<String> {
-        std::fs::read_dir(repo().join(dir))
+        std::fs::read_dir(repo(dir))
             .unwrap_or_else(|e| panic!("read {dir}: {e}"))
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|n| n.ends_with(".yaml"))
@@ -296,8 +215,7 @@ async fn install_yaml_applies_with_a_server_dry_run() {
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => panic!("create namespace volt-system: {e}"),
     }
-    let kubeconfig = cp.kubeconfig_path().display().to_string();
-    let ran = kubectl(&["--kubeconfig", &kubeconfig, "apply", "--dry-run=server", "-f", INSTALL_YAML]).await;
+    let ran = kubectl(&["apply", "--dry-run=server", "-f", INSTALL_YAML]);
     assert!(ran.ok, "kubectl apply --dry-run=server -f {INSTALL_YAML}:\n{}\n{}", ran.stdout, ran.stderr);
     for object in [
         "customresourcedefinition.apiextensions.k8s.io/workflowruns.volt.dev",
@@ -319,19 +237,16 @@ async fn install_yaml_applies_with_a_server_dry_run() {
 /// `kubectl apply`, the runs, which use generateName, with `kubectl create`).
 #[tokio::test]
 async fn the_examples_are_valid() {
-    let validate = run_tool(
-        Path::new(env!("CARGO_BIN_EXE_volt-operator")),
-        &["local", "validate", "manifests/examples/", "manifests/examples/runs/"],
-    )
-    .await;
+    let validate =
+        kit::tools::run(kit::operator_bin(), &["local", "validate", "manifests/examples/", "manifests/examples/runs/"])
+            .await;
     assert!(validate.ok, "local validate:\n{}{}", validate.stdout, validate.stderr);
     assert!(validate.stdout.contains("6 Agents, 3 Workflows, 3 WorkflowRuns"), "{}", validate.stdout);
     let cp = control_plane::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "pkg-examples").await;
-    let kubeconfig = cp.kubeconfig_path().display().to_string();
     for (verb, path) in [("apply", "manifests/examples/"), ("create", "manifests/examples/runs/")] {
-        let ran = kubectl(&["--kubeconfig", &kubeconfig, "-n", &ns, verb, "--dry-run=server", "-f", path]).await;
+        let ran = kubectl(&["-n", &ns, verb, "--dry-run=server", "-f", path]);
         assert!(ran.ok, "kubectl {verb} --dry-run=server -f {path}:\n{}\n{}", ran.stdout, ran.stderr);
     }
 }
@@ -340,7 +255,7 @@ async fn the_examples_are_valid() {
 #[test]
 fn the_readme_lists_every_metric() {
     let mut names = BTreeSet::new();
-    let mut dirs = vec![repo().join("src")];
+    let mut dirs = vec![repo("src")];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).expect("read src").flatten() {
             let path = entry.path();
@@ -368,7 +283,7 @@ async fn helm_installs_upgrades_and_uninstalls() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "pkg-helm").await;
     let rel = release("vh");
-    install(&rel, &ns, &["replicaCount=2".into()]).await;
+    helm_install(&rel, &ns, &["replicaCount=2".into()]).await;
     let full = format!("{rel}-volt-operator");
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -434,7 +349,7 @@ async fn helm_installs_upgrades_and_uninstalls() {
 
     // Uninstalling removes what the chart made, and leaves the CRDs (and so every Agent,
     // Workflow and WorkflowRun) alone.
-    uninstall(&rel, &ns).await;
+    helm_uninstall(&rel, &ns).await;
     wait_until("the release's objects to go", LONG, || async {
         let dep = deployments.get_opt(&full).await.ok()?;
         let role = cluster_roles.get_opt(&full).await.ok()?;
@@ -510,12 +425,7 @@ async fn operator_as(ns: &str, config: &kube::Config, refusals: &Refusals) -> Op
 }
 
 fn reconcile_errors(op: &Operator) -> f64 {
-    op.metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("volt_reconcile_errors_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&op.metrics.render(), "volt_reconcile_errors_total")
 }
 
 /// The operator, with the identity and the RBAC of the chart's ServiceAccount (cluster-wide
@@ -528,25 +438,10 @@ async fn the_operator_runs_with_the_chart_rbac_and_nothing_more() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "pkg-rbac").await;
     let rel = release("vr");
-    install(&rel, &ns, &[]).await;
-    let full = format!("{rel}-volt-operator");
-
-    // The ServiceAccount's token, from a token Secret (any Kubernetes version fills one in).
+    let identity = chart_identity(&client, &rel, &ns, &[]).await;
+    let full = identity.service_account;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let token_secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": format!("{full}-token"), "annotations": {"kubernetes.io/service-account.name": full}},
-        "type": "kubernetes.io/service-account-token"
-    }))
-    .expect("secret");
-    secrets.create(&PostParams::default(), &token_secret).await.expect("create the token Secret");
-    let token = wait_until("the ServiceAccount token", LONG, || async {
-        let s = secrets.get(&format!("{full}-token")).await.ok()?;
-        let bytes = s.data?.get("token")?.0.clone();
-        String::from_utf8(bytes).ok().filter(|t| !t.is_empty())
-    })
-    .await;
-    let mut config = kube_config(cp.kubeconfig_path()).await;
-    config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
+    let config = cp.config_with_token(&identity.token).await;
     let sa = Client::try_from(config.clone()).expect("a client with the ServiceAccount token");
 
     // The agent: a Deployment the operator applies, whose pod the stand-in runs at a stub.
@@ -563,9 +458,8 @@ async fn the_operator_runs_with_the_chart_rbac_and_nothing_more() {
         client.clone(),
         &ns,
         Some("volt.dev/run".into()),
-        kubelet::behaviour(|pod| {
-            let hold = env_of(pod, "HOLD_SECONDS").and_then(|s| s.parse().ok()).unwrap_or(0);
-            PodPlan::succeed("127.0.0.1", env_of(pod, "OUTPUT").unwrap_or_default()).run_for(Duration::from_secs(hold))
+        kubelet::scripted(|pod| {
+            Duration::from_secs(kubelet::env_var(pod, "HOLD_SECONDS").and_then(|s| s.parse().ok()).unwrap_or(0))
         }),
     );
     let key: Secret =
@@ -690,77 +584,22 @@ async fn the_operator_runs_with_the_chart_rbac_and_nothing_more() {
     );
     forbidden(Api::<Lease>::namespaced(sa.clone(), &ns).get("some-other-lease").await, "read another Lease");
     forbidden(Api::<Lease>::namespaced(sa, "default").get(&full).await, "read a Lease in another namespace");
-    uninstall(&rel, &ns).await;
+    helm_uninstall(&rel, &ns).await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Leader election between operator processes
 
-/// An operator process (`volt-operator run --leader-elect`), killed when dropped.
-struct Process {
-    name: String,
-    child: tokio::process::Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Process {
-    async fn start(name: &str, ns: &str, lease: &str, dir: &Path) -> Process {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let cp = control_plane::shared();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_volt-operator"))
-            .args(["run", "--http-addr", &format!("127.0.0.1:{port}"), "--namespaces", ns, "--leader-elect"])
-            .args(["--lease-namespace", ns, "--lease-name", lease, "--lease-duration", "6", "--lease-grace", "2"])
-            .args(["--health-check-interval", "1", "--log-format", "text", "--log-level", "info"])
-            .env("KUBECONFIG", cp.operator_kubeconfig_path())
-            .env("POD_NAME", name)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start volt-operator");
-        Process { name: name.to_string(), child, port, log }
-    }
-
-    /// Status code and body of `GET path`, or `None` when nothing answers.
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        crate::support::http_get(self.port, path, Duration::from_secs(2)).await
-    }
-
-    async fn ready(&self) -> bool {
-        matches!(self.get("/readyz").await, Some((200, _)))
-    }
-
-    /// The sum of the samples of `metric` on this process's /metrics.
-    async fn metric(&self, metric: &str) -> f64 {
-        let (_, body) = self.get("/metrics").await.unwrap_or_default();
-        crate::support::metric_sum(&body, metric)
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id().and_then(|p| i32::try_from(p).ok()).expect("a running process")
-    }
-
-    /// Waits for the process to exit; its exit code.
-    async fn exited(&mut self, timeout: Duration) -> Option<i32> {
-        let status = tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{} still running after {timeout:?}\n{}", self.name, self.log_tail()))
-            .expect("wait");
-        status.code()
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
+/// An operator process (`volt-operator run --leader-elect`) as the operator user, identity
+/// (`POD_NAME`) `name`, on Lease `lease` of `ns`; not yet ready.
+fn candidate(name: &str, ns: &str, lease: &str, dir: &LogDir) -> OperatorProcess {
+    OperatorProcess::builder(control_plane::shared().operator_kubeconfig_path(), dir.join(format!("{name}.log")))
+        .name(name)
+        .namespaces(&[ns])
+        .args(["--leader-elect", "--lease-namespace", ns, "--lease-name", lease, "--lease-duration", "6"])
+        .args(["--lease-grace", "2", "--health-check-interval", "1", "--log-format", "text", "--log-level", "info"])
+        .env("POD_NAME", name)
+        .spawn()
 }
 
 async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
@@ -768,7 +607,7 @@ async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
 }
 
 /// Waits until exactly one of `processes` is ready, the others answering not ready; its index.
-async fn the_leader(processes: &[&Process], timeout: Duration) -> usize {
+async fn the_leader(processes: &[&OperatorProcess], timeout: Duration) -> usize {
     let deadline = Instant::now() + timeout;
     loop {
         let mut ready = Vec::new();
@@ -785,7 +624,7 @@ async fn the_leader(processes: &[&Process], timeout: Duration) -> usize {
         }
         assert!(ready.len() <= 1, "two leaders at once: {ready:?}");
         if Instant::now() > deadline {
-            let logs: Vec<String> = processes.iter().map(|p| format!("--- {}\n{}", p.name, p.log_tail())).collect();
+            let logs: Vec<String> = processes.iter().map(|p| format!("--- {}\n{}", p.name(), p.log_tail())).collect();
             panic!("no single leader after {timeout:?}\n{}", logs.join("\n"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -819,7 +658,7 @@ async fn leader_election_between_operator_processes() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "pkg-leader").await;
     let rel = release("vl");
-    install(
+    helm_install(
         &rel,
         &ns,
         &[
@@ -844,15 +683,15 @@ async fn leader_election_between_operator_processes() {
     forbidden(Api::<Secret>::namespaced(user.clone(), "default").get("any").await, "read a Secret elsewhere");
     forbidden(Api::<Agent>::all(user).list(&ListParams::default()).await, "list Agents cluster-wide");
 
-    let dir = tempfile::tempdir().expect("a directory for the logs");
+    let dir = LogDir::new("packaging-leader");
     let _kubelet = run_pods(&client, &ns);
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
-    let mut a = Process::start("op-a", &ns, &lease, dir.path()).await;
-    let mut b = Process::start("op-b", &ns, &lease, dir.path()).await;
+    let mut a = candidate("op-a", &ns, &lease, &dir);
+    let mut b = candidate("op-b", &ns, &lease, &dir);
     let first = the_leader(&[&a, &b], Duration::from_secs(30)).await;
     let (leader, follower) = if first == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
     let held = holder(&leases, &lease).await.unwrap_or_default();
-    assert!(held.starts_with(&format!("{}_", leader.name)), "holder {held}, leader {}", leader.name);
+    assert!(held.starts_with(&format!("{}_", leader.name())), "holder {held}, leader {}", leader.name());
     assert!(matches!(follower.get("/healthz").await, Some((200, _))), "a follower is alive");
 
     // Only the leader reconciles.
@@ -862,12 +701,11 @@ async fn leader_election_between_operator_processes() {
     assert_eq!(follower.metric("volt_reconciles_total").await, 0.0, "the follower reconciled");
     assert_eq!((leader.metric("volt_leader").await, follower.metric("volt_leader").await), (1.0, 0.0));
     let seen = reporters(&client, &ns, "before").await;
-    assert_eq!(seen, BTreeSet::from([leader.name.clone()]), "Events come from the leader only");
+    assert_eq!(seen, BTreeSet::from([leader.name().to_string()]), "Events come from the leader only");
 
     // The leader dies: the follower takes over within the lease duration.
     let killed = Instant::now();
-    leader.child.start_kill().expect("SIGKILL");
-    leader.exited(Duration::from_secs(10)).await;
+    leader.sigkill().await;
     wait_until("the follower to take over", LEASE_DURATION + Duration::from_secs(5), || async {
         follower.ready().await.then_some(())
     })
@@ -876,21 +714,20 @@ async fn leader_election_between_operator_processes() {
     eprintln!("[packaging] takeover after SIGKILL of the leader: {:.2}s", takeover.as_secs_f64());
     assert!(takeover <= LEASE_DURATION + Duration::from_secs(3), "took {takeover:?}");
     let held = holder(&leases, &lease).await.unwrap_or_default();
-    assert!(held.starts_with(&format!("{}_", follower.name)), "holder {held}");
+    assert!(held.starts_with(&format!("{}_", follower.name())), "holder {held}");
     apply(&client, &ns, small_run("after")).await;
     assert_eq!(finished(&runs, "after").await.phase, RunPhase::Succeeded);
-    assert_eq!(reporters(&client, &ns, "after").await, BTreeSet::from([follower.name.clone()]));
+    assert_eq!(reporters(&client, &ns, "after").await, BTreeSet::from([follower.name().to_string()]));
 
     // SIGTERM: the leader stops, releases the Lease and exits 0; the new replica takes over.
-    let mut c = Process::start("op-c", &ns, &lease, dir.path()).await;
+    let mut c = candidate("op-c", &ns, &lease, &dir);
     let second = the_leader(&[&*follower, &c], Duration::from_secs(30)).await;
     assert_eq!(second, 0, "the leader stays the leader");
     let stopped = Instant::now();
-    // SAFETY: sends a signal to a child process this test started.
-    assert_eq!(unsafe { libc::kill(follower.pid(), libc::SIGTERM) }, 0);
+    follower.sigterm();
     assert_eq!(follower.exited(Duration::from_secs(15)).await, Some(0), "{}", follower.log_tail());
     let held = holder(&leases, &lease).await.unwrap_or_default();
-    assert!(!held.starts_with(&format!("{}_", follower.name)), "the Lease was released, yet held by {held}");
+    assert!(!held.starts_with(&format!("{}_", follower.name())), "the Lease was released, yet held by {held}");
     wait_until("the new replica to take over", LEASE_DURATION + Duration::from_secs(5), || async {
         c.ready().await.then_some(())
     })
@@ -906,7 +743,7 @@ async fn leader_election_between_operator_processes() {
     let code = c.exited(LEASE_DURATION + Duration::from_secs(5)).await;
     assert_eq!(code, Some(1), "{}", c.log_tail());
     assert!(c.log_tail().contains("lost the leader-election Lease"), "{}", c.log_tail());
-    uninstall(&rel, &ns).await;
+    helm_uninstall(&rel, &ns).await;
 }
 
 /// Breaks the Lease requests of a client on demand (they go to a path that does not exist).

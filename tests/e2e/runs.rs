@@ -1,84 +1,27 @@
 //! WorkflowRuns end to end: the operator in-process, pods completed by the kubelet stand-in.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
-use volt_operator::api::{RunPhase, StepPhase, WorkflowRun, WorkflowRunStatus, condition_status};
+use volt_operator::api::{RunPhase, StepPhase, WorkflowRunStatus, condition_status};
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-use crate::support::kubelet::{Kubelet, Outcome, PodPlan};
+use crate::kit::{self, Env, Kubelet, Operator, container, run_obj, step, wait_for};
 
 const LONG: Duration = Duration::from_secs(60);
 
-struct Env {
-    client: Client,
-    ns: String,
-    runs: Api<WorkflowRun>,
-    pods: Api<Pod>,
-}
-
-async fn env(prefix: &str) -> Env {
-    let cp = control_plane::shared();
-    let client = cp.client().await;
-    let ns = cp.namespace(&client, prefix).await;
-    Env { runs: Api::namespaced(client.clone(), &ns), pods: Api::namespaced(client.clone(), &ns), client, ns }
-}
-
-fn env_var(pod: &Pod, name: &str) -> Option<String> {
-    pod.spec.as_ref()?.containers.first()?.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
-}
-
-fn label(pod: &Pod, key: &str) -> String {
-    pod.labels().get(key).cloned().unwrap_or_default()
-}
-
-/// The stand-in's default: run for `run_for`, then succeed with the container's `OUTPUT` env
-/// var as termination message, or fail when `FAIL_ATTEMPTS` lists this attempt.
-fn scripted(run_for: Duration) -> Arc<dyn Fn(&Pod) -> PodPlan + Send + Sync> {
-    Arc::new(move |pod: &Pod| {
-        let attempt = label(pod, "volt.dev/attempt");
-        let fail = env_var(pod, "FAIL_ATTEMPTS").is_some_and(|f| f.split(',').any(|a| a == attempt));
-        let forever = env_var(pod, "RUN_FOREVER").is_some();
-        let outcome = if forever {
-            Outcome::Run
-        } else if fail {
-            Outcome::Fail { message: format!("attempt {attempt} failed on purpose"), exit_code: 3 }
-        } else {
-            Outcome::Succeed { message: env_var(pod, "OUTPUT").unwrap_or_default() }
-        };
-        PodPlan { run_for, outcome, ..PodPlan::run("127.0.0.1") }
-    })
-}
-
+/// The stand-in for step pods ([`kit::kubelet::scripted`]): run for `run_for`, then succeed
+/// with the container's `OUTPUT` env var as termination message, or fail when `FAIL_ATTEMPTS`
+/// lists this attempt.
 async fn kubelet(e: &Env, run_for: Duration) -> Kubelet {
-    Kubelet::start(e.client.clone(), &e.ns, Some("volt.dev/run".into()), scripted(run_for))
-}
-
-async fn apply(e: &Env, obj: serde_json::Value) {
-    crate::support::apply_as(&e.client, &e.ns, obj, "test").await;
-}
-
-fn run_obj(name: &str, workflow: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name}, "spec": {"workflow": workflow}})
-}
-
-fn container(output: &str) -> serde_json::Value {
-    json!({"image": "busybox", "command": ["sh", "-c", "true"], "env": [{"name": "OUTPUT", "value": output}]})
+    Kubelet::start(e.client.clone(), &e.ns, Some("volt.dev/run".into()), kit::kubelet::scripted(move |_| run_for))
 }
 
 async fn finished(e: &Env, name: &str) -> WorkflowRunStatus {
-    let run = wait_for(&e.runs, name, LONG, |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).await;
-    run.status.unwrap_or_default()
-}
-
-fn step<'a>(s: &'a WorkflowRunStatus, key: &str) -> &'a volt_operator::api::StepStatus {
-    s.steps.get(key).unwrap_or_else(|| panic!("no step {key} in {:#?}", s.steps))
+    e.finished(name, LONG).await
 }
 
 async fn pod_names(e: &Env) -> Vec<String> {
@@ -90,7 +33,7 @@ async fn pod_names(e: &Env) -> Vec<String> {
 
 #[tokio::test]
 async fn template_chain_passes_outputs_in_one_pass() {
-    let e = env("chain").await;
+    let e = Env::new("chain").await;
     let op = Operator::start(&e.ns).await;
     let wf = json!({
         "params": [{"name": "who", "default": "world"}],
@@ -100,7 +43,7 @@ async fn template_chain_passes_outputs_in_one_pass() {
             {"id": "c", "dependsOn": ["b"], "template": "{{ steps.b.output }}!"}
         ]
     });
-    apply(&e, run_obj("chain-1", wf)).await;
+    e.apply(run_obj("chain-1", wf)).await;
     let s = finished(&e, "chain-1").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     assert_eq!(step(&s, "c").output.as_deref(), Some("HELLO WORLD!"));
@@ -119,7 +62,7 @@ async fn template_chain_passes_outputs_in_one_pass() {
 
 #[tokio::test]
 async fn container_diamond_creates_one_labelled_restricted_pod_per_step() {
-    let e = env("diamond").await;
+    let e = Env::new("diamond").await;
     let op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(100)).await;
     let wf = json!({"steps": [
@@ -128,7 +71,7 @@ async fn container_diamond_creates_one_labelled_restricted_pod_per_step() {
         {"id": "c", "dependsOn": ["a"], "container": container("{{ steps.a.output | int + 2 }}")},
         {"id": "d", "dependsOn": ["b", "c"], "template": "{{ steps.b.output }}+{{ steps.c.output }}"}
     ]});
-    apply(&e, run_obj("dia", wf)).await;
+    e.apply(run_obj("dia", wf)).await;
     let s = finished(&e, "dia").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     assert_eq!(step(&s, "d").output.as_deref(), Some("2+3"));
@@ -150,7 +93,7 @@ async fn container_diamond_creates_one_labelled_restricted_pod_per_step() {
 
 #[tokio::test]
 async fn fan_out_respects_max_parallel_and_collects_outputs() {
-    let e = env("fanout").await;
+    let e = Env::new("fanout").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(400)).await;
     let wf = json!({"steps": [
@@ -159,7 +102,7 @@ async fn fan_out_respects_max_parallel_and_collects_outputs() {
          "container": container("done-{{ item }}")},
         {"id": "sum", "dependsOn": ["work"], "template": "{{ steps.work.json | join(',') }}"}
     ]});
-    apply(&e, run_obj("fan", wf)).await;
+    e.apply(run_obj("fan", wf)).await;
     let mut max_active = 0;
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
@@ -187,14 +130,14 @@ async fn fan_out_respects_max_parallel_and_collects_outputs() {
 
 #[tokio::test]
 async fn failed_attempts_are_retried_with_backoff_then_succeed() {
-    let e = env("retry").await;
+    let e = Env::new("retry").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(50)).await;
     let mut c = container("ok");
     c["env"].as_array_mut().expect("env").push(json!({"name": "FAIL_ATTEMPTS", "value": "1,2"}));
     let wf = json!({"steps": [{"id": "flaky", "container": c, "retry": {"limit": 3, "backoff": {"initialSeconds": 0.3, "factor": 2}}}]});
     let started = std::time::Instant::now();
-    apply(&e, run_obj("flaky", wf)).await;
+    e.apply(run_obj("flaky", wf)).await;
     let s = finished(&e, "flaky").await;
     let elapsed = started.elapsed();
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
@@ -208,7 +151,7 @@ async fn failed_attempts_are_retried_with_backoff_then_succeed() {
 
 #[tokio::test]
 async fn a_failure_fails_the_run_and_finally_still_runs() {
-    let e = env("fail").await;
+    let e = Env::new("fail").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(50)).await;
     let mut bad = container("x");
@@ -224,7 +167,7 @@ async fn a_failure_fails_the_run_and_finally_still_runs() {
     let mut run = run_obj("f1", wf);
     // `nope` is not a known name: the workflow is invalid. Keep the run valid instead:
     run["spec"]["workflow"]["steps"][2]["template"] = json!("{{ params | length }}");
-    apply(&e, run).await;
+    e.apply(run).await;
     let s = finished(&e, "f1").await;
     assert_eq!(s.phase, RunPhase::Failed, "{s:#?}");
     assert!(s.message.contains("build"), "{}", s.message);
@@ -237,13 +180,13 @@ async fn a_failure_fails_the_run_and_finally_still_runs() {
 
 #[tokio::test]
 async fn step_timeout_deletes_the_pod_and_fails_the_step() {
-    let e = env("steptimeout").await;
+    let e = Env::new("steptimeout").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(10)).await;
     let mut c = container("x");
     c["env"].as_array_mut().expect("env").push(json!({"name": "RUN_FOREVER", "value": "1"}));
     let wf = json!({"steps": [{"id": "slow", "container": c, "timeoutSeconds": 1}]});
-    apply(&e, run_obj("st", wf)).await;
+    e.apply(run_obj("st", wf)).await;
     let s = finished(&e, "st").await;
     assert_eq!(s.phase, RunPhase::Failed);
     assert!(step(&s, "slow").message.contains("timed out after 1s"), "{:?}", step(&s, "slow"));
@@ -260,7 +203,7 @@ async fn wait_for_no_pods(e: &Env) {
 
 #[tokio::test]
 async fn run_timeout_stops_everything() {
-    let e = env("runtimeout").await;
+    let e = Env::new("runtimeout").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(10)).await;
     let mut c = container("x");
@@ -270,7 +213,7 @@ async fn run_timeout_stops_everything() {
         json!({"steps": [{"id": "slow", "container": c}, {"id": "after", "dependsOn": ["slow"], "template": "x"}]}),
     );
     run["spec"]["timeoutSeconds"] = json!(2);
-    apply(&e, run).await;
+    e.apply(run).await;
     let s = finished(&e, "rt").await;
     assert_eq!(s.phase, RunPhase::Failed);
     assert!(s.message.contains("run timed out"), "{}", s.message);
@@ -281,7 +224,7 @@ async fn run_timeout_stops_everything() {
 
 #[tokio::test]
 async fn when_skips_a_step_and_its_dependents_still_run() {
-    let e = env("when").await;
+    let e = Env::new("when").await;
     let _op = Operator::start(&e.ns).await;
     let wf = json!({
         "params": [{"name": "deploy", "default": "no"}],
@@ -291,7 +234,7 @@ async fn when_skips_a_step_and_its_dependents_still_run() {
             {"id": "notify", "dependsOn": ["deploy"], "template": "deploy was {{ steps.deploy.phase }}"}
         ]
     });
-    apply(&e, run_obj("w1", wf)).await;
+    e.apply(run_obj("w1", wf)).await;
     let s = finished(&e, "w1").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     assert_eq!(step(&s, "deploy").phase, StepPhase::Skipped);
@@ -300,14 +243,14 @@ async fn when_skips_a_step_and_its_dependents_still_run() {
 
 #[tokio::test]
 async fn cancel_deletes_running_pods_and_runs_finally() {
-    let e = env("cancel").await;
+    let e = Env::new("cancel").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(10)).await;
     let mut c = container("x");
     c["env"].as_array_mut().expect("env").push(json!({"name": "RUN_FOREVER", "value": "1"}));
     let wf = json!({"steps": [{"id": "long", "container": c}, {"id": "next", "dependsOn": ["long"], "template": "x"}],
                     "finally": [{"id": "cleanup", "template": "{{ run.phase }}"}]});
-    apply(&e, run_obj("c1", wf)).await;
+    e.apply(run_obj("c1", wf)).await;
     wait_for(&e.pods, "c1-long-1", LONG, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .await;
     e.runs
@@ -324,11 +267,11 @@ async fn cancel_deletes_running_pods_and_runs_finally() {
 
 #[tokio::test]
 async fn suspend_holds_new_steps_until_resumed() {
-    let e = env("suspend").await;
+    let e = Env::new("suspend").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(800)).await;
     let wf = json!({"steps": [{"id": "first", "container": container("1")}, {"id": "second", "dependsOn": ["first"], "container": container("2")}]});
-    apply(&e, run_obj("s1", wf)).await;
+    e.apply(run_obj("s1", wf)).await;
     wait_for(&e.pods, "s1-first-1", LONG, |_| true).await;
     e.runs
         .patch("s1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}})))
@@ -355,19 +298,19 @@ async fn suspend_holds_new_steps_until_resumed() {
 
 #[tokio::test]
 async fn runs_queue_under_max_runs_and_start_by_priority() {
-    let e = env("queue").await;
+    let e = Env::new("queue").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(700)).await;
-    apply(&e, json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "one-at-a-time"},
+    e.apply(json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "one-at-a-time"},
         "spec": {"concurrency": {"maxRuns": 1, "policy": "Queue"}, "steps": [{"id": "work", "container": container("w")}]}})).await;
     let mk = |name: &str, priority: i32| {
         json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
         "spec": {"workflowRef": {"name": "one-at-a-time"}, "priority": priority}})
     };
-    apply(&e, mk("q-first", 0)).await;
+    e.apply(mk("q-first", 0)).await;
     wait_for(&e.runs, "q-first", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Running)).await;
-    apply(&e, mk("q-low", 0)).await;
-    apply(&e, mk("q-high", 10)).await;
+    e.apply(mk("q-low", 0)).await;
+    e.apply(mk("q-high", 10)).await;
     wait_for(&e.runs, "q-low", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Queued)).await;
     let high =
         wait_for(&e.runs, "q-high", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Queued)).await;
@@ -389,7 +332,7 @@ async fn runs_queue_under_max_runs_and_start_by_priority() {
 
 #[tokio::test]
 async fn a_1000_step_dag_completes_and_stays_small() {
-    let e = env("big").await;
+    let e = Env::new("big").await;
     let op = Operator::start(&e.ns).await;
     let mut steps = Vec::new();
     for i in 0..1000usize {
@@ -402,7 +345,7 @@ async fn a_1000_step_dag_completes_and_stays_small() {
             .collect();
         steps.push(json!({"id": format!("s{i}"), "dependsOn": deps, "template": format!("{i}")}));
     }
-    apply(&e, run_obj("big", json!({"steps": steps}))).await;
+    e.apply(run_obj("big", json!({"steps": steps}))).await;
     let s = finished(&e, "big").await;
     assert_eq!(s.phase, RunPhase::Succeeded);
     assert_eq!(s.progress, "1000/1000");
@@ -414,13 +357,13 @@ async fn a_1000_step_dag_completes_and_stays_small() {
 
 #[tokio::test]
 async fn large_outputs_go_to_a_configmap_owned_by_the_run() {
-    let e = env("bigout").await;
+    let e = Env::new("bigout").await;
     let _op = Operator::start(&e.ns).await;
     let wf = json!({"steps": [
         {"id": "big", "template": "{% for i in range(2000) %}line {{ i }}\n{% endfor %}"},
         {"id": "count", "dependsOn": ["big"], "template": "{{ steps.big.output | length }}"}
     ]});
-    apply(&e, run_obj("bo", wf)).await;
+    e.apply(run_obj("bo", wf)).await;
     let s = finished(&e, "bo").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{}: {:?}", s.message, s.steps);
     let row = step(&s, "big");
@@ -437,7 +380,7 @@ async fn large_outputs_go_to_a_configmap_owned_by_the_run() {
 
 #[tokio::test]
 async fn an_operator_restart_neither_duplicates_pods_nor_reruns_steps() {
-    let e = env("restart").await;
+    let e = Env::new("restart").await;
     let op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(1500)).await;
     let wf = json!({"steps": [
@@ -445,7 +388,7 @@ async fn an_operator_restart_neither_duplicates_pods_nor_reruns_steps() {
         {"id": "two", "dependsOn": ["one"], "container": container("2")},
         {"id": "three", "dependsOn": ["two"], "container": container("3")}
     ]});
-    apply(&e, run_obj("rs", wf)).await;
+    e.apply(run_obj("rs", wf)).await;
     wait_for(&e.runs, "rs", LONG, |r| {
         r.status.as_ref().and_then(|s| s.steps.get("two")).is_some_and(|row| row.phase == StepPhase::Running)
     })
@@ -464,12 +407,12 @@ async fn an_operator_restart_neither_duplicates_pods_nor_reruns_steps() {
 
 #[tokio::test]
 async fn a_deleted_pod_fails_its_step() {
-    let e = env("podgone").await;
+    let e = Env::new("podgone").await;
     let _op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(10)).await;
     let mut c = container("x");
     c["env"].as_array_mut().expect("env").push(json!({"name": "RUN_FOREVER", "value": "1"}));
-    apply(&e, run_obj("pg", json!({"steps": [{"id": "victim", "container": c}]}))).await;
+    e.apply(run_obj("pg", json!({"steps": [{"id": "victim", "container": c}]}))).await;
     wait_for(&e.pods, "pg-victim-1", LONG, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .await;
     e.pods.delete("pg-victim-1", &Default::default()).await.expect("delete");
@@ -481,12 +424,10 @@ async fn a_deleted_pod_fails_its_step() {
 #[tokio::test]
 async fn http_steps_call_out_and_ttl_deletes_finished_runs() {
     use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let app = axum::Router::new()
         .route("/status", get(|| async { axum::Json(json!({"healthy": true, "version": "1.2.3"})) }));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let e = env("http").await;
+    let addr = kit::serve(app).await;
+    let e = Env::new("http").await;
     let _op = Operator::start(&e.ns).await;
     let wf = json!({"steps": [
         {"id": "probe", "http": {"url": format!("http://{addr}/status")}},
@@ -495,7 +436,7 @@ async fn http_steps_call_out_and_ttl_deletes_finished_runs() {
     ]});
     let mut run = run_obj("h1", wf);
     run["spec"]["ttlSecondsAfterFinished"] = json!(2);
-    apply(&e, run).await;
+    e.apply(run).await;
     let s = finished(&e, "h1").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     assert_eq!(step(&s, "report").output.as_deref(), Some("v1.2.3"));
@@ -510,13 +451,13 @@ async fn http_steps_call_out_and_ttl_deletes_finished_runs() {
 
 #[tokio::test]
 async fn the_operator_wide_limit_queues_runs_of_any_workflow() {
-    let e = env("globallimit").await;
+    let e = Env::new("globallimit").await;
     let _op = Operator::start_with(&e.ns, |a| a.max_concurrent_runs = 1).await;
     let _k = kubelet(&e, Duration::from_millis(600)).await;
     let wf = || json!({"steps": [{"id": "work", "container": container("w")}]});
-    apply(&e, run_obj("g1", wf())).await;
+    e.apply(run_obj("g1", wf())).await;
     wait_for(&e.runs, "g1", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Running)).await;
-    apply(&e, run_obj("g2", wf())).await;
+    e.apply(run_obj("g2", wf())).await;
     let g2 = wait_for(&e.runs, "g2", LONG, |r| r.status.as_ref().is_some_and(|s| s.phase == RunPhase::Queued)).await;
     assert!(g2.status.expect("status").message.contains("concurrent runs"));
     let s1 = finished(&e, "g1").await;
@@ -527,7 +468,7 @@ async fn the_operator_wide_limit_queues_runs_of_any_workflow() {
 
 #[tokio::test]
 async fn step_progress_of_pod_steps_shares_status_writes_and_events() {
-    let e = env("coalesce").await;
+    let e = Env::new("coalesce").await;
     let op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(50)).await;
     let steps: Vec<serde_json::Value> = (0..8)
@@ -536,7 +477,7 @@ async fn step_progress_of_pod_steps_shares_status_writes_and_events() {
             json!({"id": format!("s{i}"), "dependsOn": deps, "container": container(&format!("out-{i}"))})
         })
         .collect();
-    apply(&e, run_obj("chain8", json!({"steps": steps}))).await;
+    e.apply(run_obj("chain8", json!({"steps": steps}))).await;
     let s = finished(&e, "chain8").await;
     assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
     for i in 0..8 {
@@ -556,7 +497,7 @@ async fn step_progress_of_pod_steps_shares_status_writes_and_events() {
 
 #[tokio::test]
 async fn progress_that_waits_is_written_within_the_flush_interval() {
-    let e = env("flush").await;
+    let e = Env::new("flush").await;
     let op = Operator::start(&e.ns).await;
     let _k = kubelet(&e, Duration::from_millis(50)).await;
     let long = json!({"image": "busybox", "env": [{"name": "RUN_FOREVER", "value": "1"}]});
@@ -564,7 +505,7 @@ async fn progress_that_waits_is_written_within_the_flush_interval() {
         {"id": "a", "container": container("first")},
         {"id": "b", "dependsOn": ["a"], "container": long}
     ]});
-    apply(&e, run_obj("f1", wf)).await;
+    e.apply(run_obj("f1", wf)).await;
     // a's success and b's start wait (same phase), then are written: no other change wakes
     // the run while b runs forever.
     let run = wait_for(&e.runs, "f1", Duration::from_secs(10), |r| {

@@ -4,8 +4,6 @@
 //! only the Agents and Secrets of their own namespace.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,30 +19,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use volt_operator::api::{Agent, RunPhase, StepPhase, WorkflowRun, WorkflowRunStatus};
 use volt_operator::config::CidrList;
 
-use crate::operator::{Operator, wait_for};
-use crate::support::control_plane;
-use crate::support::openai::{Reply, Stub, next_ip};
-use crate::support::wait_until;
+use crate::kit::openai::{Reply, Stub, next_ip};
+use crate::kit::{self, LogDir, Operator, OperatorProcess, apply, control_plane, run_obj, step, wait_for};
 
 const LONG: Duration = Duration::from_secs(90);
-const MODEL: &str = "stub-model";
-
-async fn apply(client: &Client, ns: &str, obj: Value) {
-    crate::support::apply_as(client, ns, obj, "test").await;
-}
-
-fn run_obj(name: &str, workflow: Value) -> Value {
-    json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": name},
-           "spec": {"workflow": workflow}})
-}
 
 async fn finished(runs: &Api<WorkflowRun>, name: &str) -> WorkflowRunStatus {
-    let run = wait_for(runs, name, LONG, |r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).await;
-    run.status.unwrap_or_default()
-}
-
-fn step<'a>(s: &'a WorkflowRunStatus, key: &str) -> &'a volt_operator::api::StepStatus {
-    s.steps.get(key).unwrap_or_else(|| panic!("no step {key} in {:#?}", s.steps))
+    kit::run_finished(runs, name, LONG).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,12 +145,12 @@ async fn http_steps_reach_only_what_the_operator_allows() {
 #[test]
 fn a_bad_range_stops_the_operator_at_startup_naming_the_flag() {
     for (flag, env) in [("--http-step-allow", "VOLT_HTTP_STEP_ALLOW"), ("--http-step-deny", "VOLT_HTTP_STEP_DENY")] {
-        let by_flag = std::process::Command::new(env!("CARGO_BIN_EXE_volt-operator"))
+        let by_flag = std::process::Command::new(kit::operator_bin())
             .args(["run", flag, "10.0.0.0/8,10.0.0.0/99"])
             .env("KUBECONFIG", "/nonexistent")
             .output()
             .expect("run volt-operator");
-        let by_env = std::process::Command::new(env!("CARGO_BIN_EXE_volt-operator"))
+        let by_env = std::process::Command::new(kit::operator_bin())
             .args(["run"])
             .env(env, "metadata.internal")
             .env("KUBECONFIG", "/nonexistent")
@@ -187,60 +168,16 @@ fn a_bad_range_stops_the_operator_at_startup_naming_the_flag() {
 // ---------------------------------------------------------------------------------------------
 // API keys
 
-/// The operator as a process (`volt-operator run`), its stdout and stderr in one file; killed
-/// when dropped.
-struct OperatorProcess {
-    child: tokio::process::Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl OperatorProcess {
-    async fn start(namespaces: &[&str], log_level: &str, dir: &Path) -> OperatorProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let log = dir.join("operator.log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_volt-operator"))
-            .args(["run", "--http-addr", &format!("127.0.0.1:{port}"), "--namespaces", &namespaces.join(",")])
-            .args(["--health-check-interval", "1", "--log-format", "text", "--log-level", log_level])
-            .env("KUBECONFIG", control_plane::shared().kubeconfig_path())
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start volt-operator");
-        let op = OperatorProcess { child, port, log };
-        wait_until("the operator process to be ready", LONG, || async {
-            matches!(op.get("/readyz").await, Some((200, _))).then_some(())
-        })
-        .await;
-        op
-    }
-
-    /// Status code and body of `GET path`, or `None` when nothing answers.
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        crate::support::http_get(self.port, path, Duration::from_secs(5)).await
-    }
-
-    /// Stops the process (SIGTERM, as Kubernetes does) and returns everything it wrote.
-    async fn stop(mut self) -> String {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
-        if tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.is_err() {
-            let _ = self.child.kill().await;
-        }
-        let text = std::fs::read_to_string(&self.log).expect("the operator's log");
-        // Without colours (the text format colours levels and field names).
-        let ansi = regex::Regex::new("\x1b\\[[0-9;]*m").expect("regex");
-        ansi.replace_all(&text, "").into_owned()
-    }
+/// The operator as a process watching `namespaces` at `log_level`, its stdout and stderr in
+/// `<dir>/operator.log`, as the admin; once ready.
+async fn operator_process(namespaces: &[&str], log_level: &str, dir: &LogDir) -> OperatorProcess {
+    OperatorProcess::builder(control_plane::shared().kubeconfig_path(), dir.join("operator.log"))
+        .namespaces(namespaces)
+        .args(["--health-check-interval", "1", "--log-format", "text", "--log-level", log_level])
+        .env_remove("RUST_LOG")
+        .http_timeout(Duration::from_secs(5))
+        .start(LONG)
+        .await
 }
 
 /// An OpenAI-compatible endpoint that refuses every key and echoes the key it was given in its
@@ -266,24 +203,21 @@ async fn echo_chat(State(echo): State<Echo>, UrlPath(mode): UrlPath<String>, hea
 
 impl Echo {
     async fn start() -> (Echo, String) {
-        let listener = tokio::net::TcpListener::bind((next_ip(), 0)).await.expect("bind");
-        let addr = listener.local_addr().expect("address");
         let echo = Echo::default();
         let app = axum::Router::new()
             .route("/{mode}/v1/chat/completions", axum::routing::post(echo_chat))
             .with_state(echo.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = kit::serve_on(next_ip(), app).await;
         (echo, format!("http://{addr}"))
     }
 }
 
 fn endpoint_agent(name: &str, base_url: &str, secret: Option<&str>, capabilities: &[&str]) -> Value {
-    let mut spec = json!({"model": MODEL, "instructions": "Answer briefly.", "capabilities": capabilities,
-                          "timeoutSeconds": 10, "endpoint": {"baseUrl": base_url}});
+    let mut extra = json!({"instructions": "Answer briefly.", "capabilities": capabilities});
     if let Some(secret) = secret {
-        spec["apiKeySecretRef"] = json!({"name": secret, "key": "api-key"});
+        extra["apiKeySecretRef"] = json!({"name": secret, "key": "api-key"});
     }
-    json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent", "metadata": {"name": name}, "spec": spec})
+    kit::endpoint_agent(name, base_url, extra)
 }
 
 async fn secret(client: &Client, ns: &str, name: &str, key: &str) {
@@ -324,7 +258,7 @@ async fn api_keys_stay_out_of_logs_status_and_events_and_runs_stay_in_their_name
     let client = cp.client().await;
     let ns_a = cp.namespace(&client, "sec-keys-a").await;
     let ns_b = cp.namespace(&client, "sec-keys-b").await;
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = LogDir::new("security-keys");
     let (key_a, key_b, key_b_only) = (new_key(), new_key(), new_key());
 
     // Namespace A: its key, Agents calling a working replica, refusing ones (401, 500), ones
@@ -354,7 +288,7 @@ async fn api_keys_stay_out_of_logs_status_and_events_and_runs_stay_in_their_name
     ];
 
     // Trace level for everything (kube, hyper, reqwest, rustls included): a superset of debug.
-    let op = OperatorProcess::start(&[&ns_a, &ns_b], "trace", dir.path()).await;
+    let mut op = operator_process(&[&ns_a, &ns_b], "trace", &dir).await;
     for (ns, agents) in [(&ns_a, &a_agents[..]), (&ns_b, &b_agents[..])] {
         let api: Api<Agent> = Api::namespaced(client.clone(), ns);
         for agent in agents {
@@ -428,7 +362,9 @@ async fn api_keys_stay_out_of_logs_status_and_events_and_runs_stay_in_their_name
     let (_, event_log) = op.get("/api/v1/events?limit=10000").await.expect("the event log");
     let (_, stats) = op.get("/api/v1/stats").await.expect("stats");
     let (_, metrics) = op.get("/metrics").await.expect("metrics");
-    let logs = op.stop().await;
+    op.stop(Duration::from_secs(20)).await;
+    // Without colours (the text format colours levels and field names).
+    let logs = kit::logs::strip_ansi(&op.log_text());
     let mut objects = String::new();
     for ns in [&ns_a, &ns_b] {
         let list = ListParams::default();

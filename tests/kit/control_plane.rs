@@ -25,9 +25,7 @@
 
 use std::{
     collections::BTreeMap,
-    env, fs,
-    io::{self, Read, Seek, SeekFrom},
-    net::TcpListener,
+    env, fs, io,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -49,6 +47,9 @@ use kube::{
     api::{ObjectMeta, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
+
+use super::logs::{keep_requested, tail};
+use super::net::free_ports;
 
 /// The non-admin user the operator runs as in the tests (group `system:authenticated`, no roles
 /// until a test binds some).
@@ -201,19 +202,42 @@ impl ControlPlane {
 
     /// An admin client for the current tokio runtime.
     pub async fn client(&self) -> Client {
-        client_from_kubeconfig(&self.kubeconfig).await
+        kube_client(&self.kubeconfig).await
     }
 
     /// A client acting as the non-admin [`OPERATOR_USER`], for the current tokio runtime.
     pub async fn client_as_operator(&self) -> Client {
-        client_from_kubeconfig(&self.operator_kubeconfig).await
+        kube_client(&self.operator_kubeconfig).await
     }
 
     /// A client for this cluster authenticating with `token` (say, a ServiceAccount's).
     pub async fn client_with_token(&self, token: &str) -> Client {
-        let mut config = config_from_kubeconfig(&self.kubeconfig).await;
-        config.auth_info = kube::config::AuthInfo { token: Some(token.to_string().into()), ..Default::default() };
+        let config = self.config_with_token(token).await;
         Client::try_from(config).expect("build a kube client from the e2e kubeconfig")
+    }
+
+    /// A client configuration for this cluster authenticating with `token`.
+    pub async fn config_with_token(&self, token: &str) -> Config {
+        let mut config = kube_config(&self.kubeconfig).await;
+        config.auth_info = kube::config::AuthInfo { token: Some(token.to_string().into()), ..Default::default() };
+        config
+    }
+
+    /// Writes `<dir>/<name>.kubeconfig`, the admin kubeconfig with `token` as every user's
+    /// credentials (for an operator process with that identity); its path.
+    pub fn write_kubeconfig_with_token(&self, name: &str, token: &str) -> PathBuf {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)
+            .unwrap_or_else(|e| panic!("read kubeconfig {}: {e}", self.kubeconfig.display()));
+        // As JSON (a kubeconfig may be JSON), with the token written out in clear.
+        let mut doc = serde_json::to_value(&kubeconfig).expect("kubeconfig to json");
+        if let Some(users) = doc.get_mut("users").and_then(serde_json::Value::as_array_mut) {
+            for user in users {
+                user["user"] = serde_json::json!({ "token": token });
+            }
+        }
+        let path = self.dir().join(format!("{name}.kubeconfig"));
+        fs::write(&path, doc.to_string()).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
     }
 
     /// Creates a fresh namespace named `<prefix>-<n>-<random>` and returns its name once its
@@ -277,7 +301,7 @@ impl ControlPlane {
         if let Ok(mut dir) = local.dir.lock()
             && let Some(dir) = dir.take()
         {
-            if keep_dir() {
+            if keep_requested() {
                 let path = dir.keep();
                 eprintln!("[e2e] kept control plane directory {}", path.display());
             } else {
@@ -382,12 +406,8 @@ impl Drop for ControlPlane {
     }
 }
 
-fn keep_dir() -> bool {
-    env::var_os("VOLT_TEST_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
 /// `<prefix>-<n>-<hex>`, a valid DNS-1123 label of at most 63 characters.
-fn namespace_name(prefix: &str, n: usize, random: u16) -> String {
+pub fn namespace_name(prefix: &str, n: usize, random: u16) -> String {
     let mut clean: String =
         prefix.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
     clean.truncate(63 - 16);
@@ -415,7 +435,9 @@ async fn default_service_account_ready(client: &Client, namespace: &str, token_s
     false
 }
 
-async fn config_from_kubeconfig(path: &Path) -> Config {
+/// A client configuration from a kubeconfig file (installing the process-wide rustls crypto
+/// provider kube needs, if there is none yet).
+pub async fn kube_config(path: &Path) -> Config {
     // kube's rustls setup takes the process-wide crypto provider: make sure there is one.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let kubeconfig = Kubeconfig::read_from(path).unwrap_or_else(|e| panic!("read kubeconfig {}: {e}", path.display()));
@@ -424,8 +446,9 @@ async fn config_from_kubeconfig(path: &Path) -> Config {
         .unwrap_or_else(|e| panic!("load kubeconfig {}: {e}", path.display()))
 }
 
-async fn client_from_kubeconfig(path: &Path) -> Client {
-    let config = config_from_kubeconfig(path).await;
+/// A client from a kubeconfig file, for the current tokio runtime.
+pub async fn kube_client(path: &Path) -> Client {
+    let config = kube_config(path).await;
     Client::try_from(config).unwrap_or_else(|e| panic!("build a kube client from {}: {e}", path.display()))
 }
 
@@ -478,8 +501,9 @@ impl Binaries {
     }
 }
 
-/// The same directory as `hack/control-plane.sh bin-dir`.
-fn bin_dir() -> Result<PathBuf, String> {
+/// Where `hack/control-plane.sh install` puts etcd, kube-apiserver, kube-controller-manager,
+/// helm and promtool: the same directory as `hack/control-plane.sh bin-dir`.
+pub fn bin_dir() -> Result<PathBuf, String> {
     let var = |name: &str| env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let cache = match var("VOLT_CACHE_DIR") {
         Some(dir) => dir,
@@ -548,7 +572,8 @@ fn start_local(bins: &Binaries) -> Result<ControlPlane, Failure> {
         let port_clash = tails.contains("address already in use");
         control_plane.shutdown();
         let dir = dir_path.display();
-        let kept = if keep_dir() { format!("kept {dir}") } else { format!("removed {dir}; VOLT_TEST_KEEP=1 keeps it") };
+        let kept =
+            if keep_requested() { format!("kept {dir}") } else { format!("removed {dir}; VOLT_TEST_KEEP=1 keeps it") };
         Failure { message: format!("the e2e control plane did not start: {message}\n({kept}){tails}"), port_clash }
     };
 
@@ -645,7 +670,7 @@ fn start_local(bins: &Binaries) -> Result<ControlPlane, Failure> {
 async fn bring_up(control_plane: &ControlPlane, started: Instant) -> Result<String, String> {
     let at = || format!("{:.1}s", started.elapsed().as_secs_f64());
     let deadline = Instant::now() + STARTUP_TIMEOUT;
-    let config = config_from_kubeconfig(control_plane.kubeconfig_path()).await;
+    let config = kube_config(control_plane.kubeconfig_path()).await;
     let client = Client::try_from(config).map_err(|e| format!("cannot build a kube client: {e}"))?;
 
     // 1. /readyz, authenticated as admin.
@@ -838,18 +863,6 @@ fn spawn_logging(binary: &Path, args: &[String], out: fs::File, cwd: &Path) -> i
     spawn_tied(command)
 }
 
-/// Distinct free loopback ports (bound together, then released).
-fn free_ports<const N: usize>() -> Result<[u16; N], String> {
-    let mut listeners = Vec::with_capacity(N);
-    let mut ports = [0u16; N];
-    for port in ports.iter_mut() {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot bind a loopback port: {e}"))?;
-        *port = listener.local_addr().map_err(|e| format!("cannot read a bound port: {e}"))?.port();
-        listeners.push(listener);
-    }
-    Ok(ports)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Files
 
@@ -881,7 +894,7 @@ fn make_dir() -> Result<tempfile::TempDir, String> {
 
 /// Removes directories left by test processes that were killed before they could clean up.
 fn remove_stale_dirs() {
-    if keep_dir() {
+    if keep_requested() {
         return;
     }
     for base in base_dirs() {
@@ -905,25 +918,6 @@ fn remove_stale_dirs() {
 
 fn write(path: &Path, contents: &str) -> Result<(), String> {
     fs::write(path, contents).map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-/// The last `lines` lines of a file (reading at most its last 64 KiB).
-fn tail(path: &Path, lines: usize) -> String {
-    let read = || -> io::Result<String> {
-        let mut file = fs::File::open(path)?;
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    };
-    match read() {
-        Ok(text) => {
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(e) => format!("(cannot read: {e})"),
-    }
 }
 
 fn random_token() -> String {
@@ -1030,19 +1024,5 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "(non-string panic)".to_string()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn namespace_names_are_dns_labels() {
-        let name = namespace_name("My_Test::Deployments", 3, 0xbeef);
-        assert_eq!(name, "my-test--deployments-3-beef");
-        let long = namespace_name(&"x".repeat(100), 12345, 1);
-        assert!(long.len() <= 63, "{long}");
-        assert_eq!(namespace_name("--", 0, 0), "e2e-0-0000");
     }
 }

@@ -1,21 +1,21 @@
 //! The operator, run in-process for a test: its controllers watch only the test's namespace,
-//! so tests running side by side do not see each other's objects.
+//! so tests running side by side do not see each other's objects. For the built binary as an
+//! OS process, see [`super::process`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kube::Resource;
-use kube::api::Api;
-use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use volt_operator::config::RunArgs;
 use volt_operator::controllers::{self, Health};
 use volt_operator::metrics::Metrics;
 
-use crate::support::control_plane;
+use super::control_plane;
 
+/// The controllers of `volt_operator::controllers::run` on a tokio task of the test's runtime,
+/// as the leader, with the test's `RunArgs`; stopped (as a crash would) when dropped.
 pub struct Operator {
     pub metrics: Metrics,
     pub health: Arc<Health>,
@@ -31,8 +31,7 @@ impl Operator {
 
     /// Starts the controllers for namespace `ns`, after `tune` adjusts the settings.
     pub async fn start_with(ns: &str, tune: impl FnOnce(&mut RunArgs)) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = kube_config(control_plane::shared().kubeconfig_path()).await;
+        let config = control_plane::kube_config(control_plane::shared().kubeconfig_path()).await;
         let metrics = Metrics::new();
         let client = volt_operator::kube_util::client_with_metrics(config, &metrics).await.expect("operator client");
         Self::start_on(ns, client, metrics, tune).await
@@ -77,38 +76,11 @@ impl Operator {
     }
 }
 
-/// A client configuration from a kubeconfig file.
-pub async fn kube_config(path: &std::path::Path) -> kube::Config {
-    let kc = kube::config::Kubeconfig::read_from(path).expect("kubeconfig readable");
-    kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("kubeconfig valid")
-}
-
 impl Drop for Operator {
     fn drop(&mut self) {
         self.token.cancel();
         if let Some(h) = self.handle.take() {
             h.abort();
         }
-    }
-}
-
-/// Polls `name` until `check` holds, or panics after `timeout` with the last object seen.
-pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, check: impl Fn(&K) -> bool) -> K
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Ok(Some(obj)) = api.get_opt(name).await {
-            if check(&obj) {
-                return obj;
-            }
-            last = Some(obj);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {name}; last seen: {last:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -7,6 +7,8 @@
 //! - [`Kubelet`] does it in the background for every new pod of a namespace, following a
 //!   [`PodPlan`] per pod. While the apiserver cannot be reached (stopped by a test), it keeps
 //!   trying, as a kubelet does.
+//! - [`scripted`] is the plan for step pods of the tests' workflows, read from their container's
+//!   environment ([`scripted_outcome`]: `OUTPUT`, `FAIL_ATTEMPTS`, `RUN_FOREVER`).
 //!
 //! Pods created by controllers (ReplicaSets, Jobs, the operator) have no `spec.nodeName` here,
 //! since nothing schedules them; their status can be patched all the same. Note that the
@@ -174,6 +176,33 @@ pub fn sequential_ips(prefix: &str) -> Behaviour {
         let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         PodPlan::run(format!("{prefix}{n}"))
     })
+}
+
+/// The value of the environment variable `name` of the pod's first container.
+pub fn env_var(pod: &Pod, name: &str) -> Option<String> {
+    pod.spec.as_ref()?.containers.first()?.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
+}
+
+/// How a step pod of the tests ends, from its first container's environment: runs for good with
+/// `RUN_FOREVER`; fails (exit code 3, "attempt N failed on purpose") when `FAIL_ATTEMPTS`
+/// (`"1,2"`) lists its attempt (label `volt.dev/attempt`); else succeeds with `OUTPUT` as its
+/// termination message.
+pub fn scripted_outcome(pod: &Pod) -> Outcome {
+    let attempt = pod.metadata.labels.as_ref().and_then(|l| l.get("volt.dev/attempt")).cloned().unwrap_or_default();
+    let fail = env_var(pod, "FAIL_ATTEMPTS").is_some_and(|f| f.split(',').any(|a| a == attempt));
+    if env_var(pod, "RUN_FOREVER").is_some() {
+        Outcome::Run
+    } else if fail {
+        Outcome::Fail { message: format!("attempt {attempt} failed on purpose"), exit_code: 3 }
+    } else {
+        Outcome::Succeed { message: env_var(pod, "OUTPUT").unwrap_or_default() }
+    }
+}
+
+/// The plan for step pods: Running (and Ready, at 127.0.0.1) at once, then after `run_for(pod)`
+/// the [`scripted_outcome`].
+pub fn scripted(run_for: impl Fn(&Pod) -> Duration + Send + Sync + 'static) -> Behaviour {
+    behaviour(move |pod| PodPlan { run_for: run_for(pod), outcome: scripted_outcome(pod), ..PodPlan::run("127.0.0.1") })
 }
 
 /// Plays the kubelet for the pods of one namespace in the background: each new pod (by UID, once)
