@@ -143,6 +143,35 @@ fn a_failing_step_fails_the_run_with_exit_code_1_and_finally_still_runs() {
     assert_eq!(status["steps"]["report"]["output"], "Failed");
 }
 
+/// By default local mode runs a fan-out as wide as its `maxParallel`: twelve processes wait
+/// for each other at a barrier, which a cap below twelve would never let them reach. A step id
+/// with a hyphen is read as `steps['fan-out']`.
+#[test]
+fn a_fan_out_runs_max_parallel_items_at_once_and_hyphenated_ids_are_read_by_subscript() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let barrier = tmp.path().join("barrier");
+    std::fs::create_dir_all(&barrier).expect("barrier dir");
+    let wait = format!(
+        "touch {dir}/$VOLT_STEP_KEY; for i in $(seq 150); do [ $(ls {dir} | wc -l) -ge 12 ] && \\
+         {{ printf ok > /dev/termination-log; exit 0; }}; sleep 0.1; done; exit 1",
+        dir = barrier.display()
+    );
+    let file = write(
+        tmp.path(),
+        "wide.yaml",
+        &format!(
+            "{WORKFLOW}metadata: {{name: wide}}\nspec:\n  steps:\n  - id: fan-out\n    forEach: '{{{{ range(12) | list }}}}'\n    \
+             maxParallel: 12\n    container: {{image: busybox, command: [sh, -c, {wait:?}]}}\n  \
+             - {{id: count, dependsOn: [fan-out], template: \"{{{{ steps['fan-out'].json | length }}}} {{{{ steps['fan-out'].phase }}}}\"}}\n"
+        ),
+    );
+    let run = volt(tmp.path(), &["local", "run", &file, "-o", "json", "--no-cache"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stderr, run.stdout);
+    let status = run.json();
+    assert_eq!(status["steps"]["count"]["output"], "12 Succeeded");
+    assert_eq!(std::fs::read_dir(&barrier).expect("barrier").count(), 12);
+}
+
 #[test]
 fn invalid_files_exit_2_naming_file_object_step_and_field() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -60,6 +60,27 @@ async fn template_chain_passes_outputs_in_one_pass() {
     .await;
 }
 
+/// A step id with a hyphen (usual in Kubernetes names) is read as `steps['first-step']`, in a
+/// template, a condition and a forEach, and the pod of a fan-out item is named from it.
+#[tokio::test]
+async fn hyphenated_step_ids_are_read_by_subscript() {
+    let e = Env::new("hyphen").await;
+    let _op = Operator::start(&e.ns).await;
+    let _k = kubelet(&e, Duration::from_millis(50)).await;
+    let wf = json!({"steps": [
+        {"id": "first-step", "template": "[1, 2]"},
+        {"id": "fan-out", "dependsOn": ["first-step"], "forEach": "{{ steps['first-step'].json }}",
+         "container": container("{{ item * 10 }}")},
+        {"id": "sum-up", "dependsOn": ["fan-out"], "when": "steps['fan-out'].phase == 'Succeeded'",
+         "template": "{{ steps[\"fan-out\"].json | map('int') | sum }}"}
+    ]});
+    e.apply(run_obj("hy", wf)).await;
+    let s = finished(&e, "hy").await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    assert_eq!(step(&s, "sum-up").output.as_deref(), Some("30"));
+    assert!(pod_names(&e).await.contains(&"hy-fan-out-1-1".to_string()), "{:?}", pod_names(&e).await);
+}
+
 #[tokio::test]
 async fn container_diamond_creates_one_labelled_restricted_pod_per_step() {
     let e = Env::new("diamond").await;

@@ -630,30 +630,30 @@ fn start_local(bins: &Binaries) -> Result<ControlPlane, Failure> {
         "--profiling=false".into(),
     ];
 
-    for (name, binary, args) in [
-        ("etcd", &bins.etcd, etcd_args),
-        ("kube-apiserver", &bins.apiserver, apiserver_args),
-        ("kube-controller-manager", &bins.controller_manager, controller_manager_args),
-    ] {
+    let start = |name: &'static str, binary: &PathBuf, args: Vec<String>| -> Result<(), String> {
         let log = path(&format!("{name}.log"));
-        match spawn_component(binary, &args, &log, &dir_path) {
-            Ok(child) => {
-                if let Ok(mut processes) = control_plane.local.processes.lock() {
-                    processes.push(Component { name, child, log, binary: binary.clone(), args });
-                }
-            }
-            Err(e) => {
-                let message = format!("cannot start {}: {e}", binary.display());
-                return Err(fail(&control_plane, message));
-            }
+        let child = spawn_component(binary, &args, &log, &dir_path)
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        if let Ok(mut processes) = control_plane.local.processes.lock() {
+            processes.push(Component { name, child, log, binary: binary.clone(), args });
+        }
+        Ok(())
+    };
+    for (name, binary, args) in [("etcd", &bins.etcd, etcd_args), ("kube-apiserver", &bins.apiserver, apiserver_args)] {
+        if let Err(message) = start(name, binary, args) {
+            return Err(fail(&control_plane, message));
         }
     }
+    // The controller manager starts once the apiserver is ready: it gives up (exit 255) when
+    // the apiserver is not healthy within 20 s, which a loaded machine can take.
+    let start_controller_manager =
+        || start("kube-controller-manager", &bins.controller_manager, controller_manager_args.clone());
 
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return Err(fail(&control_plane, format!("cannot build a tokio runtime: {e}"))),
     };
-    let phases = match runtime.block_on(bring_up(&control_plane, started)) {
+    let phases = match runtime.block_on(bring_up(&control_plane, started, start_controller_manager)) {
         Ok(phases) => phases,
         Err(message) => return Err(fail(&control_plane, message)),
     };
@@ -667,7 +667,11 @@ fn start_local(bins: &Binaries) -> Result<ControlPlane, Failure> {
 
 /// Waits for the apiserver, installs the CRDs and waits for the controller manager; says when
 /// each was done.
-async fn bring_up(control_plane: &ControlPlane, started: Instant) -> Result<String, String> {
+async fn bring_up(
+    control_plane: &ControlPlane,
+    started: Instant,
+    start_controller_manager: impl FnOnce() -> Result<(), String>,
+) -> Result<String, String> {
     let at = || format!("{:.1}s", started.elapsed().as_secs_f64());
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     let config = kube_config(control_plane.kubeconfig_path()).await;
@@ -690,6 +694,7 @@ async fn bring_up(control_plane: &ControlPlane, started: Instant) -> Result<Stri
     }
 
     let apiserver_ready = at();
+    start_controller_manager()?;
 
     // 2. The volt CRDs.
     install_crds(&client, deadline).await?;
