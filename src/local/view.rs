@@ -12,7 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::api::{StepKind, StepPhase, StepStatus, WorkflowRunStatus};
 use crate::engine::Transition;
 
-use super::runner::{Observer, Plan, Stats, kind_of};
+use super::runner::{Observer, Plan, Stats};
 
 /// How the live view draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,7 +457,7 @@ pub fn summary(plan: &Plan, status: &WorkflowRunStatus, stats: &Stats, cache: &s
         out.push_str(&format!("{}\n", status.message));
     }
     let containers: Vec<&str> = (0..plan.dag.len())
-        .filter(|&i| kind_of(plan, plan.dag.id(i)) == Some(StepKind::Container))
+        .filter(|&i| plan.dag.kind_of(&plan.spec, plan.dag.id(i)) == Some(StepKind::Container))
         .map(|i| plan.dag.id(i))
         .collect();
     if !containers.is_empty() {
