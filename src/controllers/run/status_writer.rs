@@ -263,3 +263,146 @@ pub async fn mark_finished(
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::api::RunPhase;
+
+    /// A fake API server: answers every request with the run at a new resourceVersion, and
+    /// records (method, path) of each; fails the first `fail` requests with a 500.
+    #[derive(Clone, Default)]
+    struct Api {
+        seen: Arc<Mutex<Vec<(String, String)>>>,
+        rv: Arc<AtomicU64>,
+        fail: Arc<AtomicU64>,
+    }
+
+    impl Api {
+        fn client(&self) -> Client {
+            let api = self.clone();
+            let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+                let api = api.clone();
+                async move {
+                    lock(&api.seen).push((req.method().to_string(), req.uri().path().to_string()));
+                    let rv = api.rv.fetch_add(1, Ordering::SeqCst) + 1;
+                    let failing = api.fail.load(Ordering::SeqCst) > 0;
+                    let (code, body) = if failing {
+                        api.fail.fetch_sub(1, Ordering::SeqCst);
+                        (
+                            500,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "boom", "reason": "InternalError", "code": 500}),
+                        )
+                    } else {
+                        (
+                            200,
+                            json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun",
+                                     "metadata": {"name": "r", "namespace": "ns", "uid": "u", "resourceVersion": rv.to_string()},
+                                     "spec": {}}),
+                        )
+                    };
+                    let mut response =
+                        http::Response::new(kube::client::Body::from(serde_json::to_vec(&body).unwrap_or_default()));
+                    *response.status_mut() = http::StatusCode::from_u16(code).unwrap_or_default();
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            Client::new(service, "ns")
+        }
+        fn status_patches(&self) -> usize {
+            lock(&self.seen).iter().filter(|(m, p)| m == "PATCH" && p.ends_with("/status")).count()
+        }
+    }
+
+    fn run() -> WorkflowRun {
+        let mut run = WorkflowRun::new("r", Default::default());
+        run.metadata.namespace = Some("ns".into());
+        run.metadata.uid = Some("u".into());
+        // Older than anything the fake API answers: the cache lags behind the writes.
+        run.metadata.resource_version = Some("0".into());
+        run
+    }
+
+    fn status(phase: RunPhase, progress: &str) -> WorkflowRunStatus {
+        WorkflowRunStatus { phase, progress: progress.into(), ..Default::default() }
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..300 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn progress_waits_for_the_interval_and_shares_one_write_while_phase_changes_go_at_once() {
+        let api = Api::default();
+        let writer = StatusWriter::new(api.client(), Metrics::new(), Duration::from_millis(400));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(writer.clone().run(stop.clone(), || true));
+        let run = run();
+        // The run starts: its phase changes, so it is written at once.
+        writer.stage(&run, &WorkflowRunStatus::default(), &status(RunPhase::Running, "0/3"));
+        until("the start to be written", || api.status_patches() == 1).await;
+        // Progress within the interval: staged, not written, and what the next pass starts from.
+        let t = Instant::now();
+        for i in 1..=2 {
+            let before = writer.fresh(&run);
+            writer.stage(&run, &before, &status(RunPhase::Running, &format!("{i}/3")));
+        }
+        assert_eq!(writer.fresh(&run).progress, "2/3", "a pass starts from the staged status");
+        assert!(writer.pending("u"));
+        until("the progress to be written", || api.status_patches() == 2).await;
+        assert!(t.elapsed() >= Duration::from_millis(300), "progress waited {:?}", t.elapsed());
+        // The end: written at once, then the run is labelled finished.
+        let before = writer.fresh(&run);
+        writer.stage(&run, &before, &status(RunPhase::Succeeded, "3/3"));
+        until("the end and its label", || {
+            lock(&api.seen).iter().any(|(m, p)| m == "PATCH" && p.ends_with("/workflowruns/r"))
+        })
+        .await;
+        assert_eq!(api.status_patches(), 3, "two progress stages shared one write");
+        assert!(!writer.pending("u"));
+        stop.cancel();
+        let _ = task.await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_kept_and_tried_again() {
+        let api = Api::default();
+        api.fail.store(1, Ordering::SeqCst);
+        let writer = StatusWriter::new(api.client(), Metrics::new(), Duration::from_millis(100));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(writer.clone().run(stop.clone(), || true));
+        writer.stage(&run(), &WorkflowRunStatus::default(), &status(RunPhase::Running, "0/1"));
+        until("a second try", || api.status_patches() == 2).await;
+        until("the write to land", || !writer.pending("u")).await;
+        stop.cancel();
+        let _ = task.await;
+    }
+
+    #[tokio::test]
+    async fn what_waits_is_written_at_shutdown_only_while_leader() {
+        for (leader, writes) in [(true, 2), (false, 1)] {
+            let api = Api::default();
+            let writer = StatusWriter::new(api.client(), Metrics::new(), Duration::from_secs(3600));
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(writer.clone().run(stop.clone(), move || leader));
+            let run = run();
+            writer.stage(&run, &WorkflowRunStatus::default(), &status(RunPhase::Running, "0/2"));
+            until("the start to be written", || api.status_patches() == 1).await;
+            // Progress only (same phase): it would wait an hour.
+            writer.stage(&run, &writer.fresh(&run), &status(RunPhase::Running, "1/2"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(api.status_patches(), 1);
+            stop.cancel();
+            let _ = task.await;
+            assert_eq!(api.status_patches(), writes, "leader: {leader}");
+        }
+    }
+}
