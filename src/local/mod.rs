@@ -218,7 +218,16 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
             agent
         })
         .collect();
-    Ok(Plan { spec, dag, workflow_name, params, run: RunInfo { name, namespace, uid: uuid() }, timeout, agents })
+    Ok(Plan {
+        spec,
+        dag,
+        workflow_name,
+        params,
+        run: RunInfo { name, namespace, uid: uuid() },
+        timeout,
+        agents,
+        decisions: Default::default(),
+    })
 }
 
 fn plural(n: usize, word: &str) -> String {

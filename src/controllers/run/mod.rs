@@ -299,6 +299,8 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
         cancel: run.spec.cancel,
         deadline: Some(started + timeout),
         settings: &shared.settings,
+        decisions: &run.spec.decisions,
+        scope: None,
     };
     let agents =
         || ctx.agents.state().into_iter().filter(|a| a.namespace().as_deref() == Some(ns.as_str())).collect::<Vec<_>>();
