@@ -328,6 +328,34 @@ fn validate_scoped(spec: &WorkflowSpec, outer: Option<&Outer>) -> Result<Dag, In
     }
 }
 
+/// Checks a run's `spec.decisions` against its workflow: a key names an approval step by its
+/// status key (`sign-off`, `review.2.sign-off` inside a loop), or is `<stepKey>/<name>` for a
+/// decision another kind of step waits on (a tool call of an agent step, say).
+pub fn check_decisions<'a>(
+    spec: &WorkflowSpec,
+    dag: &Dag,
+    keys: impl IntoIterator<Item = &'a String>,
+) -> Result<(), String> {
+    for key in keys {
+        let ok = match key.split_once('/') {
+            Some((step_key, _)) => dag.step_of_key(spec, step_key).is_some(),
+            None => dag.step_of_key(spec, key).is_some_and(|s| s.approval.is_some()),
+        };
+        if !ok {
+            let approvals: Vec<&str> = (0..dag.len())
+                .map(|i| step_at(spec, i))
+                .filter(|s| s.approval.is_some())
+                .map(|s| s.id.as_str())
+                .collect();
+            return Err(format!(
+                "spec.decisions: {key:?} is not an approval step of the workflow (approval steps: {})",
+                if approvals.is_empty() { "none".to_string() } else { approvals.join(", ") }
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether `id` is a valid step id.
 pub fn valid_step_id(id: &str) -> bool {
     let b = id.as_bytes();
@@ -490,6 +518,7 @@ pub fn templated_fields(step: &Step, field: &str) -> Vec<(String, String, bool)>
 }
 
 /// Checks the templates of step `i`; returns the steps they read.
+#[allow(clippy::too_many_arguments)]
 fn check_templates(
     spec: &WorkflowSpec,
     i: usize,

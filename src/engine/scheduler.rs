@@ -353,6 +353,11 @@ impl Pass<'_, '_> {
             return;
         }
         let Some(step) = self.step_of_key(&key).cloned() else { return };
+        // The engine itself runs loops, approvals and waits: no runtime reports on them (a
+        // runtime that sees a Running loop with nothing behind it must not make it lost).
+        if step.loop_.is_some() || step.approval.is_some() || step.wait.is_some() {
+            return;
+        }
         let Some(row) = self.status.steps.get(&key) else { return };
         // Stale: another attempt, or already settled (an abort raced the result).
         if row.phase != StepPhase::Running || row.attempts != attempt {

@@ -2122,3 +2122,13 @@ fn a_wait_until_a_bad_time_fails_naming_the_field() {
     assert_eq!(h.phase("w"), StepPhase::Failed);
     assert!(h.row("w").message.starts_with("wait.until: \"run-1\" is not an RFC 3339 time"), "{}", h.row("w").message);
 }
+
+#[test]
+fn a_runtime_that_takes_a_loop_or_a_waiting_step_for_lost_changes_nothing() {
+    let mut h = loop_harness(5);
+    h.run_until(|h| h.phase("rl.1.review") == StepPhase::Running);
+    let before = h.status.clone();
+    let d = h.advance(vec![Event::Lost { key: "rl".into(), attempt: 1 }]);
+    assert!(d.actions.is_empty() && d.transitions.is_empty(), "{d:?}");
+    assert_eq!(h.status, before);
+}
