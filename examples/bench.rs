@@ -48,7 +48,8 @@ struct Args {
     /// Multiply every scenario's size by this (0.1 for a quick look).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Run only these scenarios (comma-separated): inprocess, dispatch, pods, agents, big, rest.
+    /// Run only these scenarios (comma-separated): inprocess, dispatch, pods, agents, big, loop,
+    /// rest.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The operator binary (default: target/release/volt-operator next to this example).
@@ -116,6 +117,11 @@ async fn main() {
     }
     if want("big") {
         let r = big_workflow(cp, &admin, &op, &procs, 2000).await;
+        record(&mut results, r);
+    }
+    if want("loop") {
+        // Always 100 iterations (the most a loop has): the size of the run is the figure.
+        let r = loop_iterations(cp, &admin, &op, &procs, 100).await;
         record(&mut results, r);
     }
     let rss = rss_of(op.pid());
@@ -829,6 +835,46 @@ async fn big_workflow(cp: &ControlPlane, admin: &Client, op: &OperatorProcess, p
            "met": size < 1_048_576, "writes": writes, "requests_per_step": by_verb, "cpu_cores": cpu})
 }
 
+/// Issue 14: a loop of `iterations` iterations of two template steps (each output ~500 bytes):
+/// the per-iteration overhead, API writes per iteration (status patches; Events are creates)
+/// and the size of the finished run object, whose status has a row per step per iteration.
+async fn loop_iterations(
+    cp: &ControlPlane,
+    admin: &Client,
+    op: &OperatorProcess,
+    procs: &Procs,
+    iterations: usize,
+) -> Value {
+    let ns = cp.namespace(admin, "bench-loop").await;
+    let filler = "x".repeat(480);
+    let body = json!([
+        {"id": "work", "template": format!("iteration {{{{ loop.iteration }}}} {filler}")},
+        {"id": "check", "dependsOn": ["work"], "template": "{{ loop.iteration }}"}
+    ]);
+    let until = format!("steps.check.output == '{iterations}'");
+    let run = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "loop"},
+                     "spec": {"workflow": {"steps": [{"id": "l", "loop": {"maxIterations": iterations,
+                              "until": until, "steps": body}}]}}});
+    let before = settled_requests(op).await;
+    let cpu = procs.sample(op.pid());
+    let started = Instant::now();
+    create_all(admin, &ns, &run_ar(), vec![run]).await;
+    let (took, done) = wait_runs(admin, &ns, 1, started, Duration::from_secs(300)).await;
+    let cpu = cpu.cores_until(&procs.sample(op.pid()));
+    let (by_verb, writes_per_iteration, writes) = per_step(&before, &settled_requests(op).await, iterations);
+    let api: Api<WorkflowRun> = Api::namespaced(admin.clone(), &ns);
+    let size = serde_json::to_vec(&api.get("loop").await.expect("the run")).map(|v| v.len()).unwrap_or(0);
+    let done_iterations =
+        done.first().and_then(|r| r.status.as_ref()).and_then(|s| s.steps.get("l")).and_then(|r| r.iterations);
+    let per_iteration_ms = took.as_secs_f64() * 1000.0 / iterations as f64;
+    json!({"scenario": "loop_iterations", "iterations": iterations, "done_iterations": done_iterations,
+           "failed_runs": check_succeeded(&done), "seconds": round(took.as_secs_f64()),
+           "ms_per_iteration": round(per_iteration_ms), "goal_ms_per_iteration": 2.0,
+           "writes": writes, "writes_per_iteration": round(writes_per_iteration),
+           "requests_per_iteration": by_verb, "object_bytes": size, "goal_bytes": 524_288,
+           "met": per_iteration_ms < 2.0 && size < 524_288, "cpu_cores": cpu})
+}
+
 /// 6: `runs` finished WorkflowRuns and `workflows` Workflows at rest; a fresh operator's time to
 /// Ready and its memory.
 #[allow(clippy::too_many_arguments)]
@@ -972,6 +1018,11 @@ fn print_table(machine: &str, results: &[Value]) {
         row("agent calls/s", &r["calls_per_s"], "", &Value::Null);
         row("  fraction of ideal (640/s)", &r["fraction_of_ideal"], ">= 0.9", &r["met"]);
         row("  spread (CV of calls per replica)", &r["spread_cv"], "", &Value::Null);
+    }
+    if let Some(r) = get("loop_iterations") {
+        row("loop: ms per iteration", &r["ms_per_iteration"], "< 2", &Value::Null);
+        row("loop: API writes per iteration", &r["writes_per_iteration"], "<= 1 (status)", &Value::Null);
+        row("loop: 100-iteration run bytes", &r["object_bytes"], "< 524288", &r["met"]);
     }
     if let Some(r) = get("big_workflow") {
         row("2,000-step run object bytes", &r["object_bytes"], "< 1048576", &r["met"]);

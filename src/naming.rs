@@ -46,8 +46,32 @@ pub fn child_key(step_id: &str, index: usize) -> String {
     format!("{step_id}[{index}]")
 }
 
+/// The status key of step `inner` (an inner status key: `code` or `code[2]`) in iteration
+/// `iteration` (from 1) of loop `loop_key`: `loop.iteration.inner`, such as `review.2.code`.
+/// Step ids are DNS labels, so the dots cannot be confused with an id.
+pub fn loop_key(loop_key: &str, iteration: u32, inner: &str) -> String {
+    format!("{}{inner}", loop_prefix(loop_key, iteration))
+}
+
+/// The prefix of the status keys of iteration `iteration` of a loop: `loop.iteration.`.
+pub fn loop_prefix(loop_key: &str, iteration: u32) -> String {
+    format!("{loop_key}.{iteration}.")
+}
+
+/// The loop, iteration and inner key of a key inside a loop (`review.2.code[1]` ->
+/// `("review", 2, "code[1]")`); `None` for keys outside loops.
+pub fn parse_loop_key(key: &str) -> Option<(&str, u32, &str)> {
+    let (loop_id, rest) = key.split_once('.')?;
+    let (iteration, inner) = rest.split_once('.')?;
+    Some((loop_id, iteration.parse().ok()?, inner))
+}
+
 /// The step id and item index of a status key (`implement[3]` -> `("implement", Some(3))`).
+/// For a key inside a loop, the id is the loop's.
 pub fn parse_step_key(key: &str) -> (&str, Option<usize>) {
+    if let Some((loop_id, _, _)) = parse_loop_key(key) {
+        return (loop_id, None);
+    }
     match key.split_once('[') {
         Some((id, rest)) => (id, rest.strip_suffix(']').and_then(|i| i.parse().ok())),
         None => (key, None),
@@ -59,9 +83,10 @@ pub fn step_id_of(key: &str) -> &str {
     parse_step_key(key).0
 }
 
-/// Turns a status key such as `implement[3]` into a DNS-label fragment (`implement-3`).
+/// Turns a status key such as `implement[3]` or `review.2.code` into a DNS-label fragment
+/// (`implement-3`, `review-2-code`).
 pub fn key_fragment(key: &str) -> String {
-    key.replace('[', "-").replace(']', "")
+    key.replace(['[', '.'], "-").replace(']', "")
 }
 
 /// Name of the pod of attempt `attempt` of step key `key` in run `run`: deterministic, a DNS
@@ -116,6 +141,11 @@ mod tests {
         assert_eq!(parse_step_key(&child_key("a-b", 12)), ("a-b", Some(12)));
         assert_eq!(parse_step_key("plain"), ("plain", None));
         assert_eq!(step_id_of("x[0]"), "x");
+        assert_eq!(loop_key("review", 2, "code[1]"), "review.2.code[1]");
+        assert_eq!(parse_loop_key("review.2.code[1]"), Some(("review", 2, "code[1]")));
+        assert_eq!(parse_loop_key("review[1]"), None);
+        assert_eq!(step_id_of("review.12.code"), "review");
+        assert_eq!(pod_name("r", "review.2.code", 1), "r-review-2-code-1");
     }
 
     #[test]

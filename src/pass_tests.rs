@@ -119,6 +119,8 @@ impl Fixture {
             cancel,
             deadline: None,
             settings: &self.settings,
+            decisions: &crate::engine::scheduler::NO_DECISIONS,
+            scope: None,
         }
     }
 

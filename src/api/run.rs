@@ -67,6 +67,34 @@ pub struct WorkflowRunSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<u32>,
+
+    /// Decisions of people, by key: the status key of an approval step (`sign-off`,
+    /// `review.2.sign-off` inside a loop), or a key another waiting step names. The operator
+    /// reads them and never writes them; RBAC on `workflowruns` decides who may patch them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub decisions: BTreeMap<String, StepDecision>,
+}
+
+/// A person's decision on a waiting step.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepDecision {
+    /// Approve or Reject.
+    pub decision: DecisionKind,
+    /// Why; the output of an approved step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Who decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// The decision itself.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum DecisionKind {
+    #[default]
+    Approve,
+    Reject,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -136,6 +164,8 @@ pub enum StepPhase {
     Skipped,
     /// Stopped by cancellation or a run timeout.
     Cancelled,
+    /// Waiting for a decision (approval steps) or a time (wait steps); holds no worker.
+    Waiting,
 }
 
 impl StepPhase {
@@ -151,6 +181,7 @@ impl StepPhase {
             StepPhase::Failed => "Failed",
             StepPhase::Skipped => "Skipped",
             StepPhase::Cancelled => "Cancelled",
+            StepPhase::Waiting => "Waiting",
         }
     }
 }
@@ -194,7 +225,11 @@ pub struct WorkflowRunStatus {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "super::any_json_map")]
     pub params: BTreeMap<String, serde_json::Value>,
-    /// One row per step, and per `forEach` child (`step[index]`).
+    /// The Workflow's `spec.output`, rendered when the run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// One row per step, per `forEach` child (`step[index]`) and per step of each loop
+    /// iteration (`loop.iteration.step`, iterations from 1).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub steps: BTreeMap<String, StepStatus>,
 }
@@ -235,6 +270,12 @@ pub struct StepStatus {
     /// Number of `forEach` children (fan-out steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<u32>,
+    /// The current (then the last) iteration, from 1 (loop steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<u32>,
+    /// When a waiting step's time comes: the end of a wait, the timeout of an approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<MicroTime>,
     /// The output, when it fits inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,

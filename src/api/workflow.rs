@@ -58,6 +58,11 @@ pub struct WorkflowSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub finally: Vec<Step>,
+
+    /// The run's output: a template rendered when the run ends (it may read every step),
+    /// recorded in the run's `status.output`. A child run's output is its parent step's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 /// A parameter of a Workflow.
@@ -166,7 +171,8 @@ fn default_max_backoff() -> f64 {
     60.0
 }
 
-/// A step of a Workflow. Exactly one of `agent`, `container`, `http` and `template`.
+/// A step of a Workflow. Exactly one of `agent`, `container`, `http`, `template`, `loop`,
+/// `approval` and `wait`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Step {
@@ -224,6 +230,107 @@ pub struct Step {
     /// A template rendered by the operator; the output is the rendered text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+
+    /// A group of steps repeated until a condition holds.
+    #[serde(default, rename = "loop", skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "loop_schema")]
+    pub loop_: Option<LoopStep>,
+
+    /// Waits for a decision in the run's `spec.decisions` (phase Waiting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalStep>,
+
+    /// Waits for a number of seconds or until a time (phase Waiting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<WaitStep>,
+}
+
+/// A loop: its own small DAG of steps, repeated until `until` holds.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LoopStep {
+    /// Most iterations; reaching it without `until` holding fails the step (see `onMax`).
+    #[schemars(range(min = 1, max = 100))]
+    pub max_iterations: u32,
+    /// Condition evaluated after each iteration over that iteration's steps; the loop ends
+    /// when it holds.
+    #[schemars(length(min = 1))]
+    pub until: String,
+    /// What reaching `maxIterations` does: `fail` (default) or `succeed`.
+    #[serde(default)]
+    pub on_max: OnMax,
+    /// The steps of one iteration; ids are local to the loop.
+    #[schemars(schema_with = "loop_steps_schema")]
+    pub steps: Vec<Step>,
+}
+
+/// What reaching a loop's `maxIterations` does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMax {
+    #[default]
+    Fail,
+    Succeed,
+}
+
+thread_local! {
+    /// Set while the schema of a loop's steps is generated: a step inside a loop may not hold
+    /// a loop (validation says so), and its schema does not recurse.
+    static IN_LOOP_SCHEMA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn loop_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    if IN_LOOP_SCHEMA.get() {
+        return schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true,
+            "description": "Loops do not nest."});
+    }
+    <LoopStep as JsonSchema>::json_schema(generator)
+}
+
+fn loop_steps_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    IN_LOOP_SCHEMA.set(true);
+    let step = <Step as JsonSchema>::json_schema(generator);
+    IN_LOOP_SCHEMA.set(false);
+    schemars::json_schema!({"type": "array", "minItems": 1, "maxItems": 50, "items": step})
+}
+
+/// A person's sign-off, given by patching the run's `spec.decisions`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalStep {
+    /// What is asked (a template), shown in the step's message and events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How long to wait for a decision, in seconds; then `onTimeout` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31536000))]
+    pub timeout_seconds: Option<u32>,
+    /// Decision taken when the timeout passes: `reject` (default) or `approve`.
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+}
+
+/// Decision taken when an approval times out.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    #[default]
+    Reject,
+    Approve,
+}
+
+/// A wait: exactly one of `seconds` and `until`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitStep {
+    /// Seconds to wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 31536000))]
+    pub seconds: Option<u32>,
+    /// An RFC 3339 time to wait until (a template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub until: Option<String>,
 }
 
 /// The kind of a step.
@@ -233,6 +340,9 @@ pub enum StepKind {
     Container,
     Http,
     Template,
+    Loop,
+    Approval,
+    Wait,
 }
 
 impl StepKind {
@@ -242,6 +352,9 @@ impl StepKind {
             StepKind::Container => "container",
             StepKind::Http => "http",
             StepKind::Template => "template",
+            StepKind::Loop => "loop",
+            StepKind::Approval => "approval",
+            StepKind::Wait => "wait",
         }
     }
 }
@@ -261,6 +374,15 @@ impl Step {
         }
         if self.template.is_some() {
             kinds.push(StepKind::Template);
+        }
+        if self.loop_.is_some() {
+            kinds.push(StepKind::Loop);
+        }
+        if self.approval.is_some() {
+            kinds.push(StepKind::Approval);
+        }
+        if self.wait.is_some() {
+            kinds.push(StepKind::Wait);
         }
         kinds
     }

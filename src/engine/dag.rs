@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use crate::api::{STEP_ID_MAX_LEN, Step, WorkflowSpec};
 
@@ -57,6 +58,25 @@ pub struct Dag {
     finally_start: usize,
     topo: Vec<usize>,
     reads: Vec<Vec<usize>>,
+    /// The body of each loop step, by the loop's index.
+    bodies: HashMap<usize, Arc<Body>>,
+}
+
+/// The steps of a loop, validated as a small workflow of their own (with the workflow's
+/// defaults, and no `finally`).
+#[derive(Debug, Clone)]
+pub struct Body {
+    pub spec: WorkflowSpec,
+    pub dag: Dag,
+}
+
+/// What a loop body's templates may read besides its own steps.
+struct Outer<'a> {
+    /// Steps of the workflow upstream of the loop.
+    upstream: BTreeSet<&'a str>,
+    /// Every step id of the workflow.
+    all: BTreeSet<&'a str>,
+    params: BTreeSet<&'a str>,
 }
 
 impl Dag {
@@ -72,9 +92,21 @@ impl Dag {
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()
     }
-    /// The kind of the step a status key (`id` or `id[index]`) belongs to.
+    /// The kind of the step a status key (`id`, `id[index]`, `loop.iteration.id`) belongs to.
     pub fn kind_of(&self, spec: &WorkflowSpec, key: &str) -> Option<crate::api::StepKind> {
-        self.index_of(crate::naming::step_id_of(key)).and_then(|i| step_at(spec, i).kind())
+        self.step_of_key(spec, key).and_then(Step::kind)
+    }
+    /// The step a status key belongs to (inside a loop: the loop's inner step).
+    pub fn step_of_key<'a>(&'a self, spec: &'a WorkflowSpec, key: &str) -> Option<&'a Step> {
+        if let Some((loop_id, _, inner)) = crate::naming::parse_loop_key(key) {
+            let body = self.body(self.index_of(loop_id)?)?;
+            return body.dag.step_of_key(&body.spec, inner);
+        }
+        self.index_of(crate::naming::step_id_of(key)).map(|i| step_at(spec, i))
+    }
+    /// The body of loop step `i`.
+    pub fn body(&self, i: usize) -> Option<&Body> {
+        self.bodies.get(&i).map(|b| &**b)
     }
     pub fn deps(&self, i: usize) -> &[usize] {
         &self.deps[i]
@@ -115,6 +147,11 @@ fn field_of(spec: &WorkflowSpec, i: usize) -> String {
 /// Validates a spec: ids, kinds, dependencies, cycles, templates and the names they read.
 #[allow(clippy::needless_range_loop)]
 pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
+    validate_scoped(spec, None)
+}
+
+#[allow(clippy::needless_range_loop)]
+fn validate_scoped(spec: &WorkflowSpec, outer: Option<&Outer>) -> Result<Dag, InvalidSpec> {
     let mut errors = Vec::new();
     let err = |errors: &mut Vec<ValidationError>, step: Option<&str>, field: String, message: String| {
         errors.push(ValidationError { step: step.map(str::to_string), field, message });
@@ -126,7 +163,7 @@ pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
     }
 
     // Parameters.
-    let mut param_names = BTreeSet::new();
+    let mut param_names: BTreeSet<&str> = outer.map(|o| o.params.clone()).unwrap_or_default();
     for (i, p) in spec.params.iter().enumerate() {
         if !param_names.insert(p.name.as_str()) {
             err(&mut errors, None, format!("params[{i}].name"), format!("duplicate parameter {:?}", p.name));
@@ -162,23 +199,29 @@ pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
         ids.push(id.to_string());
         match step.kinds().len() {
             1 => {}
-            0 => err(
-                &mut errors,
-                Some(id),
-                field.clone(),
-                "no kind: set exactly one of agent, container, http, template".into(),
-            ),
+            0 => err(&mut errors, Some(id), field.clone(), format!("no kind: set exactly one of {KINDS}")),
             _ => err(
                 &mut errors,
                 Some(id),
                 field.clone(),
                 format!(
-                    "several kinds ({}): set exactly one of agent, container, http, template",
+                    "several kinds ({}): set exactly one of {KINDS}",
                     step.kinds().iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
                 ),
             ),
         }
         check_kind_fields(step, &field, &mut errors);
+        if outer.is_some_and(|o| o.all.contains(id)) {
+            err(
+                &mut errors,
+                Some(id),
+                format!("{field}.id"),
+                "a step of a loop cannot share an id with a step of the workflow".into(),
+            );
+        }
+        if outer.is_some() && step.loop_.is_some() {
+            err(&mut errors, Some(id), format!("{field}.loop"), "loops do not nest".into());
+        }
         if step.max_parallel.is_some() && step.for_each.is_none() {
             err(&mut errors, Some(id), format!("{field}.maxParallel"), "maxParallel needs forEach".into());
         }
@@ -238,20 +281,79 @@ pub fn validate(spec: &WorkflowSpec) -> Result<Dag, InvalidSpec> {
 
     // Templates, and the names they read (needs the DAG to know what is upstream).
     let mut reads = Vec::new();
+    let mut bodies = HashMap::new();
     if errors.is_empty() {
         let ancestors = ancestors(&deps, &topo);
         reads = (0..n)
-            .map(|i| check_templates(spec, i, &index, &ancestors[i], finally_start, &param_names, &mut errors))
+            .map(|i| check_templates(spec, i, &index, &ancestors[i], finally_start, &param_names, outer, &mut errors))
             .collect();
+        for i in 0..n {
+            let step = step_at(spec, i);
+            let Some(l) = &step.loop_ else { continue };
+            let field = format!("{}.loop", field_of(spec, i));
+            let scope = Outer {
+                upstream: ancestors[i].iter().map(|&j| ids[j].as_str()).collect(),
+                all: ids.iter().map(String::as_str).collect(),
+                params: param_names.clone(),
+            };
+            // A loop reads what its steps read of the workflow: any upstream step.
+            reads[i] = ancestors[i].iter().copied().collect();
+            let body = WorkflowSpec { steps: l.steps.clone(), defaults: spec.defaults.clone(), ..Default::default() };
+            let body_ids: BTreeSet<&str> = l.steps.iter().map(|s| s.id.as_str()).collect();
+            check_until(&step.id, &field, &l.until, &body_ids, &param_names, &mut errors);
+            match validate_scoped(&body, Some(&scope)) {
+                Ok(dag) => {
+                    bodies.insert(i, Arc::new(Body { spec: body, dag }));
+                }
+                Err(InvalidSpec(errs)) => errors.extend(errs.into_iter().map(|mut e| {
+                    e.field = format!("{field}.{}", e.field);
+                    e.step = Some(format!("{}.{}", step.id, e.step.unwrap_or_default()));
+                    e
+                })),
+            }
+        }
+        if outer.is_none()
+            && let Some(output) = &spec.output
+        {
+            check_output(output, &index, &param_names, &mut errors);
+        }
     }
 
     if errors.is_empty() {
-        Ok(Dag { ids, index, deps, dependents, finally_start, topo, reads })
+        Ok(Dag { ids, index, deps, dependents, finally_start, topo, reads, bodies })
     } else {
         errors.sort();
         errors.dedup();
         Err(InvalidSpec(errors))
     }
+}
+
+/// Checks a run's `spec.decisions` against its workflow: a key names an approval step by its
+/// status key (`sign-off`, `review.2.sign-off` inside a loop), or is `<stepKey>/<name>` for a
+/// decision another kind of step waits on (a tool call of an agent step, say).
+pub fn check_decisions<'a>(
+    spec: &WorkflowSpec,
+    dag: &Dag,
+    keys: impl IntoIterator<Item = &'a String>,
+) -> Result<(), String> {
+    for key in keys {
+        let ok = match key.split_once('/') {
+            Some((step_key, _)) => dag.step_of_key(spec, step_key).is_some(),
+            None => dag.step_of_key(spec, key).is_some_and(|s| s.approval.is_some()),
+        };
+        if !ok {
+            let approvals: Vec<&str> = (0..dag.len())
+                .map(|i| step_at(spec, i))
+                .filter(|s| s.approval.is_some())
+                .map(|s| s.id.as_str())
+                .collect();
+            return Err(format!(
+                "spec.decisions: {key:?} is not an approval step of the workflow (approval steps: {})",
+                if approvals.is_empty() { "none".to_string() } else { approvals.join(", ") }
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `id` is a valid step id.
@@ -264,9 +366,85 @@ pub fn valid_step_id(id: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// The step kinds, as validation messages list them.
+const KINDS: &str = "agent, container, http, template, loop, approval, wait";
+
+/// Checks a loop's `until`: it parses, and reads only the loop's own steps.
+fn check_until(
+    loop_id: &str,
+    field: &str,
+    until: &str,
+    body: &BTreeSet<&str>,
+    params: &BTreeSet<&str>,
+    errors: &mut Vec<ValidationError>,
+) {
+    let mut push = |message: String| {
+        errors.push(ValidationError { step: Some(loop_id.to_string()), field: format!("{field}.until"), message })
+    };
+    let names = match template::parse_expression(until) {
+        Ok(names) => names,
+        Err(e) => return push(format!("does not parse: {e}")),
+    };
+    for name in names {
+        let mut parts = name.split('.');
+        match (parts.next().unwrap_or_default(), parts.next()) {
+            ("steps", Some(s)) if !body.contains(s) => push(format!(
+                "until reads steps.{s}, which is not a step of the loop (until reads the steps of the iteration that just ended: {})",
+                body.iter().copied().collect::<Vec<_>>().join(", ")
+            )),
+            ("params", Some(p)) if !params.contains(p) => push(format!("unknown parameter {p:?}")),
+            ("steps" | "params" | "run" | "loop", _) => {}
+            (root, _) if template::is_builtin(root) => {}
+            (root, _) => push(format!("unknown name {root:?} (until can read steps, params, run, loop)")),
+        }
+    }
+}
+
+/// Checks a workflow's `output`: it parses and reads known steps and parameters.
+fn check_output(
+    output: &str,
+    index: &HashMap<String, usize>,
+    params: &BTreeSet<&str>,
+    errors: &mut Vec<ValidationError>,
+) {
+    let mut push = |message: String| errors.push(ValidationError { step: None, field: "output".into(), message });
+    let names = match template::parse_template(output) {
+        Ok(names) => names,
+        Err(e) => return push(format!("template does not parse: {e}")),
+    };
+    for name in names {
+        let mut parts = name.split('.');
+        match (parts.next().unwrap_or_default(), parts.next()) {
+            ("steps", Some(s)) if !index.contains_key(s) => push(format!("unknown step {s:?}")),
+            ("params", Some(p)) if !params.contains(p) => push(format!("unknown parameter {p:?}")),
+            ("steps" | "params" | "run", _) => {}
+            (root, _) if template::is_builtin(root) => {}
+            (root, _) => push(format!("unknown name {root:?} (output can read steps, params, run)")),
+        }
+    }
+}
+
 fn check_kind_fields(step: &Step, field: &str, errors: &mut Vec<ValidationError>) {
     let mut push =
         |f: String, m: &str| errors.push(ValidationError { step: Some(step.id.clone()), field: f, message: m.into() });
+    if step.for_each.is_some() && (step.loop_.is_some() || step.approval.is_some() || step.wait.is_some()) {
+        push(format!("{field}.forEach"), "forEach works on agent, container, http and template steps");
+    }
+    if let Some(l) = &step.loop_
+        && l.steps.is_empty()
+    {
+        push(format!("{field}.loop.steps"), "a loop needs at least one step");
+    }
+    if let Some(w) = &step.wait {
+        match (&w.seconds, &w.until) {
+            (None, None) | (Some(_), Some(_)) => push(format!("{field}.wait"), "set exactly one of seconds and until"),
+            (None, Some(u)) if !template::is_template(u) && u.trim().parse::<jiff::Timestamp>().is_err() => push(
+                format!("{field}.wait.until"),
+                "must be an RFC 3339 time (such as 2030-01-01T00:00:00Z) or a template rendering to one",
+            ),
+            _ => {}
+        }
+    }
     if let Some(a) = &step.agent {
         match (&a.ref_, &a.selector) {
             (None, None) => push(format!("{field}.agent"), "set ref or selector"),
@@ -308,6 +486,12 @@ pub fn templated_fields(step: &Step, field: &str) -> Vec<(String, String, bool)>
     if let Some(t) = &step.template {
         out.push((format!("{field}.template"), t.clone(), false));
     }
+    if let Some(m) = step.approval.as_ref().and_then(|a| a.message.as_ref()) {
+        out.push((format!("{field}.approval.message"), m.clone(), false));
+    }
+    if let Some(u) = step.wait.as_ref().and_then(|w| w.until.as_ref()) {
+        out.push((format!("{field}.wait.until"), u.clone(), false));
+    }
     if let Some(h) = &step.http {
         out.push((format!("{field}.http.url"), h.url.clone(), false));
         if let Some(b) = &h.body {
@@ -334,6 +518,7 @@ pub fn templated_fields(step: &Step, field: &str) -> Vec<(String, String, bool)>
 }
 
 /// Checks the templates of step `i`; returns the steps they read.
+#[allow(clippy::too_many_arguments)]
 fn check_templates(
     spec: &WorkflowSpec,
     i: usize,
@@ -341,6 +526,7 @@ fn check_templates(
     upstream: &BTreeSet<usize>,
     finally_start: usize,
     params: &BTreeSet<&str>,
+    outer: Option<&Outer>,
     errors: &mut Vec<ValidationError>,
 ) -> Vec<usize> {
     let step = step_at(spec, i);
@@ -378,12 +564,17 @@ fn check_templates(
                     "{root:?} is not defined in the forEach or when of a step, only in its work (they are evaluated once, before the fan-out)"
                 )),
                 "item" | "index" if !in_for_each => Some(format!("{root:?} is only defined inside a forEach step")),
+                "loop" if outer.is_none() => Some("\"loop\" is only defined inside a loop's steps".to_string()),
                 "params" => match parts.next() {
                     Some(p) if !params.contains(p) => Some(format!("unknown parameter {p:?}")),
                     _ => None,
                 },
                 "steps" => match parts.next() {
                     Some(s) => match index.get(s) {
+                        None if outer.is_some_and(|o| o.upstream.contains(s)) => None,
+                        None if outer.is_some_and(|o| o.all.contains(s)) => {
+                            Some(format!("steps.{s} is not upstream of the loop: add {s:?} to the loop's dependsOn"))
+                        }
                         None => Some(format!(
                             "unknown step {s:?}{}",
                             hyphen_hint(index.keys().filter(|id| id.starts_with(&format!("{s}-"))))
@@ -394,9 +585,12 @@ fn check_templates(
                         Some(&j) if !upstream.contains(&j) => Some(format!(
                             "steps.{s} is not upstream of this step: add {s:?} to dependsOn (directly or through another step)"
                         )),
-                        Some(_) => match parts.next() {
+                        Some(&j) => match parts.next() {
                             None | Some("output" | "json" | "phase") => None,
-                            Some(other) => Some(format!("steps.{s}.{other}: a step has output, json and phase")),
+                            Some("iterations") if step_at(spec, j).loop_.is_some() => None,
+                            Some(other) => Some(format!(
+                                "steps.{s}.{other}: a step has output, json and phase (and a loop, iterations)"
+                            )),
                         },
                     },
                     None => None,
@@ -674,5 +868,115 @@ mod properties {
             let _ = template::eval_list(&src, &ctx, 100);
             let _ = template::parse_template(&src);
         }
+    }
+}
+
+#[cfg(test)]
+mod control_flow_tests {
+    use super::*;
+    use crate::api::{LoopStep, WaitStep};
+
+    fn body_step(id: &str, deps: &[&str], template: &str) -> Step {
+        Step {
+            id: id.into(),
+            depends_on: deps.iter().map(|s| s.to_string()).collect(),
+            template: Some(template.into()),
+            ..Default::default()
+        }
+    }
+
+    fn looping(until: &str, steps: Vec<Step>) -> Step {
+        Step {
+            id: "rl".into(),
+            depends_on: vec!["a".into()],
+            loop_: Some(LoopStep { max_iterations: 3, until: until.into(), on_max: Default::default(), steps }),
+            ..Default::default()
+        }
+    }
+
+    fn messages(steps: Vec<Step>) -> String {
+        validate(&WorkflowSpec { steps, ..Default::default() }).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn loops_read_their_steps_upstream_steps_and_loop() {
+        let s = WorkflowSpec {
+            steps: vec![
+                body_step("a", &[], "x"),
+                body_step("free", &[], "y"),
+                looping(
+                    "steps.r.output == 'ok' and loop.iteration > 1",
+                    vec![
+                        body_step("c", &[], "{{ steps.a.output }} {{ loop.iteration }} {{ loop.previous }}"),
+                        body_step("r", &["c"], "{{ steps.c.output }}"),
+                    ],
+                ),
+                body_step("after", &["rl"], "{{ steps.rl.output }} {{ steps.rl.iterations }}"),
+            ],
+            output: Some("{{ steps.after.output }}".into()),
+            ..Default::default()
+        };
+        let dag = validate(&s).expect("valid");
+        let body = dag.body(2).expect("a body");
+        assert_eq!(body.dag.len(), 2);
+        assert_eq!(dag.kind_of(&s, "rl.2.r"), Some(crate::api::StepKind::Template));
+        assert_eq!(dag.kind_of(&s, "rl"), Some(crate::api::StepKind::Loop));
+    }
+
+    #[test]
+    fn bad_loops_are_named_by_step_and_field() {
+        let m =
+            messages(vec![body_step("a", &[], "x"), looping("steps.a.output == 'x'", vec![body_step("c", &[], "x")])]);
+        assert!(
+            m.contains("step \"rl\": steps[1].loop.until: until reads steps.a, which is not a step of the loop"),
+            "{m}"
+        );
+        let m = messages(vec![body_step("a", &[], "x"), looping("steps.c.output ==", vec![body_step("c", &[], "x")])]);
+        assert!(m.contains("steps[1].loop.until: does not parse"), "{m}");
+        let m = messages(vec![
+            body_step("a", &[], "x"),
+            body_step("z", &[], "x"),
+            looping("true", vec![body_step("c", &[], "{{ steps.z.output }}")]),
+        ]);
+        assert!(
+            m.contains("step \"rl.c\": steps[2].loop.steps[0].template: steps.z is not upstream of the loop"),
+            "{m}"
+        );
+        let m = messages(vec![body_step("a", &[], "{{ loop.iteration }}")]);
+        assert!(m.contains("\"loop\" is only defined inside a loop"), "{m}");
+        let m = messages(vec![
+            body_step("a", &[], "x"),
+            looping("true", vec![looping("true", vec![body_step("d", &[], "x")])]),
+        ]);
+        assert!(m.contains("loops do not nest"), "{m}");
+        let m = messages(vec![body_step("a", &[], "x"), looping("true", vec![])]);
+        assert!(m.contains("steps[1].loop.steps: a loop needs at least one step"), "{m}");
+    }
+
+    #[test]
+    fn bad_waits_and_outputs_are_named() {
+        let w = |seconds, until: Option<&str>| Step {
+            id: "w".into(),
+            wait: Some(WaitStep { seconds, until: until.map(str::to_string) }),
+            ..Default::default()
+        };
+        assert!(
+            messages(vec![w(None, Some("tomorrow"))])
+                .contains("step \"w\": steps[0].wait.until: must be an RFC 3339 time")
+        );
+        assert!(
+            messages(vec![w(Some(1), Some("2030-01-01T00:00:00Z"))])
+                .contains("steps[0].wait: set exactly one of seconds and until")
+        );
+        assert!(
+            validate(&WorkflowSpec { steps: vec![w(None, Some("2030-01-01T00:00:00Z"))], ..Default::default() })
+                .is_ok()
+        );
+        let s = WorkflowSpec {
+            steps: vec![body_step("a", &[], "x")],
+            output: Some("{{ steps.b.output }}".into()),
+            ..Default::default()
+        };
+        assert!(validate(&s).unwrap_err().to_string().contains("output: unknown step \"b\""));
     }
 }

@@ -15,12 +15,34 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use serde_json::Value as Json;
 
 use crate::api::{
-    Backoff, CacheSpec, CapabilitySelector, HttpMethod, RetryPolicy, RunPhase, Step, StepKind, StepPhase, StepStatus,
-    Strategy, TokenUsage, WorkflowRunStatus, WorkflowSpec,
+    Backoff, CacheSpec, CapabilitySelector, DecisionKind, HttpMethod, OnMax, OnTimeout, RetryPolicy, RunPhase, Step,
+    StepDecision, StepKind, StepPhase, StepStatus, Strategy, TokenUsage, WorkflowRunStatus, WorkflowSpec,
 };
+use crate::naming;
 
 use super::dag::{Dag, step_at};
 use super::template::{self, Context, StepView, TemplateError};
+
+/// Where a pass runs when it is not the run's own: one iteration of a loop. The engine runs
+/// each iteration as a small run of the loop's steps, whose status keys carry `prefix`.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// What the loop's steps see of the workflow's steps (those upstream of the loop).
+    pub steps: BTreeMap<String, StepView>,
+    /// `loop` in templates: `{iteration, previous}`.
+    pub loop_vars: Json,
+    /// Prefix of the iteration's status keys (`review.2.`).
+    pub prefix: String,
+}
+
+/// No decisions (runs that have none).
+pub static NO_DECISIONS: BTreeMap<String, StepDecision> = BTreeMap::new();
+
+/// The decision recorded for a decision key, if any. Approval steps wait on their status key;
+/// other waiting work may wait on keys of its own (such as `<stepKey>/<tool>`).
+pub fn decision_for<'a>(decisions: &'a BTreeMap<String, StepDecision>, key: &str) -> Option<&'a StepDecision> {
+    decisions.get(key)
+}
 
 /// Identity of the run, readable by templates as `run.*`.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +80,10 @@ pub struct Input<'a> {
     /// When the whole run times out.
     pub deadline: Option<Timestamp>,
     pub settings: &'a Settings,
+    /// The run's `spec.decisions`.
+    pub decisions: &'a BTreeMap<String, StepDecision>,
+    /// `None` for the run itself; set by the engine for the iterations of a loop.
+    pub scope: Option<&'a Scope>,
 }
 
 /// Facts about a finished attempt, recorded in the step's row.
@@ -201,13 +227,16 @@ struct Pass<'a, 's> {
     /// The first DAG step (by index) that failed for good, kept up to date by `transition`
     /// so that fail-fast does not scan every step for every pending step.
     hard_failure: Option<usize>,
+    /// Results of attempts inside loops, by loop id, for the loop's iteration pass.
+    loop_events: BTreeMap<String, Vec<Event>>,
 }
 
 /// Advances a run: applies `events`, then starts, retries, times out, skips and finishes
 /// steps and the run, all recorded in `status`. Calling it again with no new events and the
 /// same time changes nothing.
 pub fn advance(input: Input<'_>, status: &mut WorkflowRunStatus, events: Vec<Event>) -> Decision {
-    let mut pass = Pass { input, status, decision: Decision::default(), hard_failure: None };
+    let mut pass =
+        Pass { input, status, decision: Decision::default(), hard_failure: None, loop_events: BTreeMap::new() };
     pass.hard_failure = input.dag.dag_steps().find(|&i| pass.hard_failed(i));
     pass.run();
     for e in events {
@@ -307,7 +336,28 @@ impl Pass<'_, '_> {
             | Event::Failed { key, attempt, .. }
             | Event::Lost { key, attempt } => (key.clone(), *attempt),
         };
+        if let Some((loop_id, iteration, inner)) = naming::parse_loop_key(&key) {
+            // The loop's current iteration takes it; results of earlier iterations are stale.
+            let current = self.status.steps.get(loop_id).and_then(|r| r.iterations);
+            if current == Some(iteration) {
+                let inner = inner.to_string();
+                let event = match event {
+                    Event::Succeeded { output, info, .. } => Event::Succeeded { key: inner, attempt, output, info },
+                    Event::Failed { message, retryable, info, .. } => {
+                        Event::Failed { key: inner, attempt, message, retryable, info }
+                    }
+                    Event::Lost { .. } => Event::Lost { key: inner, attempt },
+                };
+                self.loop_events.entry(loop_id.to_string()).or_default().push(event);
+            }
+            return;
+        }
         let Some(step) = self.step_of_key(&key).cloned() else { return };
+        // The engine itself runs loops, approvals and waits: no runtime reports on them (a
+        // runtime that sees a Running loop with nothing behind it must not make it lost).
+        if step.loop_.is_some() || step.approval.is_some() || step.wait.is_some() {
+            return;
+        }
         let Some(row) = self.status.steps.get(&key) else { return };
         // Stale: another attempt, or already settled (an abort raced the result).
         if row.phase != StepPhase::Running || row.attempts != attempt {
@@ -397,6 +447,18 @@ impl Pass<'_, '_> {
                     phase = RunPhase::Failed;
                     message = format!("finally step {:?} failed", dag.id(failed));
                 }
+                if phase == RunPhase::Succeeded
+                    && self.input.scope.is_none()
+                    && let Some(output) = &self.input.spec.output
+                {
+                    match template::render(output, &self.run_context(phase)) {
+                        Ok(text) => self.status.output = Some(text),
+                        Err(e) => {
+                            phase = RunPhase::Failed;
+                            message = format!("output: {e}");
+                        }
+                    }
+                }
                 self.status.finished_at = Some(Time(now));
                 self.set_run_phase(phase, message);
             } else {
@@ -432,10 +494,44 @@ impl Pass<'_, '_> {
         } else {
             let msg = match self.stop_reason() {
                 Some((_, reason)) => format!("{reason}; running finally steps"),
+                None if self.input.scope.is_none() => self.waiting_message(),
                 None => String::new(),
             };
             self.set_run_phase(RunPhase::Running, msg);
         }
+    }
+
+    /// What the run waits for, when a step waits for a decision: the run's message, shown by
+    /// `kubectl get wfr -o wide`.
+    fn waiting_message(&self) -> String {
+        let waiting: Vec<&str> = self
+            .status
+            .steps
+            .iter()
+            .filter(|(k, r)| {
+                r.phase == StepPhase::Waiting
+                    && self.input.dag.step_of_key(self.input.spec, k).is_some_and(|s| s.approval.is_some())
+            })
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if waiting.is_empty() { String::new() } else { format!("waiting for approval: {}", waiting.join(", ")) }
+    }
+
+    /// What the workflow's `output` sees: every step of the run.
+    fn run_context(&self, phase: RunPhase) -> Context {
+        let mut ctx = Context { params: self.input.params.clone(), ..Default::default() };
+        for i in 0..self.input.dag.len() {
+            let id = self.input.dag.id(i);
+            if let Some(row) = self.status.steps.get(id) {
+                ctx.steps.insert(id.to_string(), view(row));
+            }
+        }
+        let run = self.input.run;
+        ctx.run.insert("name".into(), run.name.clone());
+        ctx.run.insert("namespace".into(), run.namespace.clone());
+        ctx.run.insert("uid".into(), run.uid.clone());
+        ctx.run.insert("phase".into(), phase.as_str().into());
+        ctx
     }
 
     fn update_progress(&mut self) {
@@ -497,6 +593,10 @@ impl Pass<'_, '_> {
             Some(row) if row.phase == StepPhase::Running && row.items.is_some() => {
                 self.transition(&id, StepPhase::Cancelled, reason.to_string())
             }
+            Some(row) if row.phase == StepPhase::Running && step_at(self.input.spec, i).loop_.is_some() => {
+                let step = step_at(self.input.spec, i).clone();
+                self.drive_loop(i, &step, Some(reason));
+            }
             Some(_) => self.stop_task(&id, &id, reason),
         }
     }
@@ -526,6 +626,7 @@ impl Pass<'_, '_> {
             StepPhase::Pending | StepPhase::Retrying => {
                 self.transition(key, StepPhase::Cancelled, format!("not started: {reason}"))
             }
+            StepPhase::Waiting => self.transition(key, StepPhase::Cancelled, reason.to_string()),
             _ => {}
         }
     }
@@ -541,11 +642,14 @@ impl Pass<'_, '_> {
     /// see no others anyway), so that a pass stays linear in the number of steps.
     fn context(&self, i: usize, finally_outcome: Option<RunPhase>, item: Option<(usize, Json)>) -> Context {
         let mut ctx = Context { params: self.input.params.clone(), item, ..Default::default() };
+        if let Some(scope) = self.input.scope {
+            ctx.steps = scope.steps.clone();
+            ctx.loop_ = Some(scope.loop_vars.clone());
+        }
         for &j in self.input.dag.reads(i) {
             let id = self.input.dag.id(j);
             if let Some(row) = self.status.steps.get(id) {
-                ctx.steps
-                    .insert(id.to_string(), StepView { phase: row.phase.as_str().into(), output: row.output.clone() });
+                ctx.steps.insert(id.to_string(), view(row));
             }
         }
         let run = self.input.run;
@@ -631,7 +735,9 @@ impl Pass<'_, '_> {
                     None => {}
                 }
             }
+            StepPhase::Running if step.loop_.is_some() => self.drive_loop(i, &step, None),
             StepPhase::Running => self.check_timeout(&id, &step),
+            StepPhase::Waiting => self.check_waiting(&id, &step),
             StepPhase::Retrying if !blocked => {
                 self.retry_if_due(&id, &step, None, finally_outcome);
             }
@@ -742,6 +848,177 @@ impl Pass<'_, '_> {
         }
     }
 
+    /// The key of a status row as `spec.decisions` names it (with the loop prefix).
+    fn decision_key(&self, key: &str) -> String {
+        match self.input.scope {
+            Some(scope) => format!("{}{key}", scope.prefix),
+            None => key.to_string(),
+        }
+    }
+
+    /// Settles a waiting step whose decision came or whose time passed; otherwise asks to
+    /// come back when its time comes (a decision wakes the run by changing it).
+    fn check_waiting(&mut self, key: &str, step: &Step) {
+        let now = self.now();
+        let due = self.status.steps.get(key).and_then(|r| r.due_at.clone()).map(|t| t.0);
+        if step.approval.is_some()
+            && let Some(d) = decision_for(self.input.decisions, &self.decision_key(key))
+        {
+            let by = d.by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default();
+            let comment = d.comment.clone().unwrap_or_default();
+            match d.decision {
+                DecisionKind::Approve => {
+                    self.row(key).output = Some(comment);
+                    self.transition(key, StepPhase::Succeeded, format!("approved{by}"));
+                }
+                DecisionKind::Reject => {
+                    let why = if comment.is_empty() { String::new() } else { format!(": {comment}") };
+                    self.transition(key, StepPhase::Failed, format!("rejected{by}{why}"));
+                }
+            }
+            return;
+        }
+        let Some(due) = due else { return };
+        if now < due {
+            self.requeue(duration_until(now, due));
+            return;
+        }
+        match step.approval.as_ref().map(|a| a.on_timeout) {
+            Some(OnTimeout::Approve) => {
+                self.row(key).output = Some(String::new());
+                self.transition(key, StepPhase::Succeeded, "no decision in time: approved (onTimeout: approve)");
+            }
+            Some(OnTimeout::Reject) => {
+                self.transition(key, StepPhase::Failed, "no decision in time: rejected (onTimeout: reject)")
+            }
+            None => {
+                self.row(key).output = Some(due.to_string());
+                self.transition(key, StepPhase::Succeeded, "");
+            }
+        }
+    }
+
+    /// What templates see of the steps of one loop iteration (by inner id).
+    fn iteration_views(&self, prefix: &str) -> BTreeMap<String, StepView> {
+        self.status
+            .steps
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| !k[prefix.len()..].contains('['))
+            .map(|(k, r)| (k[prefix.len()..].to_string(), view(r)))
+            .collect()
+    }
+
+    /// Runs loop step `i`: passes over its current iteration as a small run of the loop's
+    /// steps (their rows keyed `loop.iteration.id`), then evaluates `until` and starts the
+    /// next iteration, or settles the loop. With `stop`, stops the iteration and cancels it.
+    fn drive_loop(&mut self, i: usize, step: &Step, stop: Option<&str>) {
+        let id = self.input.dag.id(i).to_string();
+        let (Some(body), Some(l)) = (self.input.dag.body(i), step.loop_.as_ref()) else {
+            return self.transition(&id, StepPhase::Failed, "loop: no steps");
+        };
+        let mut events = self.loop_events.remove(&id).unwrap_or_default();
+        loop {
+            let n = self.status.steps.get(&id).and_then(|r| r.iterations).unwrap_or(1);
+            let prefix = naming::loop_prefix(&id, n);
+            let outer = self.context(i, None, None);
+            let previous = (n > 1).then(|| {
+                let views = self.iteration_views(&naming::loop_prefix(&id, n - 1));
+                serde_json::json!({"steps": template::steps_value(&views)})
+            });
+            let scope = Scope {
+                steps: outer.steps.clone(),
+                loop_vars: serde_json::json!({"iteration": n, "previous": previous}),
+                prefix: prefix.clone(),
+            };
+            let mut sub = WorkflowRunStatus {
+                phase: RunPhase::Running,
+                started_at: self.status.steps.get(&id).and_then(|r| r.started_at.clone()).map(|t| Time(t.0)),
+                ..Default::default()
+            };
+            sub.steps = self
+                .status
+                .steps
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, r)| (k[prefix.len()..].to_string(), r.clone()))
+                .collect();
+            let input = Input {
+                spec: &body.spec,
+                dag: &body.dag,
+                cancel: self.input.cancel || stop.is_some(),
+                scope: Some(&scope),
+                ..self.input
+            };
+            let d = advance(input, &mut sub, std::mem::take(&mut events));
+            for (k, r) in std::mem::take(&mut sub.steps) {
+                self.status.steps.insert(format!("{prefix}{k}"), r);
+            }
+            for a in d.actions {
+                self.decision.actions.push(match a {
+                    Action::Start(mut t) => {
+                        t.key = format!("{prefix}{}", t.key);
+                        Action::Start(t)
+                    }
+                    Action::Abort { key, attempt, step_id, reason } => {
+                        Action::Abort { key: format!("{prefix}{key}"), attempt, step_id, reason }
+                    }
+                });
+            }
+            for t in d.transitions {
+                if let Some(k) = t.key {
+                    self.decision.transitions.push(Transition { key: Some(format!("{prefix}{k}")), ..t });
+                }
+            }
+            if let Some(r) = d.requeue_after {
+                self.requeue(r);
+            }
+            match sub.phase {
+                RunPhase::Succeeded => {
+                    let mut ctx = outer;
+                    ctx.steps.extend(self.iteration_views(&prefix));
+                    ctx.loop_ = Some(scope.loop_vars.clone());
+                    let output = || {
+                        body.spec
+                            .steps
+                            .iter()
+                            .rev()
+                            .find_map(|s| self.status.steps.get(&format!("{prefix}{}", s.id))?.output.clone())
+                    };
+                    match template::eval_condition(&l.until, &ctx) {
+                        Ok(true) => {
+                            self.row(&id).output = output();
+                            let m = format!("until held after {n} iteration{}", if n == 1 { "" } else { "s" });
+                            self.transition(&id, StepPhase::Succeeded, m);
+                        }
+                        Ok(false) if n >= l.max_iterations => {
+                            let m = format!("until did not hold in {n} iterations (maxIterations)");
+                            if l.on_max == OnMax::Succeed {
+                                self.row(&id).output = output();
+                                self.transition(&id, StepPhase::Succeeded, m);
+                            } else {
+                                self.transition(&id, StepPhase::Failed, m);
+                            }
+                        }
+                        Ok(false) => {
+                            let row = self.row(&id);
+                            row.iterations = Some(n + 1);
+                            row.message = format!("iteration {}", n + 1);
+                            continue;
+                        }
+                        Err(e) => self.transition(&id, StepPhase::Failed, format!("loop.until: {e}")),
+                    }
+                }
+                RunPhase::Failed => self.transition(&id, StepPhase::Failed, format!("iteration {n}: {}", sub.message)),
+                RunPhase::Cancelled => {
+                    self.transition(&id, StepPhase::Cancelled, stop.map_or(sub.message.clone(), str::to_string))
+                }
+                _ => {}
+            }
+            return;
+        }
+    }
+
     /// Renders and starts an attempt; template steps finish on the spot.
     fn start(&mut self, key: &str, step: &Step, index: Option<usize>, ctx: Context, _finally: Option<RunPhase>) {
         let now = self.now();
@@ -753,6 +1030,40 @@ impl Pass<'_, '_> {
             row.retry_at = None;
             row.attempts
         };
+        if let Some(a) = &step.approval {
+            let message = match a.message.as_deref().map(|m| template::render(m, &ctx)).transpose() {
+                Ok(m) => m.unwrap_or_else(|| format!("waiting for a decision on {key}")),
+                Err(e) => return self.transition(key, StepPhase::Failed, format!("approval.message: {e}")),
+            };
+            let due = a.timeout_seconds.map(|s| MicroTime(now + Duration::from_secs(u64::from(s))));
+            self.row(key).due_at = due;
+            self.transition(key, StepPhase::Waiting, message);
+            return self.check_waiting(key, step);
+        }
+        if let Some(w) = &step.wait {
+            let due = match (w.seconds, &w.until) {
+                (Some(s), _) => Ok(now + Duration::from_secs(u64::from(s))),
+                (None, Some(u)) => template::render(u, &ctx).map_err(|e| format!("wait.until: {e}")).and_then(|t| {
+                    t.trim().parse::<Timestamp>().map_err(|e| format!("wait.until: {t:?} is not an RFC 3339 time: {e}"))
+                }),
+                (None, None) => Err("wait: set seconds or until".to_string()),
+            };
+            match due {
+                Ok(due) => {
+                    self.row(key).due_at = Some(MicroTime(due));
+                    self.transition(key, StepPhase::Waiting, format!("waiting until {due}"));
+                    self.check_waiting(key, step);
+                }
+                Err(m) => self.transition(key, StepPhase::Failed, m),
+            }
+            return;
+        }
+        if step.loop_.is_some() {
+            let Some(i) = self.input.dag.index_of(key) else { return };
+            self.row(key).iterations = Some(1);
+            self.transition(key, StepPhase::Running, "iteration 1");
+            return self.drive_loop(i, step, None);
+        }
         let work = match render_work(step, &ctx) {
             Ok(Some(work)) => work,
             Ok(None) => {
@@ -791,6 +1102,11 @@ impl Pass<'_, '_> {
             cache: step.cache.clone().filter(|c| c.enabled),
         }));
     }
+}
+
+/// What templates see of a status row.
+fn view(row: &StepStatus) -> StepView {
+    StepView { phase: row.phase.as_str().into(), output: row.output.clone(), iterations: row.iterations }
 }
 
 fn record_info(row: &mut StepStatus, info: &TaskInfo) {

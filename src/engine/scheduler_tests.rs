@@ -110,6 +110,7 @@ struct Harness {
     suspend: bool,
     cancel: bool,
     deadline: Option<Timestamp>,
+    decisions: BTreeMap<String, crate::api::StepDecision>,
     /// Outcomes by status key, or by step id for every key of the step; the nth start of a key
     /// takes the nth outcome (the last one repeats). Default: `Ok("out:<key>")`.
     scripts: BTreeMap<String, Vec<Outcome>>,
@@ -148,6 +149,7 @@ impl Harness {
             now: t0,
             suspend: false,
             cancel: false,
+            decisions: BTreeMap::new(),
             deadline: None,
             scripts: BTreeMap::new(),
             delays: BTreeMap::new(),
@@ -217,6 +219,8 @@ impl Harness {
             cancel: self.cancel,
             deadline: self.deadline,
             settings: &self.settings,
+            decisions: &self.decisions,
+            scope: None,
         }
     }
 
@@ -272,6 +276,10 @@ impl Harness {
                             t.attempt,
                             self.now
                         );
+                    }
+                    if crate::naming::parse_loop_key(&t.key).is_some() {
+                        // Inside a loop: the loop's own pass checked its steps' order.
+                        continue;
                     }
                     let i = self.dag.index_of(&t.step_id).expect("start of an unknown step");
                     for &dep in self.dag.deps(i) {
@@ -374,7 +382,7 @@ impl Harness {
         // Every Running row (other than forEach parents) has its task in flight.
         let in_flight: BTreeSet<(&str, u32)> = self.in_flight.iter().map(|f| (f.key.as_str(), f.attempt)).collect();
         for (key, row) in &self.status.steps {
-            if row.phase == StepPhase::Running && row.items.is_none() {
+            if row.phase == StepPhase::Running && row.items.is_none() && row.iterations.is_none() {
                 assert!(
                     in_flight.contains(&(key.as_str(), row.attempts)),
                     "{key:?} is Running attempt {} but nothing runs it",
@@ -1785,4 +1793,342 @@ proptest! {
             prop_assert!(row.phase.is_finished(), "{key} is {:?}", row.phase);
         }
     }
+}
+
+// ---- control flow: loops, approvals, waits, the run's output ----
+
+fn decide(kind: crate::api::DecisionKind, comment: &str) -> crate::api::StepDecision {
+    crate::api::StepDecision { decision: kind, comment: Some(comment.into()), by: Some("ada".into()) }
+}
+
+fn review_loop(max: u32) -> Step {
+    Step {
+        id: "rl".into(),
+        loop_: Some(crate::api::LoopStep {
+            max_iterations: max,
+            until: "'APPROVED' in steps.review.output".into(),
+            on_max: Default::default(),
+            steps: vec![
+                with(http("code", &[]), |s| {
+                    s.http.as_mut().unwrap().body = Some(
+                        "{{ params.task }} #{{ loop.iteration }}{% if loop.previous %} fix: {{ loop.previous.steps.review.output }}{% endif %}"
+                            .into(),
+                    )
+                }),
+                with(http("review", &["code"]), |s| {
+                    s.http.as_mut().unwrap().body = Some("{{ steps.code.output }}".into())
+                }),
+            ],
+        }),
+        ..Default::default()
+    }
+}
+
+fn loop_spec(max: u32) -> WorkflowSpec {
+    let mut s = spec(vec![
+        tmpl("plan", &[], "the plan"),
+        with(review_loop(max), |s| s.depends_on = vec!["plan".into()]),
+        tmpl("after", &["rl"], "{{ steps.rl.output }} after {{ steps.rl.iterations }}"),
+    ]);
+    s.params = vec![ParamSpec { name: "task".into(), default: Some(Json::from("build it")), ..Default::default() }];
+    s.output = Some("{{ steps.after.output }}".into());
+    s
+}
+
+fn loop_harness(max: u32) -> Harness {
+    let s = loop_spec(max);
+    let mut h = Harness::new(s.clone());
+    h.params = crate::engine::params::resolve(&s, &BTreeMap::new()).unwrap();
+    // Scripts by key: each iteration's review is a key of its own.
+    h.script("rl.1.review", vec![Outcome::Ok("fix the tests".into())])
+        .script("rl.2.review", vec![Outcome::Ok("add docs".into())])
+        .script("rl.3.review", vec![Outcome::Ok("APPROVED".into())])
+}
+
+#[test]
+fn a_loop_repeats_until_its_condition_holds_and_every_iteration_is_in_status() {
+    let mut h = loop_harness(5);
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Succeeded, "{:#?}", h.status);
+    assert_eq!(h.row("rl").iterations, Some(3));
+    assert_eq!(h.output("rl"), "APPROVED");
+    assert_eq!(h.row("rl").message, "until held after 3 iterations");
+    for n in 1..=3 {
+        assert_eq!(h.phase(&format!("rl.{n}.code")), StepPhase::Succeeded);
+        assert_eq!(h.phase(&format!("rl.{n}.review")), StepPhase::Succeeded);
+    }
+    assert!(!h.status.steps.contains_key("rl.4.code"));
+    // loop.iteration and loop.previous in the loop's templates.
+    assert_eq!(http_body(h.start_of("rl.1.code")).unwrap(), "build it #1");
+    assert_eq!(http_body(h.start_of("rl.2.code")).unwrap(), "build it #2 fix: fix the tests");
+    assert_eq!(http_body(h.start_of("rl.3.code")).unwrap(), "build it #3 fix: add docs");
+    assert_eq!(http_body(h.start_of("rl.3.review")).unwrap(), "out:rl.3.code");
+    // After the loop: output and iterations; the run's output.
+    assert_eq!(h.output("after"), "APPROVED after 3");
+    assert_eq!(h.status.output.as_deref(), Some("APPROVED after 3"));
+    assert_eq!(h.status.progress, "3/3");
+    // Inner transitions are reported under their keys.
+    assert_eq!(h.step_transitions("rl.2.review"), [("Running".to_string(), 1), ("Succeeded".to_string(), 1)]);
+}
+
+#[test]
+fn a_loop_that_reaches_max_iterations_fails_unless_on_max_succeeds() {
+    let mut h = loop_harness(2);
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Failed);
+    assert_eq!(h.phase("rl"), StepPhase::Failed);
+    assert_eq!(h.row("rl").message, "until did not hold in 2 iterations (maxIterations)");
+    assert_eq!(h.phase("after"), StepPhase::Skipped);
+    assert_eq!(h.status.output, None);
+
+    let mut s = loop_spec(2);
+    s.steps[1].loop_.as_mut().unwrap().on_max = crate::api::OnMax::Succeed;
+    let mut h = Harness::new(s.clone()).script("review", vec![Outcome::Ok("nope".into())]);
+    h.params = crate::engine::params::resolve(&s, &BTreeMap::new()).unwrap();
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Succeeded);
+    assert_eq!(h.output("rl"), "nope");
+}
+
+#[test]
+fn a_loop_of_templates_runs_all_its_iterations_in_one_pass() {
+    let s = spec(vec![Step {
+        id: "count".into(),
+        loop_: Some(crate::api::LoopStep {
+            max_iterations: 10,
+            until: "steps.n.output == '4'".into(),
+            on_max: Default::default(),
+            steps: vec![tmpl("n", &[], "{{ loop.iteration }}")],
+        }),
+        ..Default::default()
+    }]);
+    let mut h = Harness::new(s);
+    h.advance(vec![]);
+    assert_eq!(h.status.phase, RunPhase::Succeeded);
+    assert_eq!(h.row("count").iterations, Some(4));
+    assert_eq!(h.output("count"), "4");
+    assert_eq!(h.output("count.2.n"), "2");
+}
+
+#[test]
+fn retries_when_and_for_each_work_inside_a_loop() {
+    let s = spec(vec![Step {
+        id: "l".into(),
+        loop_: Some(crate::api::LoopStep {
+            max_iterations: 3,
+            until: "loop.iteration == 2".into(),
+            on_max: Default::default(),
+            steps: vec![
+                with(http("flaky", &[]), |s| s.retry = retry(2, 1.0, 1.0, 1.0)),
+                with(http("fan", &["flaky"]), |s| s.for_each = Some("[1, 2, 3]".into())),
+                with(tmpl("odd", &["fan"], "odd"), |s| s.when = Some("loop.iteration == 1".into())),
+            ],
+        }),
+        ..Default::default()
+    }]);
+    let mut h = Harness::new(s).script("l.1.flaky", vec![Outcome::Fail("boom".into()), Outcome::Ok("ok".into())]);
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Succeeded, "{:#?}", h.status);
+    assert_eq!(h.starts_of("l.1.flaky").len(), 2);
+    assert_eq!(h.row("l.1.fan").items, Some(3));
+    assert_eq!(h.phase("l.2.fan[2]"), StepPhase::Succeeded);
+    assert_eq!(h.phase("l.1.odd"), StepPhase::Succeeded);
+    assert_eq!(h.phase("l.2.odd"), StepPhase::Skipped);
+    // The loop's output: its last step that has one.
+    assert_eq!(h.output("l"), r#"["out:l.2.fan[0]","out:l.2.fan[1]","out:l.2.fan[2]"]"#);
+}
+
+#[test]
+fn cancel_and_suspend_reach_inside_a_loop() {
+    let mut h = loop_harness(5).script("code", vec![Outcome::Hang]);
+    h.tick();
+    assert_eq!(h.phase("rl.1.code"), StepPhase::Running);
+    h.suspend = true;
+    h.advance(vec![]);
+    assert_eq!(h.status.phase, RunPhase::Suspended);
+    h.cancel = true;
+    let d = h.advance(vec![]);
+    assert!(d.actions.iter().any(|a| matches!(a, Action::Abort { key, .. } if key == "rl.1.code")), "{d:?}");
+    assert_eq!(h.phase("rl.1.code"), StepPhase::Cancelled);
+    assert_eq!(h.phase("rl"), StepPhase::Cancelled);
+    assert_eq!(h.status.phase, RunPhase::Cancelled);
+
+    // Suspended between iterations: the next iteration starts nothing until resumed.
+    let mut h = loop_harness(5);
+    h.run_until(|h| h.phase("rl.1.review") == StepPhase::Running);
+    h.suspend = true;
+    h.set_time(secs(1000));
+    let events = h.take_due();
+    let d = h.advance(events);
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert_eq!(h.row("rl").iterations, Some(2));
+    assert_eq!(h.phase("rl.2.code"), StepPhase::Pending);
+    h.suspend = false;
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Succeeded);
+}
+
+#[test]
+fn after_a_restart_a_loop_goes_on_in_its_iteration_without_running_finished_steps_again() {
+    let mut h = loop_harness(5);
+    h.run_until(|h| h.phase("rl.2.review") == StepPhase::Running);
+    // The operator restarts: the in-process work is lost, the status stays.
+    let status = h.status.clone();
+    let mut h = loop_harness(5);
+    h.status = status;
+    h.advance(vec![Event::Lost { key: "rl.2.review".into(), attempt: 1 }]);
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Succeeded);
+    assert!(h.starts_of("rl.1.code").is_empty() && h.starts_of("rl.2.code").is_empty(), "finished steps ran again");
+    assert_eq!(h.starts_of("rl.2.review").len(), 1);
+    // Results of an earlier iteration are stale.
+    let d = h.advance(vec![Event::Succeeded {
+        key: "rl.1.review".into(),
+        attempt: 1,
+        output: "x".into(),
+        info: TaskInfo::default(),
+    }]);
+    assert!(d.transitions.is_empty());
+}
+
+fn approval(id: &str, deps: &[&str], timeout: Option<u32>, on_timeout: crate::api::OnTimeout) -> Step {
+    Step {
+        id: id.into(),
+        depends_on: deps.iter().map(|s| s.to_string()).collect(),
+        approval: Some(crate::api::ApprovalStep {
+            message: Some("Deploy {{ steps.build.output }}?".into()),
+            timeout_seconds: timeout,
+            on_timeout,
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn an_approval_waits_for_its_decision() {
+    use crate::api::{DecisionKind, OnTimeout};
+    let s = spec(vec![
+        http("build", &[]),
+        approval("sign-off", &["build"], None, OnTimeout::Reject),
+        http("deploy", &["sign-off"]),
+    ]);
+    let mut h = Harness::new(s.clone());
+    h.run_until(|h| h.phase("sign-off") == StepPhase::Waiting);
+    assert_eq!(h.row("sign-off").message, "Deploy out:build?");
+    assert_eq!(h.status.message, "waiting for approval: sign-off");
+    h.set_time(secs(100_000));
+    let d = h.advance(vec![]);
+    assert!(d.actions.is_empty() && d.requeue_after.is_none(), "no worker, no polling: {d:?}");
+    h.decisions.insert("sign-off".into(), decide(DecisionKind::Approve, "ship it"));
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Succeeded);
+    assert_eq!(h.output("sign-off"), "ship it");
+    assert_eq!(h.row("sign-off").message, "approved by ada");
+    assert_eq!(
+        h.step_transitions("sign-off").iter().map(|t| t.0.as_str()).collect::<Vec<_>>(),
+        ["Waiting", "Succeeded"]
+    );
+
+    let mut h = Harness::new(s.clone());
+    h.decisions.insert("sign-off".into(), decide(DecisionKind::Reject, "not today"));
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Failed);
+    assert_eq!(h.row("sign-off").message, "rejected by ada: not today");
+    assert_eq!(h.phase("deploy"), StepPhase::Skipped);
+}
+
+#[test]
+fn an_approval_times_out_to_its_on_timeout() {
+    use crate::api::OnTimeout;
+    for (on_timeout, phase) in [(OnTimeout::Reject, RunPhase::Failed), (OnTimeout::Approve, RunPhase::Succeeded)] {
+        let s = spec(vec![http("build", &[]), approval("ok", &["build"], Some(60), on_timeout)]);
+        let mut h = Harness::new(s);
+        h.run();
+        assert_eq!(h.status.phase, phase);
+        assert!(h.row("ok").message.starts_with("no decision in time"), "{}", h.row("ok").message);
+        assert!(h.elapsed() >= secs(60) && h.elapsed() < secs(62), "{:?}", h.elapsed());
+    }
+}
+
+#[test]
+fn an_approval_inside_a_loop_is_decided_by_its_key_and_cancel_settles_it() {
+    let s = spec(vec![
+        http("build", &[]),
+        Step {
+            id: "l".into(),
+            depends_on: vec!["build".into()],
+            loop_: Some(crate::api::LoopStep {
+                max_iterations: 3,
+                until: "steps.ok.phase == 'Succeeded'".into(),
+                on_max: Default::default(),
+                steps: vec![approval("ok", &[], None, Default::default())],
+            }),
+            ..Default::default()
+        },
+    ]);
+    let mut h = Harness::new(s.clone());
+    h.run_until(|h| h.phase("l.1.ok") == StepPhase::Waiting);
+    assert_eq!(h.status.message, "waiting for approval: l.1.ok");
+    h.decisions.insert("l.1.ok".into(), decide(crate::api::DecisionKind::Approve, "fine"));
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Succeeded);
+    assert_eq!(h.output("l"), "fine");
+
+    let mut h = Harness::new(s);
+    h.run_until(|h| h.phase("l.1.ok") == StepPhase::Waiting);
+    h.cancel = true;
+    h.advance(vec![]);
+    assert_eq!(h.phase("l.1.ok"), StepPhase::Cancelled);
+    assert_eq!(h.status.phase, RunPhase::Cancelled);
+}
+
+#[test]
+fn a_wait_holds_no_worker_and_ends_on_time() {
+    let s = spec(vec![
+        Step {
+            id: "cool".into(),
+            wait: Some(crate::api::WaitStep { seconds: Some(30), until: None }),
+            ..Default::default()
+        },
+        Step {
+            id: "until".into(),
+            depends_on: vec!["cool".into()],
+            wait: Some(crate::api::WaitStep { seconds: None, until: Some("2023-11-14T22:14:00Z".into()) }),
+            ..Default::default()
+        },
+        http("after", &["until"]),
+    ]);
+    let mut h = Harness::new(s);
+    let d = h.tick();
+    assert!(d.actions.is_empty());
+    assert_eq!(h.phase("cool"), StepPhase::Waiting);
+    assert_eq!(d.requeue_after, Some(secs(30)));
+    h.run();
+    assert_eq!(h.status.phase, RunPhase::Succeeded);
+    assert_eq!(h.start_of("after").key, "after");
+    // 1_700_000_000 is 2023-11-14T22:13:20Z: the second wait ends 40s after the first began.
+    assert_eq!(h.starts_of("after")[0].1, 40.0);
+}
+
+#[test]
+fn a_wait_until_a_bad_time_fails_naming_the_field() {
+    let s = spec(vec![Step {
+        id: "w".into(),
+        wait: Some(crate::api::WaitStep { seconds: None, until: Some("{{ run.name }}".into()) }),
+        ..Default::default()
+    }]);
+    let mut h = Harness::new(s);
+    h.run();
+    assert_eq!(h.phase("w"), StepPhase::Failed);
+    assert!(h.row("w").message.starts_with("wait.until: \"run-1\" is not an RFC 3339 time"), "{}", h.row("w").message);
+}
+
+#[test]
+fn a_runtime_that_takes_a_loop_or_a_waiting_step_for_lost_changes_nothing() {
+    let mut h = loop_harness(5);
+    h.run_until(|h| h.phase("rl.1.review") == StepPhase::Running);
+    let before = h.status.clone();
+    let d = h.advance(vec![Event::Lost { key: "rl".into(), attempt: 1 }]);
+    assert!(d.actions.is_empty() && d.transitions.is_empty(), "{d:?}");
+    assert_eq!(h.status, before);
 }

@@ -11,7 +11,7 @@ use minijinja::{Environment, UndefinedBehavior, Value};
 use serde_json::Value as Json;
 
 /// Names a template may start from.
-pub const ROOTS: &[&str] = &["params", "steps", "item", "index", "run"];
+pub const ROOTS: &[&str] = &["params", "steps", "item", "index", "run", "loop"];
 
 /// Whether `name` is a global of the template engine (a function such as `range`).
 pub fn is_builtin(name: &str) -> bool {
@@ -160,11 +160,22 @@ pub fn referenced_steps(names: &BTreeSet<String>) -> BTreeSet<String> {
         .collect()
 }
 
+/// What templates see of a set of steps: `{id: {phase, output, json}}`.
+pub fn steps_value(steps: &BTreeMap<String, StepView>) -> Json {
+    let ctx = Context { steps: steps.clone(), ..Default::default() };
+    serde_json::to_value(ctx.to_value(None))
+        .ok()
+        .and_then(|mut v| v.get_mut("steps").map(Json::take))
+        .unwrap_or_default()
+}
+
 /// What a template sees of one step.
 #[derive(Debug, Clone, Default)]
 pub struct StepView {
     pub phase: String,
     pub output: Option<String>,
+    /// Iterations of a loop step.
+    pub iterations: Option<u32>,
 }
 
 /// The values templates are rendered against.
@@ -174,6 +185,8 @@ pub struct Context {
     pub steps: BTreeMap<String, StepView>,
     pub run: BTreeMap<String, String>,
     pub item: Option<(usize, Json)>,
+    /// Inside a loop: `{iteration, previous}`.
+    pub loop_: Option<Json>,
 }
 
 impl Context {
@@ -185,6 +198,9 @@ impl Context {
             }
             let mut m = serde_json::Map::new();
             m.insert("phase".into(), Json::String(view.phase.clone()));
+            if let Some(n) = view.iterations {
+                m.insert("iterations".into(), Json::from(n));
+            }
             if let Some(out) = &view.output {
                 m.insert("output".into(), Json::String(out.clone()));
                 if let Ok(parsed) = serde_json::from_str::<Json>(out) {
@@ -197,6 +213,9 @@ impl Context {
         root.insert("params".into(), serde_json::to_value(&self.params).unwrap_or_default());
         root.insert("steps".into(), Json::Object(steps));
         root.insert("run".into(), serde_json::to_value(&self.run).unwrap_or_default());
+        if let Some(l) = &self.loop_ {
+            root.insert("loop".into(), l.clone());
+        }
         if let Some((index, item)) = &self.item {
             root.insert("item".into(), item.clone());
             root.insert("index".into(), Json::from(*index));
@@ -283,9 +302,11 @@ mod tests {
         let mut c = Context::default();
         c.params.insert("name".into(), Json::from("Ada"));
         c.params.insert("n".into(), Json::from(3));
-        c.steps
-            .insert("a".into(), StepView { phase: "Succeeded".into(), output: Some(r#"{"tasks":["x","y"]}"#.into()) });
-        c.steps.insert("b".into(), StepView { phase: "Skipped".into(), output: None });
+        c.steps.insert(
+            "a".into(),
+            StepView { phase: "Succeeded".into(), output: Some(r#"{"tasks":["x","y"]}"#.into()), iterations: None },
+        );
+        c.steps.insert("b".into(), StepView { phase: "Skipped".into(), output: None, iterations: None });
         c.run.insert("name".into(), "r1".into());
         c
     }
@@ -351,7 +372,10 @@ mod tests {
         let names = parse_expression("steps['a-b'].phase == 'Succeeded'").unwrap();
         assert_eq!(referenced_steps(&names), BTreeSet::from(["a-b".to_string()]));
         let mut c = ctx();
-        c.steps.insert("first-step".into(), StepView { phase: "Succeeded".into(), output: Some("hi".into()) });
+        c.steps.insert(
+            "first-step".into(),
+            StepView { phase: "Succeeded".into(), output: Some("hi".into()), iterations: None },
+        );
         assert_eq!(render("{{ steps['first-step'].output }}", &c).unwrap(), "hi");
     }
 }

@@ -43,6 +43,8 @@ pub enum EventKind {
     StepCached,
     StepSkipped,
     StepCancelled,
+    /// A step waits for a decision or a time.
+    StepWaiting,
     ReplicaHealthy,
     ReplicaUnhealthy,
     CacheEviction,
@@ -298,6 +300,7 @@ fn kind_verb(k: EventKind) -> &'static str {
         EventKind::StepRetried => "retrying",
         EventKind::StepCached => "served from cache",
         EventKind::StepSkipped => "skipped",
+        EventKind::StepWaiting => "waiting",
         EventKind::ReplicaHealthy => "healthy",
         EventKind::ReplicaUnhealthy => "unhealthy",
         EventKind::CacheEviction => "evicted",

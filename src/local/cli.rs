@@ -77,6 +77,15 @@ pub struct LocalRunArgs {
     /// once, as in the cluster. Set it to spare this machine.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub parallelism: usize,
+
+    /// Approves an approval step (its status key, such as `sign-off` or `review.2.sign-off`),
+    /// with an optional comment (`STEP=COMMENT`, the step's output). Repeatable.
+    #[arg(long, value_name = "STEP[=COMMENT]")]
+    pub approve: Vec<String>,
+
+    /// Rejects an approval step, with an optional comment (`STEP=COMMENT`). Repeatable.
+    #[arg(long, value_name = "STEP[=COMMENT]")]
+    pub reject: Vec<String>,
 }
 
 /// `local validate` arguments.

@@ -37,7 +37,7 @@ use kube::ResourceExt;
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Agent, RunPhase};
+use crate::api::{Agent, DecisionKind, RunPhase, StepDecision};
 use crate::engine::{self, RunInfo, Settings};
 use crate::executors::http::HttpExecutor;
 
@@ -218,7 +218,46 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
             agent
         })
         .collect();
-    Ok(Plan { spec, dag, workflow_name, params, run: RunInfo { name, namespace, uid: uuid() }, timeout, agents })
+    let decisions = decisions_of(run.map(|r| (r.file.as_str(), &r.object.spec.decisions)), args, &spec, &dag)?;
+    Ok(Plan {
+        spec,
+        dag,
+        workflow_name,
+        params,
+        run: RunInfo { name, namespace, uid: uuid() },
+        timeout,
+        agents,
+        decisions,
+    })
+}
+
+/// The run's decisions: its WorkflowRun's `spec.decisions`, then `--approve` and `--reject`.
+fn decisions_of(
+    run: Option<(&str, &BTreeMap<String, StepDecision>)>,
+    args: &LocalRunArgs,
+    spec: &crate::api::WorkflowSpec,
+    dag: &engine::Dag,
+) -> Result<BTreeMap<String, StepDecision>, Vec<Problem>> {
+    let mut decisions = run.map(|(_, d)| d.clone()).unwrap_or_default();
+    if let Err(e) = engine::dag::check_decisions(spec, dag, decisions.keys()) {
+        return Err(vec![Problem::error(run.map(|(f, _)| f).unwrap_or_default(), e).field("spec.decisions")]);
+    }
+    let by = Some(std::env::var("USER").unwrap_or_else(|_| "local".into()));
+    for (flag, list, decision) in
+        [("--approve", &args.approve, DecisionKind::Approve), ("--reject", &args.reject, DecisionKind::Reject)]
+    {
+        for given in list {
+            let (key, comment) = match given.split_once('=') {
+                Some((k, c)) => (k.to_string(), Some(c.to_string())),
+                None => (given.clone(), None),
+            };
+            if let Err(e) = engine::dag::check_decisions(spec, dag, [&key]) {
+                return Err(vec![Problem::error("", format!("{flag} {key}: {e}"))]);
+            }
+            decisions.insert(key, StepDecision { decision, comment, by: by.clone() });
+        }
+    }
+    Ok(decisions)
 }
 
 fn plural(n: usize, word: &str) -> String {

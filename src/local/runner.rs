@@ -38,6 +38,8 @@ pub struct Plan {
     pub timeout: Duration,
     /// The Agents of the run (for the cache keys of agent steps).
     pub agents: Vec<Agent>,
+    /// Decisions given on the command line (`--approve STEP`, `--reject STEP`).
+    pub decisions: BTreeMap<String, crate::api::StepDecision>,
 }
 
 /// How steps run.
@@ -115,6 +117,8 @@ pub async fn run(
             cancel: cancelled,
             deadline: started.checked_add(plan.timeout).ok(),
             settings: &exec.settings,
+            decisions: &plan.decisions,
+            scope: None,
         };
         let outcome = match pass.run(input, &mut status).await {
             Ok(outcome) => outcome,

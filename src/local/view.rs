@@ -140,6 +140,7 @@ impl View {
             StepPhase::Failed => "✗",
             StepPhase::Skipped | StepPhase::Cancelled => "-",
             StepPhase::Pending => "·",
+            StepPhase::Waiting => "…",
             StepPhase::Running | StepPhase::Retrying => "",
         };
         let template = if mark.is_empty() {

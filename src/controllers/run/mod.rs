@@ -249,8 +249,13 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
             return Ok(Action::requeue(Duration::from_secs(15)));
         };
         let hash = pass::hash_spec(&spec);
-        if let Err(e) = ctx.dag_for(&uid, &hash, &spec) {
-            return fail_run(&run, &ctx, &before, status, format!("invalid workflow: {e}"), now).await;
+        match ctx.dag_for(&uid, &hash, &spec) {
+            Err(e) => return fail_run(&run, &ctx, &before, status, format!("invalid workflow: {e}"), now).await,
+            Ok(dag) => {
+                if let Err(e) = engine::dag::check_decisions(&spec, &dag, run.spec.decisions.keys()) {
+                    return fail_run(&run, &ctx, &before, status, e, now).await;
+                }
+            }
         }
         match engine::params::resolve(&spec, &run.spec.params) {
             Ok(params) => status.params = params,
@@ -299,6 +304,8 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
         cancel: run.spec.cancel,
         deadline: Some(started + timeout),
         settings: &shared.settings,
+        decisions: &run.spec.decisions,
+        scope: None,
     };
     let agents =
         || ctx.agents.state().into_iter().filter(|a| a.namespace().as_deref() == Some(ns.as_str())).collect::<Vec<_>>();

@@ -18,6 +18,7 @@ fn event_kind(phase: Phase, cached: bool) -> EventKind {
         Phase::Step(StepPhase::Succeeded) => EventKind::StepSucceeded,
         Phase::Step(StepPhase::Failed) => EventKind::StepFailed,
         Phase::Step(StepPhase::Skipped) => EventKind::StepSkipped,
+        Phase::Step(StepPhase::Waiting) => EventKind::StepWaiting,
         Phase::Step(StepPhase::Cancelled | StepPhase::Pending) => EventKind::StepCancelled,
         Phase::Run(RunPhase::Succeeded) => EventKind::RunSucceeded,
         Phase::Run(RunPhase::Failed) => EventKind::RunFailed,
