@@ -77,6 +77,11 @@ pub struct LocalRunArgs {
     /// once, as in the cluster. Set it to spare this machine.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub parallelism: usize,
+
+    /// Write the transcript of each agent step (messages, tool calls and results, replica,
+    /// latency, usage, repairs; secrets redacted) to DIR/<step key>.json.
+    #[arg(long, value_name = "DIR")]
+    pub transcripts: Option<PathBuf>,
 }
 
 /// `local validate` arguments.
