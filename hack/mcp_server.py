@@ -13,6 +13,7 @@ import asyncio
 import sys
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--host", default="127.0.0.1")
@@ -58,7 +59,8 @@ def add(a: int, b: int, ctx: Context) -> int:
 def fail(reason: str, ctx: Context) -> str:
     """Always fails."""
     check(ctx, "fail")
-    raise ValueError(f"tool failed on purpose: {reason}")
+    # A ToolError's message reaches the client; other exceptions become "Error executing tool".
+    raise ToolError(f"tool failed on purpose: {reason}")
 
 
 @server.tool()
