@@ -169,6 +169,8 @@ struct Progress {
     status: AtomicU16,
     /// Body bytes received.
     body: AtomicUsize,
+    /// Microseconds from sending the request to the end of a successful reply's body.
+    http_us: std::sync::atomic::AtomicU64,
 }
 
 impl Progress {
@@ -228,11 +230,14 @@ impl tower::Service<HttpRequestFactory> for Transport {
                 }
                 None => None,
             };
+            let sent = std::time::Instant::now();
             let response = client.execute(request).await.map_err(|e| OpenAIError::Reqwest(e.without_url()))?;
             let status = response.status();
             progress.status.store(status.as_u16(), Ordering::Relaxed);
             if status.is_success() {
-                return read_reply(response, max_reply, &progress).await;
+                let reply = read_reply(response, max_reply, &progress).await;
+                progress.http_us.store(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
+                return reply;
             }
             let retry_after = retry_after(response.headers(), jiff::Timestamp::now());
             let body = read_limited(response, MAX_ERROR_BODY).await;
@@ -390,6 +395,8 @@ struct Answer {
     tool_calls: Vec<ToolCall>,
     /// The agent that answered.
     agent: Option<AgentKey>,
+    /// The HTTP exchange with the replica (the model's time, as the operator sees it).
+    http: Duration,
 }
 
 /// A tool call the model asks for.
@@ -444,6 +451,11 @@ impl Conversation {
         info.transcript = Some(Arc::new(self.transcript.finish(outcome, error)));
         info
     }
+}
+
+/// Milliseconds, to the microsecond.
+fn ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 async fn close_all(tools: HashMap<AgentKey, ToolSet>) {
@@ -678,7 +690,7 @@ impl LlmCaller {
                 for call in &answer.tool_calls {
                     let started = Instant::now();
                     let result = set.call(&call.name, &call.arguments, deadline, per_call).await;
-                    let latency_ms = started.elapsed().as_millis() as u64;
+                    let latency_ms = ms(started.elapsed());
                     match result {
                         Ok(text) => {
                             conv.transcript.push(Entry::Tool { name: call.name.clone(), latency_ms, error: None });
@@ -806,7 +818,8 @@ impl LlmCaller {
                     conv.transcript.push(Entry::Call {
                         agent: key.agent.name.clone(),
                         replica: key.replica.clone(),
-                        latency_ms: started.elapsed().as_millis() as u64,
+                        latency_ms: ms(started.elapsed()),
+                        http_ms: ms(answer.http),
                         tokens: answer.tokens,
                     });
                     answer.agent = Some(key.agent.clone());
@@ -907,7 +920,8 @@ impl LlmCaller {
                 Err(replica_err(progress.timed_out(a.timeout), FailureKind::Timeout))
             }
             Ok(Ok(response)) => match answer_of(response) {
-                Ok(answer) => {
+                Ok(mut answer) => {
+                    answer.http = Duration::from_micros(progress.http_us.load(Ordering::Relaxed));
                     let latency = lease.finish(CallResult::Success);
                     self.count(&key, "success");
                     if let Some(m) = &self.metrics {
@@ -1044,11 +1058,11 @@ fn answer_of(response: CreateChatCompletionResponse) -> Result<Answer, (String, 
         m.retain(|k, _| matches!(k.as_str(), "role" | "content" | "tool_calls"));
     }
     match (choice.message.content, choice.message.refusal) {
-        (Some(text), _) => Ok(Answer { text, tokens, message, tool_calls, agent: None }),
+        (Some(text), _) => Ok(Answer { text, tokens, message, tool_calls, agent: None, http: Duration::ZERO }),
         (None, Some(refusal)) if tool_calls.is_empty() => {
             Err((format!("the model refused: {}", clip(&refusal, 300)), FailureKind::Rejected))
         }
-        (None, _) => Ok(Answer { text: String::new(), tokens, message, tool_calls, agent: None }),
+        (None, _) => Ok(Answer { text: String::new(), tokens, message, tool_calls, agent: None, http: Duration::ZERO }),
     }
 }
 

@@ -28,14 +28,17 @@ pub enum Entry {
     Call {
         agent: String,
         replica: String,
-        latency_ms: u64,
+        /// The whole attempt: replica pick, request, reply, parsing.
+        latency_ms: f64,
+        /// The HTTP exchange alone (sending the request to the end of the reply).
+        http_ms: f64,
         #[serde(skip_serializing_if = "Option::is_none")]
         tokens: Option<TokenUsage>,
     },
     /// A tool call the operator ran.
     Tool {
         name: String,
-        latency_ms: u64,
+        latency_ms: f64,
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
@@ -154,7 +157,8 @@ mod tests {
         t.push(Entry::Call {
             agent: "a".into(),
             replica: "r".into(),
-            latency_ms: 3,
+            latency_ms: 3.0,
+            http_ms: 2.5,
             tokens: Some(TokenUsage { prompt: 2, completion: 1 }),
         });
         t.message(&json!({"role": "assistant", "content": "done"}));

@@ -66,6 +66,9 @@ pub enum Reply {
     /// A chat completion whose content is `tool said: ` and the content of the last tool
     /// message of the request (so a test sees the tool's result reached the model).
     EchoTool,
+    /// Asks for tool `name` with `args` until the request holds `turns` tool results, then
+    /// answers as [`Reply::EchoTool`]: a conversation of its own for each concurrent step.
+    ToolLoop { name: String, args: Value, turns: usize },
 }
 
 /// One request a stub saw.
@@ -283,6 +286,16 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     let user = content_of(&messages, "user").unwrap_or_default();
     let system = content_of(&messages, "system");
     let reply = lock(&s.script).pop_front().or_else(|| lock(&s.always).clone()).unwrap_or(Reply::Ok);
+    let reply = match reply {
+        Reply::ToolLoop { name, args, turns } => {
+            if messages.iter().filter(|m| m["role"] == "tool").count() < turns {
+                Reply::ToolCalls(vec![(name, args)])
+            } else {
+                Reply::EchoTool
+            }
+        }
+        other => other,
+    };
     let status = match &reply {
         Reply::Ok
         | Reply::Malformed
@@ -291,7 +304,8 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         | Reply::Drip { .. }
         | Reply::Content(_)
         | Reply::ToolCalls(_)
-        | Reply::EchoTool => 200,
+        | Reply::EchoTool
+        | Reply::ToolLoop { .. } => 200,
         Reply::Status(code) => *code,
         Reply::RateLimited { .. } => 429,
         Reply::Hang => 0,
@@ -333,6 +347,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             let n = s.answered.fetch_add(1, Ordering::Relaxed) + 1;
             axum::Json(completion(&s.name, n, &model, &messages, &content)).into_response()
         }
+        Reply::ToolLoop { .. } => unreachable!("resolved above"),
         Reply::EchoTool => {
             let n = s.answered.fetch_add(1, Ordering::Relaxed) + 1;
             let content = format!("tool said: {}", content_of(&messages, "tool").unwrap_or_default());
