@@ -9,9 +9,13 @@
 //!    operator's default. When none is free the call waits in the balancer's fair queue.
 //! 3. The API key from the agent's `apiKeySecretRef`. A missing Secret or key fails the step
 //!    at once, naming both; the key never appears in any message.
-//! 4. The chat completion: the agent's instructions as system message, the step's prompt as
-//!    user message, its model and parameters; one attempt lasts at most the agent's
-//!    `timeoutSeconds`, and the whole call at most the step's timeout.
+//! 4. The chat completion: the agent's instructions as system message, then the step's
+//!    `messages` and `prompt`, its model and parameters, the step's tools (from the Agent's MCP
+//!    servers, [`super::mcp`]) and its output schema as `response_format`; one attempt lasts at
+//!    most the agent's `timeoutSeconds`, and the whole call at most the step's timeout. Tool
+//!    calls the model asks for are run and fed back, up to `maxTurns` round trips; a reply that
+//!    fails the output schema is re-asked with the errors, up to `repairAttempts` times. The
+//!    conversation is kept as a transcript ([`super::transcript`]) that rides with the result.
 //! 5. On 429 (honouring `Retry-After`/`retry-after-ms`), 5xx, connection errors and timeouts,
 //!    the call is retried with backoff, on another healthy replica where there is one. Other
 //!    4xx answers fail the step without a retry.
