@@ -211,7 +211,7 @@ async fn tool_failures_are_clear() {
         ("unknown", Reply::ToolCalls(vec![("rm_rf".into(), json!({}))]), json!({})),
         ("error", Reply::ToolCalls(vec![("fail".into(), json!({"reason": "disk full"}))]), json!({})),
         ("huge", Reply::ToolCalls(vec![("huge".into(), json!({"n": 200000}))]), json!({})),
-        ("hang", Reply::ToolCalls(vec![("hang".into(), json!({}))]), json!({"timeoutSeconds": 4})),
+        ("hang", Reply::ToolCalls(vec![("hang".into(), json!({}))]), json!({"agentTimeout": 2, "timeoutSeconds": 20})),
         ("turns", Reply::ToolCalls(vec![("add".into(), json!({"a": 1, "b": 1}))]), json!({"maxTurns": 2})),
         ("approval", Reply::ToolCalls(vec![("whoami".into(), json!({}))]), json!({})),
     ];
@@ -220,10 +220,13 @@ async fn tool_failures_are_clear() {
     for (name, reply, extra) in cases {
         let stub = Stub::start(name, Duration::ZERO).await;
         stub.always(reply);
+        // A tool call lasts at most the Agent's timeoutSeconds (and what is left of the step's).
+        let agent_timeout = extra.get("agentTimeout").cloned().unwrap_or(json!(10));
         e.apply(endpoint_agent(
             name,
             &stub.base_url(),
-            json!({"tools": [{"name": "t", "url": mcp.url(), "allow": ["fail", "huge", "hang", "add", "whoami"],
+            json!({"timeoutSeconds": agent_timeout,
+                   "tools": [{"name": "t", "url": mcp.url(), "allow": ["fail", "huge", "hang", "add", "whoami"],
                               "requireApproval": ["whoami"]}]}),
         ))
         .await;
@@ -253,7 +256,7 @@ async fn tool_failures_are_clear() {
     let m = msg("huge");
     assert!(m.contains("tool \"huge\" (MCP server \"t\") returned") && m.contains("over the bound of 65536"), "{m}");
     let m = msg("hang");
-    assert!(m.contains("tool \"hang\"") && (m.contains("did not answer within") || m.contains("timed out")), "{m}");
+    assert!(m.contains("tool \"hang\" (MCP server \"t\") did not answer within 2.0s"), "{m}");
     let m = msg("turns");
     assert!(m.contains("stopped after maxTurns=2 model <-> tool round trips"), "{m}");
     let m = msg("approval");
