@@ -60,8 +60,13 @@ struct Outcome {
 }
 
 async fn drive(caller: Arc<LlmCaller>, strategy: Strategy, calls: usize, callers: usize) -> Outcome {
-    let work =
-        Work::Agent { agent: Some("bench".into()), selector: None, strategy: Some(strategy), prompt: "hi".into() };
+    let work = Work::Agent {
+        agent: Some("bench".into()),
+        selector: None,
+        strategy: Some(strategy),
+        prompt: "hi".into(),
+        llm: Default::default(),
+    };
     let work = Arc::new(work);
     let start = Instant::now();
     let results: Vec<(Duration, bool)> = futures::stream::iter(0..calls)

@@ -100,6 +100,14 @@ pub fn output_config_map(run: &str, key: &str) -> String {
     fit(&format!("{run}-out-{}", key_fragment(key)), 253)
 }
 
+/// Name of the ConfigMap holding an agent step's transcript.
+pub fn transcript_config_map(run: &str, key: &str) -> String {
+    fit(&format!("{run}-tr-{}", key_fragment(key)), 253)
+}
+
+/// Key of a transcript in its ConfigMap.
+pub const TRANSCRIPT_KEY: &str = "transcript.json";
+
 /// A label value (at most 63 characters) for a name that may be longer.
 pub fn label_value(name: &str) -> String {
     fit(name, MAX_LABEL)

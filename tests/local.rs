@@ -468,3 +468,52 @@ fn local_validate_names_the_step_and_field_of_bad_control_flow() {
     assert_eq!(run.code, 2, "{all}");
     assert!(all.contains("maxIterations"), "{all}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_steps_use_mcp_tools_repair_their_output_and_write_transcripts() {
+    use kit::mcp::McpPeer;
+    use kit::openai::{Reply, Stub};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mcp = McpPeer::start(None).await;
+    let stub = Stub::start("local-llm", Duration::ZERO).await;
+    stub.script([
+        Reply::ToolCalls(vec![("add".into(), serde_json::json!({"a": 20, "b": 22}))]),
+        // Fenced, and a string where the schema wants an integer: repaired.
+        Reply::Content("```json\n{\"sum\": \"42\"}\n```".into()),
+        Reply::Content("{\"sum\": 42}".into()),
+    ]);
+    let file = write(
+        tmp.path(),
+        "llm.yaml",
+        &format!(
+            "apiVersion: volt.dev/v1alpha1\nkind: Agent\nmetadata: {{name: calc}}\n\
+             spec: {{model: stub-model, endpoint: {{baseUrl: '{}'}}, tools: [{{name: math, url: '{}', allow: [add]}}]}}\n---\n\
+             {WORKFLOW}metadata: {{name: sums}}\nspec:\n  steps:\n\
+             \x20 - id: ask\n    agent:\n      ref: calc\n      messages: [{{role: system, content: Use the tools.}}]\n\
+             \x20     prompt: What is 20 + 22?\n      tools: [add]\n      maxTurns: 2\n\
+             \x20     output: {{schema: {{type: object, required: [sum], properties: {{sum: {{type: integer}}}}}}, repairAttempts: 1}}\n\
+             \x20 - id: next\n    dependsOn: [ask]\n    template: \"{{{{ steps.ask.json.sum + 1 }}}}\"\n",
+            stub.base_url(),
+            mcp.url()
+        ),
+    );
+    let dir = tmp.path().join("transcripts");
+    let dir_arg = dir.display().to_string();
+    let cache = tmp.path().to_path_buf();
+    let run = tokio::task::spawn_blocking(move || {
+        volt(&cache, &["local", "run", &file, "--no-cache", "-o", "json", "--transcripts", &dir_arg])
+    })
+    .await
+    .expect("run");
+    assert_eq!(run.code, 0, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    let status = run.json();
+    assert_eq!(status["steps"]["ask"]["output"], r#"{"sum":42}"#);
+    assert_eq!(status["steps"]["next"]["output"], "43");
+    assert_eq!(mcp.calls(), ["add auth=ok"]);
+    assert_eq!(stub.requests(), 3);
+    let t: Json =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ask.json")).expect("transcript")).expect("json");
+    assert_eq!((t["turns"].as_u64(), t["repairs"].as_u64()), (Some(1), Some(1)), "{t:#}");
+    let tool = t["entries"].as_array().and_then(|e| e.iter().find(|x| x["kind"] == "tool")).cloned();
+    assert_eq!(tool.map(|x| x["name"].clone()), Some(serde_json::json!("add")));
+}

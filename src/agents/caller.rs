@@ -9,9 +9,13 @@
 //!    operator's default. When none is free the call waits in the balancer's fair queue.
 //! 3. The API key from the agent's `apiKeySecretRef`. A missing Secret or key fails the step
 //!    at once, naming both; the key never appears in any message.
-//! 4. The chat completion: the agent's instructions as system message, the step's prompt as
-//!    user message, its model and parameters; one attempt lasts at most the agent's
-//!    `timeoutSeconds`, and the whole call at most the step's timeout.
+//! 4. The chat completion: the agent's instructions as system message, then the step's
+//!    `messages` and `prompt`, its model and parameters, the step's tools (from the Agent's MCP
+//!    servers, [`super::mcp`]) and its output schema as `response_format`; one attempt lasts at
+//!    most the agent's `timeoutSeconds`, and the whole call at most the step's timeout. Tool
+//!    calls the model asks for are run and fed back, up to `maxTurns` round trips; a reply that
+//!    fails the output schema is re-asked with the errors, up to `repairAttempts` times. The
+//!    conversation is kept as a transcript ([`super::transcript`]) that rides with the result.
 //! 5. On 429 (honouring `Retry-After`/`retry-after-ms`), 5xx, connection errors and timeouts,
 //!    the call is retried with backoff, on another healthy replica where there is one. Other
 //!    4xx answers fail the step without a retry.
@@ -29,21 +33,28 @@ use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
-    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    CreateChatCompletionRequest, CreateChatCompletionResponse, StopConfiguration,
+    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage, CreateChatCompletionRequest,
+    CreateChatCompletionResponse, StopConfiguration,
 };
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::api::{CapabilitySelector, Strategy, TokenUsage};
-use crate::engine::{TaskInfo, Work};
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use crate::api::{CapabilitySelector, ChatRole, Strategy, TokenUsage};
+use crate::engine::output_schema;
+use crate::engine::{LlmWork, TaskInfo, Work};
 use crate::executors::{AgentCaller, Failure, Outcome, Output};
 use crate::metrics::LlmMetrics;
 
-use super::balancer::{BalancerError, CallResult, Lease, PickRequest, ReplicaKey};
+use super::balancer::{AgentKey, BalancerError, CallResult, Lease, PickRequest, ReplicaKey};
+use super::mcp::{self, ToolError, ToolSet};
 use super::registry::{AgentEntry, Registry, Replica};
 use super::secrets::{ApiKey, SecretError, SecretSource};
+use super::transcript::{Entry, Transcript};
 
 /// How calls are retried.
 #[derive(Clone, Debug)]
@@ -162,6 +173,8 @@ struct Progress {
     status: AtomicU16,
     /// Body bytes received.
     body: AtomicUsize,
+    /// Microseconds from sending the request to the end of a successful reply's body.
+    http_us: std::sync::atomic::AtomicU64,
 }
 
 impl Progress {
@@ -221,11 +234,14 @@ impl tower::Service<HttpRequestFactory> for Transport {
                 }
                 None => None,
             };
+            let sent = std::time::Instant::now();
             let response = client.execute(request).await.map_err(|e| OpenAIError::Reqwest(e.without_url()))?;
             let status = response.status();
             progress.status.store(status.as_u16(), Ordering::Relaxed);
             if status.is_success() {
-                return read_reply(response, max_reply, &progress).await;
+                let reply = read_reply(response, max_reply, &progress).await;
+                progress.http_us.store(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
+                return reply;
             }
             let retry_after = retry_after(response.headers(), jiff::Timestamp::now());
             let body = read_limited(response, MAX_ERROR_BODY).await;
@@ -357,17 +373,97 @@ struct Attempt<'a> {
     entry: &'a AgentEntry,
     replica: &'a Replica,
     key: Option<&'a ApiKey>,
-    prompt: &'a str,
+    turn: Turn<'a>,
     timeout: Duration,
     /// The timeout is what is left of the step's time, not the agent's `timeoutSeconds`: its
     /// expiry says nothing about the replica.
     step_bound: bool,
 }
 
+/// What one model call sends besides the agent's instructions and parameters.
+#[derive(Clone, Copy)]
+struct Turn<'a> {
+    /// The conversation so far, as OpenAI messages.
+    messages: &'a [Value],
+    /// Tool definitions (`tools` of the request).
+    tools: &'a [Value],
+    response_format: Option<&'a Value>,
+}
+
 /// A successful chat completion.
 struct Answer {
     text: String,
     tokens: Option<TokenUsage>,
+    /// The assistant message, as sent back in the next turn.
+    message: Value,
+    tool_calls: Vec<ToolCall>,
+    /// The agent that answered.
+    agent: Option<AgentKey>,
+    /// The HTTP exchange with the replica (the model's time, as the operator sees it).
+    http: Duration,
+}
+
+/// A tool call the model asks for.
+struct ToolCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+/// An agent step's conversation: its messages, the tools offered (by agent), the response
+/// format, and its transcript.
+struct Conversation {
+    messages: Vec<Value>,
+    tool_defs: HashMap<AgentKey, Vec<Value>>,
+    response_format: Option<Value>,
+    transcript: Transcript,
+}
+
+impl Conversation {
+    fn new(llm: &LlmWork, prompt: &str) -> Self {
+        let mut conv = Conversation {
+            messages: Vec::new(),
+            tool_defs: HashMap::new(),
+            response_format: llm.schema.as_ref().map(|schema| {
+                json!({"type": "json_schema", "json_schema": {
+                    "name": "output", "schema": schema, "strict": output_schema::strict_compatible(schema),
+                }})
+            }),
+            transcript: Transcript::default(),
+        };
+        for (role, content) in &llm.messages {
+            let role = match role {
+                ChatRole::System => "system",
+                ChatRole::User => "user",
+                ChatRole::Assistant => "assistant",
+            };
+            conv.push(json!({"role": role, "content": content}));
+        }
+        if !prompt.is_empty() {
+            conv.push(json!({"role": "user", "content": prompt}));
+        }
+        conv
+    }
+
+    fn push(&mut self, message: Value) {
+        self.transcript.message(&message);
+        self.messages.push(message);
+    }
+
+    /// `info` with the transcript of the attempt.
+    fn info(&self, mut info: TaskInfo, outcome: &str, error: Option<&str>) -> TaskInfo {
+        info.transcript = Some(Arc::new(self.transcript.finish(outcome, error)));
+        info
+    }
+}
+
+/// Milliseconds, to the microsecond.
+fn ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+async fn close_all(tools: HashMap<AgentKey, ToolSet>) {
+    futures::future::join_all(tools.into_values().map(ToolSet::close)).await;
 }
 
 impl LlmCaller {
@@ -486,23 +582,173 @@ impl LlmCaller {
     }
 
     async fn call_work(&self, namespace: &str, work: &Work, timeout: Option<Duration>) -> Result<Output, Failure> {
-        let Work::Agent { agent, selector, strategy, prompt } = work else {
+        let Work::Agent { agent, selector, strategy, prompt, llm } = work else {
             return Err(failure(&CallError::NotAgentWork, TaskInfo::default()));
         };
         let start = Instant::now();
         // Keep a little of the step's time to report a clear message before the runner's own
         // timeout cuts the call.
         let deadline = timeout.map(|t| start + t.saturating_sub((t / 20).min(Duration::from_millis(250))));
-        let agents = self
+        let mut agents = self
             .resolve(namespace, agent.as_deref(), selector.as_ref(), deadline)
             .await
             .map_err(|e| failure(&e, TaskInfo::default()))?;
+        let validator = match &llm.schema {
+            Some(schema) => Some(
+                output_schema::compile(schema)
+                    .map_err(|e| Failure::permanent(format!("agent.output.schema is not a valid JSON Schema: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut conv = Conversation::new(llm, prompt);
+        // Tools: only agents that allow every tool of the step; a session per agent.
+        let mut tools: HashMap<AgentKey, ToolSet> = HashMap::new();
+        if !llm.tools.is_empty() {
+            let (allowing, refusing): (Vec<_>, Vec<_>) =
+                agents.into_iter().partition(|a| mcp::allows_all(&a.spec, &llm.tools));
+            if allowing.is_empty() {
+                let a = &refusing[0];
+                let tool = llm.tools.iter().find(|t| !mcp::allows_all(&a.spec, std::slice::from_ref(t)));
+                let err = ToolError::NotAllowed { agent: a.key.name.clone(), tool: tool.cloned().unwrap_or_default() };
+                return Err(Failure::permanent(err.to_string()));
+            }
+            agents = allowing;
+            for a in &agents {
+                let set = ToolSet::open(
+                    &self.http,
+                    self.secrets.as_ref(),
+                    namespace,
+                    &a.key.name,
+                    &a.spec,
+                    &llm.tools,
+                    deadline,
+                )
+                .await;
+                match set {
+                    Ok(set) => {
+                        for s in set.secrets() {
+                            conv.transcript.hide(s);
+                        }
+                        conv.tool_defs.insert(a.key.clone(), set.definitions());
+                        tools.insert(a.key.clone(), set);
+                    }
+                    Err(e) => {
+                        close_all(tools).await;
+                        let info = conv.info(TaskInfo::default(), "Failed", Some(&e.to_string()));
+                        return Err(Failure { message: e.to_string(), retryable: e.retryable(), info });
+                    }
+                }
+            }
+        }
+        let result = self.converse(&agents, strategy, deadline, &mut conv, &tools, validator.as_ref(), llm).await;
+        close_all(tools).await;
+        result.map(|(text, info)| Output { info: conv.info(info, "Succeeded", None), text }).map_err(|mut f| {
+            f.info = conv.info(std::mem::take(&mut f.info), "Failed", Some(&f.message));
+            f
+        })
+    }
+
+    /// The turns of a conversation: model calls, the tool calls they ask for, and repairs of
+    /// replies that fail the output schema, until a final answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn converse(
+        &self,
+        agents: &[Arc<AgentEntry>],
+        strategy: &Option<Strategy>,
+        deadline: Option<Instant>,
+        conv: &mut Conversation,
+        tools: &HashMap<AgentKey, ToolSet>,
+        validator: Option<&jsonschema::Validator>,
+        llm: &LlmWork,
+    ) -> Result<(String, TaskInfo), Failure> {
+        let mut info = TaskInfo::default();
+        let mut repairs = 0u32;
+        let mut turns = 0u32;
+        loop {
+            let answer = self.complete(agents, strategy, deadline, conv, &mut info).await?;
+            info.tokens = Some(conv.transcript.tokens());
+            let message = answer.message.clone();
+            conv.push(message);
+            if !answer.tool_calls.is_empty() {
+                turns += 1;
+                conv.transcript.turn();
+                if turns > llm.max_turns {
+                    let names: Vec<&str> = answer.tool_calls.iter().map(|c| c.name.as_str()).collect();
+                    let message = format!(
+                        "stopped after maxTurns={} model <-> tool round trips without a final answer (the model still asks for {})",
+                        llm.max_turns,
+                        names.join(", ")
+                    );
+                    return Err(Failure { message, retryable: false, info });
+                }
+                let Some(set) = answer.agent.as_ref().and_then(|a| tools.get(a)) else {
+                    let err = ToolError::Unknown { tool: answer.tool_calls[0].name.clone(), offered: String::new() };
+                    return Err(Failure { message: err.to_string(), retryable: false, info });
+                };
+                let per_call = Duration::from_secs(u64::from(
+                    agents
+                        .iter()
+                        .find(|a| Some(&a.key) == answer.agent.as_ref())
+                        .map_or(120, |a| a.spec.timeout_seconds),
+                ));
+                for call in &answer.tool_calls {
+                    let started = Instant::now();
+                    let result = set.call(&call.name, &call.arguments, deadline, per_call).await;
+                    let latency_ms = ms(started.elapsed());
+                    match result {
+                        Ok(text) => {
+                            conv.transcript.push(Entry::Tool { name: call.name.clone(), latency_ms, error: None });
+                            conv.push(json!({"role": "tool", "tool_call_id": call.id, "content": text}));
+                        }
+                        Err(e) => {
+                            let message = e.to_string();
+                            conv.transcript.push(Entry::Tool {
+                                name: call.name.clone(),
+                                latency_ms,
+                                error: Some(message.clone()),
+                            });
+                            return Err(Failure { message, retryable: e.retryable(), info });
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some(validator) = validator else { return Ok((answer.text, info)) };
+            match output_schema::check(validator, &answer.text) {
+                Ok(value) => return Ok((value.to_string(), info)),
+                Err(problem) if repairs < llm.repair_attempts => {
+                    repairs += 1;
+                    conv.transcript.push(Entry::Repair { attempt: repairs, problem: problem.to_string() });
+                    conv.push(json!({"role": "user", "content": format!(
+                        "Your reply is not valid: {problem}. Reply again with only the JSON value, matching the JSON Schema:\n{}",
+                        llm.schema.as_ref().map(|s| s.to_string()).unwrap_or_default()
+                    )}));
+                }
+                Err(problem) => {
+                    let message = format!(
+                        "agent.output.schema: no valid reply after {} repair attempts; {problem}",
+                        llm.repair_attempts
+                    );
+                    return Err(Failure { message, retryable: false, info });
+                }
+            }
+        }
+    }
+
+    /// One chat completion of the conversation so far, retried across replicas.
+    async fn complete(
+        &self,
+        agents: &[Arc<AgentEntry>],
+        strategy: &Option<Strategy>,
+        deadline: Option<Instant>,
+        conv: &mut Conversation,
+        info: &mut TaskInfo,
+    ) -> Result<Answer, Failure> {
         let strategy = strategy.unwrap_or(self.default_strategy);
         let keys = agents.iter().map(|a| a.key.clone()).collect();
         let names = agents.iter().map(|a| a.key.name.as_str()).collect::<Vec<_>>().join(", ");
         let mut request = PickRequest::new(keys, strategy);
         let (mut failures, mut rate_limited, mut vanished) = (0u32, 0u32, 0u32);
-        let mut info = TaskInfo::default();
         let mut last: Option<CallError> = None;
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -511,7 +757,7 @@ impl LlmCaller {
                     attempts: failures + rate_limited,
                     last: last.map(|e| e.to_string()).unwrap_or_else(|| "none".into()),
                 };
-                return Err(failure(&err, info));
+                return Err(failure(&err, info.clone()));
             }
             let lease = match self.registry.balancer().acquire(request.clone(), deadline).await {
                 Ok(lease) => lease,
@@ -521,7 +767,7 @@ impl LlmCaller {
                         Some(prev) => format!("{err}; last attempt: {prev}"),
                         None => err.to_string(),
                     };
-                    return Err(Failure { message, retryable: err.retryable(), info });
+                    return Err(Failure { message, retryable: err.retryable(), info: info.clone() });
                 }
             };
             let key = lease.key().clone();
@@ -548,18 +794,14 @@ impl LlmCaller {
                 tokio::task::yield_now().await;
                 continue;
             };
-            info = TaskInfo {
-                agent: Some(key.agent.name.clone()),
-                replica: Some(key.replica.clone()),
-                tokens: None,
-                cached: false,
-            };
+            info.agent = Some(key.agent.name.clone());
+            info.replica = Some(key.replica.clone());
             let secret = entry.spec.api_key_secret_ref.as_ref();
             let api_key = match self.secrets.api_key(&key.agent.namespace, &key.agent.name, secret).await {
                 Ok(k) => k,
                 Err(source) => {
                     drop(lease);
-                    return Err(failure(&CallError::Secret { agent: key.agent.name.clone(), source }, info));
+                    return Err(failure(&CallError::Secret { agent: key.agent.name.clone(), source }, info.clone()));
                 }
             };
             let agent_timeout = Duration::from_secs(u64::from(entry.spec.timeout_seconds.max(1)));
@@ -568,11 +810,24 @@ impl LlmCaller {
                 Some(r) if r < agent_timeout => (r, true),
                 _ => (agent_timeout, false),
             };
-            let attempt = Attempt { entry, replica: &replica, key: api_key.as_ref(), prompt, timeout, step_bound };
+            if let Some(k) = &api_key {
+                conv.transcript.hide(k.expose());
+            }
+            let tools = conv.tool_defs.get(&key.agent).map(Vec::as_slice).unwrap_or_default();
+            let turn = Turn { messages: &conv.messages, tools, response_format: conv.response_format.as_ref() };
+            let started = Instant::now();
+            let attempt = Attempt { entry, replica: &replica, key: api_key.as_ref(), turn, timeout, step_bound };
             match self.attempt(attempt, lease).await {
-                Ok(answer) => {
-                    info.tokens = answer.tokens;
-                    return Ok(Output { text: answer.text, info });
+                Ok(mut answer) => {
+                    conv.transcript.push(Entry::Call {
+                        agent: key.agent.name.clone(),
+                        replica: key.replica.clone(),
+                        latency_ms: ms(started.elapsed()),
+                        http_ms: ms(answer.http),
+                        tokens: answer.tokens,
+                    });
+                    answer.agent = Some(key.agent.clone());
+                    return Ok(answer);
                 }
                 Err(err) => {
                     let err = redact(err, api_key.as_ref());
@@ -581,13 +836,13 @@ impl LlmCaller {
                         CallError::OutOfTime { last, .. } => {
                             let attempts = failures + rate_limited + 1;
                             let err = CallError::OutOfTime { agent: names.clone(), attempts, last: last.clone() };
-                            return Err(failure(&err, info));
+                            return Err(failure(&err, info.clone()));
                         }
                         _ => FailureKind::Rejected,
                     };
                     debug!(agent = %key.agent, replica = %key.replica, error = %err, "agent call failed");
                     match kind {
-                        FailureKind::Rejected => return Err(failure(&err, info)),
+                        FailureKind::Rejected => return Err(failure(&err, info.clone())),
                         FailureKind::RateLimited(wait) => {
                             rate_limited += 1;
                             self.count_retry(&key, "rate_limited");
@@ -599,7 +854,7 @@ impl LlmCaller {
                                     "{err}; gave up after {rate_limited} rate-limited attempts (the replica asks to wait {:.1}s)",
                                     wait.as_secs_f64()
                                 );
-                                return Err(Failure { message, retryable: true, info });
+                                return Err(Failure { message, retryable: true, info: info.clone() });
                             }
                             // The balancer keeps the replica out of rotation for `wait`; the
                             // next acquire goes elsewhere or waits for it.
@@ -608,7 +863,7 @@ impl LlmCaller {
                             failures += 1;
                             if failures >= self.retry.max_attempts.max(1) {
                                 let message = format!("{err} (after {failures} attempts)");
-                                return Err(Failure { message, retryable: true, info });
+                                return Err(Failure { message, retryable: true, info: info.clone() });
                             }
                             self.count_retry(&key, if kind == FailureKind::Timeout { "timeout" } else { "error" });
                             let pause = self.backoff(failures);
@@ -636,7 +891,7 @@ impl LlmCaller {
             message,
             kind,
         };
-        let request = match build_request(a.entry, a.prompt) {
+        let request = match build_request(a.entry, &a.turn) {
             Ok(r) => r,
             Err(e) => {
                 drop(lease);
@@ -669,7 +924,8 @@ impl LlmCaller {
                 Err(replica_err(progress.timed_out(a.timeout), FailureKind::Timeout))
             }
             Ok(Ok(response)) => match answer_of(response) {
-                Ok(answer) => {
+                Ok(mut answer) => {
+                    answer.http = Duration::from_micros(progress.http_us.load(Ordering::Relaxed));
                     let latency = lease.finish(CallResult::Success);
                     self.count(&key, "success");
                     if let Some(m) = &self.metrics {
@@ -735,16 +991,28 @@ fn redact(err: CallError, key: Option<&ApiKey>) -> CallError {
     }
 }
 
-/// The chat completion request of a step.
+/// The chat completion request of a turn of a step: the agent's instructions as the first
+/// system message, then the conversation; its tools and response format.
 #[allow(deprecated)] // `max_tokens` and `seed`: what self-hosted servers (vLLM, Ollama, llama.cpp) read.
-fn build_request(entry: &AgentEntry, prompt: &str) -> Result<CreateChatCompletionRequest, String> {
+fn build_request(entry: &AgentEntry, turn: &Turn<'_>) -> Result<CreateChatCompletionRequest, String> {
     let spec = &entry.spec;
-    let mut messages: Vec<ChatCompletionRequestMessage> = Vec::with_capacity(2);
+    let mut messages: Vec<ChatCompletionRequestMessage> = Vec::with_capacity(turn.messages.len() + 1);
     if !spec.instructions.is_empty() {
         messages
             .push(ChatCompletionRequestSystemMessage { content: spec.instructions.clone().into(), name: None }.into());
     }
-    messages.push(ChatCompletionRequestUserMessage { content: prompt.to_string().into(), name: None }.into());
+    for (i, m) in turn.messages.iter().enumerate() {
+        messages.push(serde_json::from_value(m.clone()).map_err(|e| format!("message {i}: {e}"))?);
+    }
+    let tools = (!turn.tools.is_empty())
+        .then(|| serde_json::from_value(Value::Array(turn.tools.to_vec())))
+        .transpose()
+        .map_err(|e| format!("tools: {e}"))?;
+    let response_format = turn
+        .response_format
+        .map(|f| serde_json::from_value(f.clone()))
+        .transpose()
+        .map_err(|e| format!("response_format: {e}"))?;
     let p = &spec.parameters;
     let f = |v: Option<f64>| v.map(|x| x as f32);
     if p.stop.len() > 4 {
@@ -760,6 +1028,8 @@ fn build_request(entry: &AgentEntry, prompt: &str) -> Result<CreateChatCompletio
         frequency_penalty: f(p.frequency_penalty),
         stop: (!p.stop.is_empty()).then(|| StopConfiguration::StringArray(p.stop.clone())),
         seed: p.seed,
+        tools,
+        response_format,
         ..Default::default()
     })
 }
@@ -772,10 +1042,31 @@ fn answer_of(response: CreateChatCompletionResponse) -> Result<Answer, (String, 
     let Some(choice) = response.choices.into_iter().next() else {
         return Err(("the answer has no choices".into(), FailureKind::Transient));
     };
+    let mut message = serde_json::to_value(&choice.message).unwrap_or_else(|_| json!({}));
+    let tool_calls: Vec<ToolCall> = message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .map(|calls| {
+            calls
+                .iter()
+                .map(|c| ToolCall {
+                    id: c["id"].as_str().unwrap_or_default().to_string(),
+                    name: c["function"]["name"].as_str().unwrap_or_default().to_string(),
+                    arguments: c["function"]["arguments"].as_str().unwrap_or_default().to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // What is sent back: role, content and tool calls (not annotations, audio or refusals).
+    if let Some(m) = message.as_object_mut() {
+        m.retain(|k, _| matches!(k.as_str(), "role" | "content" | "tool_calls"));
+    }
     match (choice.message.content, choice.message.refusal) {
-        (Some(text), _) => Ok(Answer { text, tokens }),
-        (None, Some(refusal)) => Err((format!("the model refused: {}", clip(&refusal, 300)), FailureKind::Rejected)),
-        (None, None) => Ok(Answer { text: String::new(), tokens }),
+        (Some(text), _) => Ok(Answer { text, tokens, message, tool_calls, agent: None, http: Duration::ZERO }),
+        (None, Some(refusal)) if tool_calls.is_empty() => {
+            Err((format!("the model refused: {}", clip(&refusal, 300)), FailureKind::Rejected))
+        }
+        (None, _) => Ok(Answer { text: String::new(), tokens, message, tool_calls, agent: None, http: Duration::ZERO }),
     }
 }
 
@@ -1026,7 +1317,9 @@ mod tests {
             replicas: vec![],
             invalid: None,
         };
-        let req = build_request(&entry, "hello").expect("request");
+        let messages = [serde_json::json!({"role": "user", "content": "hello"})];
+        let turn = Turn { messages: &messages, tools: &[], response_format: None };
+        let req = build_request(&entry, &turn).expect("request");
         let json = serde_json::to_value(&req).expect("json");
         assert_eq!(json["model"], "m");
         assert_eq!(json["messages"][0], serde_json::json!({"role": "system", "content": "be brief"}));

@@ -7,6 +7,8 @@
 //!   no Kubernetes or HTTP.
 //! - [`caller`]: the [`AgentCaller`](crate::executors::AgentCaller) of agent steps: resolves
 //!   agents, picks replicas, calls async-openai with retries across replicas.
+//! - [`mcp`]: tools of agent steps from MCP servers (streamable HTTP), a bounded tool loop.
+//! - [`transcript`]: what an agent step said and heard, redacted and size-bounded.
 //! - [`secrets`]: API keys from Secrets (or given up front), never shown.
 //!
 //! Wiring in the cluster:
@@ -19,8 +21,10 @@
 
 pub mod balancer;
 pub mod caller;
+pub mod mcp;
 pub mod registry;
 pub mod secrets;
+pub mod transcript;
 
 pub use balancer::{AgentKey, Balancer, BalancerConfig, ReplicaKey, ReplicaLoad};
 pub use caller::{CallError, LlmCaller, RetrySettings};

@@ -1,7 +1,7 @@
 //! API keys of agents, read from Secrets. The key is held as an [`ApiKey`], whose `Debug` and
 //! `Display` never show it, and no error here carries it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -74,6 +74,14 @@ pub trait SecretSource: Send + Sync {
         agent: &'a str,
         secret: Option<&'a SecretKeyRef>,
     ) -> BoxFuture<'a, Result<Option<ApiKey>, SecretError>>;
+
+    /// Every key of Secret `name` of `namespace` (MCP server headers), values held as
+    /// [`ApiKey`]s so they never show.
+    fn secret_data<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, ApiKey>, SecretError>>;
 }
 
 /// Turns the bytes of a Secret's key into an API key (trailing newlines, a common accident of
@@ -163,6 +171,33 @@ impl SecretSource for KubeSecrets {
             }
         })
     }
+
+    fn secret_data<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, ApiKey>, SecretError>> {
+        Box::pin(async move {
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+            let found = api.get_opt(name).await.map_err(|e| match e {
+                kube::Error::Api(s) if s.code == 403 => {
+                    SecretError::Forbidden { namespace: namespace.into(), name: name.into(), message: s.message }
+                }
+                other => {
+                    SecretError::Api { namespace: namespace.into(), name: name.into(), message: other.to_string() }
+                }
+            })?;
+            let Some(found) = found else {
+                return Err(SecretError::NotFound { namespace: namespace.into(), name: name.into() });
+            };
+            let mut out = BTreeMap::new();
+            for (key, bytes) in found.data.unwrap_or_default() {
+                let r = SecretKeyRef { name: name.into(), key: key.clone() };
+                out.insert(key, key_from_bytes(namespace, &r, &bytes.0)?);
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// Keys given up front (local mode, tests, benchmarks): by agent, or by Secret key as an
@@ -214,6 +249,25 @@ impl SecretSource for StaticSecrets {
                     None => Err(SecretError::NotFound { namespace: namespace.into(), name: secret.name.clone() }),
                 }
             }
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn secret_data<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, ApiKey>, SecretError>> {
+        let out: BTreeMap<String, ApiKey> = self
+            .secrets
+            .iter()
+            .filter(|((ns, n, _), _)| ns == namespace && n == name)
+            .map(|((_, _, k), v)| (k.clone(), v.clone()))
+            .collect();
+        let result = if out.is_empty() {
+            Err(SecretError::NotFound { namespace: namespace.into(), name: name.into() })
+        } else {
+            Ok(out)
         };
         Box::pin(std::future::ready(result))
     }

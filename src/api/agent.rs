@@ -80,6 +80,48 @@ pub struct AgentSpec {
     /// A Deployment of replicas that the operator creates and owns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<AgentDeployment>,
+
+    /// MCP servers (streamable HTTP) whose tools this agent's steps may use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tools: Vec<McpServer>,
+}
+
+/// An MCP server reached over the streamable HTTP transport, and the tools allowed from it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct McpServer {
+    /// Name of the server, unique within the agent.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The server's MCP endpoint (`http://` or `https://`), for example `http://docs-mcp:8000/mcp`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// HTTP headers sent to the server (for example `Authorization`), read from every key of a
+    /// Secret in the Agent's namespace. They never appear in status, events, logs or transcripts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_from: Option<HeadersFrom>,
+    /// Tools of this server that steps may use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Allowed tools whose calls wait for a decision, like an approval step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require_approval: Vec<String>,
+}
+
+/// Where an MCP server's headers come from.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadersFrom {
+    /// A Secret whose keys are header names and values header values.
+    pub secret_ref: SecretNameRef,
+}
+
+/// A Secret, by name, in the object's namespace.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+pub struct SecretNameRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 fn default_weight() -> u32 {

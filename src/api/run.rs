@@ -285,6 +285,14 @@ pub struct StepStatus {
     /// Why the step failed, was skipped or is waiting.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Where the transcript of the last attempt is stored (agent steps): messages, tool calls
+    /// and results, replica, latency, usage, repairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcript_ref: Option<OutputRef>,
+    /// The transcript on its way to its ConfigMap (never written to the API server).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub transcript: Option<std::sync::Arc<String>>,
 }
 
 fn is_zero_u32(v: &u32) -> bool {

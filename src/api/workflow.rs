@@ -422,8 +422,60 @@ pub struct AgentStep {
     /// Load-balancing strategy for this step (defaults to the operator's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
-    /// The user message, a template.
+    /// The user message, a template. Optional when `messages` is given; then it comes after them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prompt: String,
+    /// Multi-turn input before the prompt: system, user and assistant messages, each a template.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200))]
+    pub messages: Vec<ChatMessage>,
+    /// Structured output: the reply must be JSON valid against `schema`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputSpec>,
+    /// Names of tools the step may use, among those its Agent allows (`spec.tools[].allow`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    pub tools: Vec<String>,
+    /// Bound on model <-> tool round trips (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_turns: Option<u32>,
+}
+
+/// One message of an agent step's conversation.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+pub struct ChatMessage {
+    /// Who speaks.
+    pub role: ChatRole,
+    /// What is said, a template.
+    pub content: String,
+}
+
+/// The role of a message.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatRole {
+    System,
+    #[default]
+    User,
+    Assistant,
+}
+
+/// The structured output of an agent step.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    /// A JSON Schema the reply must satisfy; sent as `response_format` and checked on the reply.
+    #[schemars(schema_with = "super::any_json")]
+    pub schema: serde_json::Value,
+    /// Times the model is re-asked, with the validation errors, after an invalid reply.
+    #[serde(default = "default_repair_attempts")]
+    #[schemars(range(min = 0, max = 10))]
+    pub repair_attempts: u32,
+}
+
+fn default_repair_attempts() -> u32 {
+    2
 }
 
 /// A container run as a pod.

@@ -275,9 +275,24 @@ pub fn work_key<'a>(namespace: &str, work: &Work, agents: impl IntoIterator<Item
 /// instructions and parameters of the agents that may serve it).
 pub fn step_key(namespace: &str, work: &Work, identity: &serde_json::Value) -> String {
     let work_json = match work {
-        Work::Agent { agent, selector, prompt, .. } => json!({
-            "kind": "agent", "agent": agent, "selector": selector, "prompt": prompt, "agents": identity,
-        }),
+        Work::Agent { agent, selector, prompt, llm, .. } => {
+            let mut w = json!({
+                "kind": "agent", "agent": agent, "selector": selector, "prompt": prompt, "agents": identity,
+            });
+            // Only steps that use them add the fields, so keys of plain steps stay as they were.
+            if !llm.messages.is_empty() {
+                w["messages"] = json!(llm.messages);
+            }
+            if let Some(schema) = &llm.schema {
+                w["schema"] = schema.clone();
+                w["repairAttempts"] = json!(llm.repair_attempts);
+            }
+            if !llm.tools.is_empty() {
+                w["tools"] = json!(llm.tools);
+                w["maxTurns"] = json!(llm.max_turns);
+            }
+            w
+        }
         Work::Container { image, command, args, env, working_dir, .. } => json!({
             "kind": "container", "image": image, "command": command, "args": args, "env": env, "workingDir": working_dir,
         }),
@@ -361,8 +376,25 @@ mod tests {
             selector: None,
             strategy: None,
             prompt: prompt.into(),
+            llm: Default::default(),
         };
         let id = json!([{"model": "m1"}]);
+        let with = |f: &dyn Fn(&mut crate::engine::LlmWork)| {
+            let mut work = w("p");
+            if let Work::Agent { llm, .. } = &mut work {
+                f(llm);
+            }
+            step_key("ns", &work, &id)
+        };
+        let plain = step_key("ns", &w("p"), &id);
+        assert_eq!(with(&|_| {}), plain);
+        assert_ne!(with(&|l| l.schema = Some(json!({"type": "object"}))), plain);
+        assert_ne!(
+            with(&|l| l.schema = Some(json!({"type": "object"}))),
+            with(&|l| l.schema = Some(json!({"type": "array"})))
+        );
+        assert_ne!(with(&|l| l.messages = vec![(crate::api::ChatRole::User, "hi".into())]), plain);
+        assert_ne!(with(&|l| l.tools = vec!["search".into()]), plain);
         assert_eq!(step_key("ns", &w("p"), &id), step_key("ns", &w("p"), &id));
         assert_ne!(step_key("ns", &w("p"), &id), step_key("ns", &w("q"), &id));
         assert_ne!(step_key("ns", &w("p"), &id), step_key("other", &w("p"), &id));

@@ -107,13 +107,17 @@ pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) 
 /// Which endpoint form an Agent uses, or why its spec is invalid.
 pub fn endpoint_kind(agent: &Agent) -> Result<&'static str, String> {
     let s = &agent.spec;
-    match (s.endpoint.is_some(), s.replicas.is_some(), s.deployment.is_some()) {
-        (true, false, false) => Ok("endpoint"),
-        (false, true, false) => Ok("replicas"),
-        (false, false, true) => Ok("deployment"),
-        (false, false, false) => Err("spec: set exactly one of endpoint, replicas, deployment (none is set)".into()),
-        _ => Err("spec: set exactly one of endpoint, replicas, deployment (several are set)".into()),
-    }
+    let kind = match (s.endpoint.is_some(), s.replicas.is_some(), s.deployment.is_some()) {
+        (true, false, false) => "endpoint",
+        (false, true, false) => "replicas",
+        (false, false, true) => "deployment",
+        (false, false, false) => {
+            return Err("spec: set exactly one of endpoint, replicas, deployment (none is set)".into());
+        }
+        _ => return Err("spec: set exactly one of endpoint, replicas, deployment (several are set)".into()),
+    };
+    crate::agents::mcp::validate(s)?;
+    Ok(kind)
 }
 
 /// The pods of an agent: its Deployment's (by the operator's label) or those its selector

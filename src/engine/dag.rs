@@ -455,8 +455,28 @@ fn check_kind_fields(step: &Step, field: &str, errors: &mut Vec<ValidationError>
             }
             _ => {}
         }
-        if a.prompt.trim().is_empty() {
-            push(format!("{field}.agent.prompt"), "must not be empty");
+        if a.prompt.trim().is_empty() && a.messages.is_empty() {
+            push(format!("{field}.agent.prompt"), "must not be empty (or give messages)");
+        }
+        for (j, m) in a.messages.iter().enumerate() {
+            if m.content.trim().is_empty() {
+                push(format!("{field}.agent.messages[{j}].content"), "must not be empty");
+            }
+        }
+        if let Some(o) = &a.output
+            && let Err(e) = super::output_schema::compile(&o.schema)
+        {
+            push(format!("{field}.agent.output.schema"), &format!("not a valid JSON Schema: {e}"));
+        }
+        for (j, t) in a.tools.iter().enumerate() {
+            if t.trim().is_empty() {
+                push(format!("{field}.agent.tools[{j}]"), "must not be empty");
+            } else if a.tools[..j].contains(t) {
+                push(format!("{field}.agent.tools[{j}]"), &format!("tool {t:?} is listed twice"));
+            }
+        }
+        if a.max_turns.is_some() && a.tools.is_empty() {
+            push(format!("{field}.agent.maxTurns"), "only means something with tools");
         }
     }
     if let Some(c) = &step.container
@@ -482,6 +502,9 @@ pub fn templated_fields(step: &Step, field: &str) -> Vec<(String, String, bool)>
     }
     if let Some(a) = &step.agent {
         out.push((format!("{field}.agent.prompt"), a.prompt.clone(), false));
+        for (j, m) in a.messages.iter().enumerate() {
+            out.push((format!("{field}.agent.messages[{j}].content"), m.content.clone(), false));
+        }
     }
     if let Some(t) = &step.template {
         out.push((format!("{field}.template"), t.clone(), false));

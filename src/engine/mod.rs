@@ -7,6 +7,7 @@
 //! - [`params`]: a run's parameters checked against the Workflow's.
 
 pub mod dag;
+pub mod output_schema;
 pub mod params;
 pub mod scheduler;
 pub mod template;
@@ -16,5 +17,5 @@ mod scheduler_tests;
 
 pub use dag::{Dag, InvalidSpec, ValidationError, validate};
 pub use scheduler::{
-    Action, Decision, Event, Input, Phase, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance,
+    Action, Decision, Event, Input, LlmWork, Phase, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance,
 };

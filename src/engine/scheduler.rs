@@ -15,8 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use serde_json::Value as Json;
 
 use crate::api::{
-    Backoff, CacheSpec, CapabilitySelector, DecisionKind, HttpMethod, OnMax, OnTimeout, RetryPolicy, RunPhase, Step,
-    StepDecision, StepKind, StepPhase, StepStatus, Strategy, TokenUsage, WorkflowRunStatus, WorkflowSpec,
+    Backoff, CacheSpec, CapabilitySelector, ChatRole, DecisionKind, HttpMethod, OnMax, OnTimeout, RetryPolicy,
+    RunPhase, Step, StepDecision, StepKind, StepPhase, StepStatus, Strategy, TokenUsage, WorkflowRunStatus,
+    WorkflowSpec,
 };
 use crate::naming;
 
@@ -93,6 +94,9 @@ pub struct TaskInfo {
     pub replica: Option<String>,
     pub tokens: Option<TokenUsage>,
     pub cached: bool,
+    /// The attempt's transcript (agent steps), JSON, redacted and bounded; stored apart from
+    /// the status (`transcriptRef`).
+    pub transcript: Option<std::sync::Arc<String>>,
 }
 
 /// What just happened to a task.
@@ -114,6 +118,7 @@ pub enum Work {
         selector: Option<CapabilitySelector>,
         strategy: Option<Strategy>,
         prompt: String,
+        llm: LlmWork,
     },
     Container {
         image: String,
@@ -132,6 +137,20 @@ pub enum Work {
         success_codes: Vec<u16>,
     },
 }
+
+/// The rendered conversation, output schema and tools of an agent step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LlmWork {
+    /// Rendered messages before the prompt (the prompt, when not empty, is the last user message).
+    pub messages: Vec<(ChatRole, String)>,
+    pub schema: Option<Json>,
+    pub repair_attempts: u32,
+    pub tools: Vec<String>,
+    pub max_turns: u32,
+}
+
+/// Model <-> tool round trips of a step that does not say.
+pub const DEFAULT_MAX_TURNS: u32 = 8;
 
 impl Work {
     pub fn kind(&self) -> StepKind {
@@ -1120,6 +1139,9 @@ fn record_info(row: &mut StepStatus, info: &TaskInfo) {
         row.tokens = info.tokens;
     }
     row.cached = info.cached;
+    if info.transcript.is_some() {
+        row.transcript = info.transcript.clone();
+    }
 }
 
 fn duration_until(now: Timestamp, then: Timestamp) -> Duration {
@@ -1136,6 +1158,18 @@ fn render_work(step: &Step, ctx: &Context) -> Result<Option<Work>, (String, Temp
             selector: a.selector.clone(),
             strategy: a.strategy,
             prompt: r("agent.prompt", &a.prompt)?,
+            llm: LlmWork {
+                messages: a
+                    .messages
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| Ok((m.role, r(&format!("agent.messages[{j}].content"), &m.content)?)))
+                    .collect::<Result<_, _>>()?,
+                schema: a.output.as_ref().map(|o| o.schema.clone()),
+                repair_attempts: a.output.as_ref().map_or(0, |o| o.repair_attempts),
+                tools: a.tools.clone(),
+                max_turns: a.max_turns.unwrap_or(DEFAULT_MAX_TURNS),
+            },
         }));
     }
     if let Some(c) = &step.container {

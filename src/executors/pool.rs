@@ -243,7 +243,13 @@ mod tests {
             step_id: "ask".into(),
             index: None,
             attempt,
-            work: Work::Agent { agent: Some("a".into()), selector: None, strategy: None, prompt: "hi".into() },
+            work: Work::Agent {
+                agent: Some("a".into()),
+                selector: None,
+                strategy: None,
+                prompt: "hi".into(),
+                llm: Default::default(),
+            },
             timeout: None,
             cache: None,
         }

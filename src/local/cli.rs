@@ -86,6 +86,11 @@ pub struct LocalRunArgs {
     /// Rejects an approval step, with an optional comment (`STEP=COMMENT`). Repeatable.
     #[arg(long, value_name = "STEP[=COMMENT]")]
     pub reject: Vec<String>,
+
+    /// Write the transcript of each agent step (messages, tool calls and results, replica,
+    /// latency, usage, repairs; secrets redacted) to DIR/<step key>.json.
+    #[arg(long, value_name = "DIR")]
+    pub transcripts: Option<PathBuf>,
 }
 
 /// `local validate` arguments.

@@ -81,6 +81,18 @@ fn init_logging(log_level: &str, json: bool) {
     let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
 
+/// Writes each step's transcript to `dir/<step key>.json`.
+fn write_transcripts(dir: &std::path::Path, status: &crate::api::WorkflowRunStatus) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (key, row) in &status.steps {
+        if let Some(t) = &row.transcript {
+            let name: String = key.chars().map(|c| if c == '/' { '_' } else { c }).collect();
+            std::fs::write(dir.join(format!("{name}.json")), t.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
 fn print_problems(problems: &[Problem]) {
     let mut err = std::io::stderr().lock();
     for p in problems {
@@ -355,6 +367,11 @@ pub async fn run(args: LocalRunArgs) -> u8 {
         s.abort();
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    if let Some(dir) = &args.transcripts
+        && let Err(e) = write_transcripts(dir, &status)
+    {
+        eprintln!("error: writing transcripts to {}: {e}", dir.display());
+    }
     let mut out = std::io::stdout().lock();
     let written = match args.output {
         OutputFormat::Json => {

@@ -8,6 +8,7 @@ mod harness;
 #[path = "../kit/mod.rs"]
 mod kit;
 mod llm_faults;
+mod llm_steps;
 mod observability;
 mod packaging;
 mod runs;

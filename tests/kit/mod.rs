@@ -21,7 +21,8 @@
 //! - [`in_process`]: the operator's controllers on a task of the test ([`Operator`]).
 //! - [`kubelet`]: the kubelet stand-in (pod status by hand, or a background [`Kubelet`] following
 //!   a plan per pod; [`kubelet::scripted`] for step pods driven by their environment).
-//! - [`openai`]: OpenAI-compatible stub servers ([`Stub`]) with scripted faults.
+//! - [`openai`]: OpenAI-compatible stub servers ([`Stub`]) with scripted faults, JSON and tool calls.
+//! - [`mcp`]: an MCP server of the official Python SDK on loopback ([`mcp::McpPeer`]).
 //! - [`cluster`]: server-side apply of volt objects ([`apply_as`], [`apply`]), a namespace with
 //!   its APIs ([`Env`]), and identities for the operator: the chart's RBAC for the operator user
 //!   ([`grant_operator`]), or the chart's ServiceAccount and a token ([`chart_identity`],
@@ -45,6 +46,7 @@ pub mod control_plane;
 pub mod in_process;
 pub mod kubelet;
 pub mod logs;
+pub mod mcp;
 pub mod metrics;
 pub mod net;
 pub mod objects;

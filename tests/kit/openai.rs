@@ -59,6 +59,16 @@ pub enum Reply {
     /// 200 with headers at once, then a valid chat completion 8 bytes at a time, spread evenly
     /// over `total`: every read gets data well within a second, the whole takes `total`.
     Drip { total: Duration },
+    /// A chat completion whose content is this text (fenced, invalid or valid JSON...).
+    Content(String),
+    /// A chat completion asking for tool calls: (tool name, arguments).
+    ToolCalls(Vec<(String, Value)>),
+    /// A chat completion whose content is `tool said: ` and the content of the last tool
+    /// message of the request (so a test sees the tool's result reached the model).
+    EchoTool,
+    /// Asks for tool `name` with `args` until the request holds `turns` tool results, then
+    /// answers as [`Reply::EchoTool`]: a conversation of its own for each concurrent step.
+    ToolLoop { name: String, args: Value, turns: usize },
 }
 
 /// One request a stub saw.
@@ -70,6 +80,8 @@ pub struct Seen {
     pub user: String,
     pub authorization: Option<String>,
     pub status: u16,
+    /// The whole request.
+    pub body: Value,
 }
 
 struct Shared {
@@ -274,8 +286,26 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     let user = content_of(&messages, "user").unwrap_or_default();
     let system = content_of(&messages, "system");
     let reply = lock(&s.script).pop_front().or_else(|| lock(&s.always).clone()).unwrap_or(Reply::Ok);
+    let reply = match reply {
+        Reply::ToolLoop { name, args, turns } => {
+            if messages.iter().filter(|m| m["role"] == "tool").count() < turns {
+                Reply::ToolCalls(vec![(name, args)])
+            } else {
+                Reply::EchoTool
+            }
+        }
+        other => other,
+    };
     let status = match &reply {
-        Reply::Ok | Reply::Malformed | Reply::WrongShape | Reply::Huge { .. } | Reply::Drip { .. } => 200,
+        Reply::Ok
+        | Reply::Malformed
+        | Reply::WrongShape
+        | Reply::Huge { .. }
+        | Reply::Drip { .. }
+        | Reply::Content(_)
+        | Reply::ToolCalls(_)
+        | Reply::EchoTool
+        | Reply::ToolLoop { .. } => 200,
         Reply::Status(code) => *code,
         Reply::RateLimited { .. } => 429,
         Reply::Hang => 0,
@@ -287,6 +317,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         user: user.clone(),
         authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string),
         status,
+        body: request.clone(),
     });
     if messages.is_empty() || model.is_empty() {
         return error_body(400, "'messages' and 'model' are required", "invalid_request_error");
@@ -311,6 +342,31 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
             let n = s.answered.fetch_add(1, Ordering::Relaxed) + 1;
             let content = format!("{}: {}", s.name, user);
             axum::Json(completion(&s.name, n, &model, &messages, &content)).into_response()
+        }
+        Reply::Content(content) => {
+            let n = s.answered.fetch_add(1, Ordering::Relaxed) + 1;
+            axum::Json(completion(&s.name, n, &model, &messages, &content)).into_response()
+        }
+        Reply::ToolLoop { .. } => unreachable!("resolved above"),
+        Reply::EchoTool => {
+            let n = s.answered.fetch_add(1, Ordering::Relaxed) + 1;
+            let content = format!("tool said: {}", content_of(&messages, "tool").unwrap_or_default());
+            axum::Json(completion(&s.name, n, &model, &messages, &content)).into_response()
+        }
+        Reply::ToolCalls(calls) => {
+            let n = s.answered.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut body = completion(&s.name, n, &model, &messages, "");
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, args))| {
+                    json!({"id": format!("call_{n}_{i}"), "type": "function",
+                           "function": {"name": name, "arguments": args.to_string()}})
+                })
+                .collect();
+            body["choices"][0]["message"] = json!({"role": "assistant", "content": null, "tool_calls": calls});
+            body["choices"][0]["finish_reason"] = json!("tool_calls");
+            axum::Json(body).into_response()
         }
         Reply::Hang => {
             s.kill.cancelled().await;

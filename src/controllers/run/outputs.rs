@@ -58,12 +58,40 @@ impl Outputs {
         Ok(())
     }
 
-    /// Moves outputs over the inline bound into ConfigMaps owned by the run.
+    /// Moves outputs over the inline bound, and every transcript, into ConfigMaps owned by
+    /// the run.
     pub async fn externalize(&self, run: &WorkflowRun, status: &mut WorkflowRunStatus) -> Result<(), kube::Error> {
         let ns = run.namespace().unwrap_or_default();
         let name = run.name_any();
         let uid = run.uid().unwrap_or_default();
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        for (key, row) in status.steps.iter_mut() {
+            let Some(transcript) = row.transcript.take() else { continue };
+            let cm_name = naming::transcript_config_map(&name, key);
+            let mut labels = naming::run_labels(&name);
+            labels.insert(naming::LABEL_STEP.to_string(), naming::label_value(key_step(key)));
+            let cm = ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(cm_name.clone()),
+                    namespace: Some(ns.clone()),
+                    labels: Some(labels),
+                    annotations: Some(BTreeMap::from([("volt.dev/step-key".to_string(), key.clone())])),
+                    owner_references: run.controller_owner_ref(&()).map(|o| vec![o]),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([(naming::TRANSCRIPT_KEY.to_string(), transcript.to_string())])),
+                ..Default::default()
+            };
+            let mut value = serde_json::to_value(&cm).map_err(kube::Error::SerdeError)?;
+            value["apiVersion"] = json!("v1");
+            value["kind"] = json!("ConfigMap");
+            cms.patch(&cm_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value)).await?;
+            row.transcript_ref = Some(OutputRef {
+                config_map: cm_name,
+                key: naming::TRANSCRIPT_KEY.into(),
+                size: transcript.len() as u64,
+            });
+        }
         for (key, row) in status.steps.iter_mut() {
             let Some(out) = &row.output else { continue };
             if out.len() <= self.inline_limit {
@@ -100,4 +128,9 @@ impl Outputs {
     pub fn forget_run(&self, uid: &str) {
         lock(&self.known).retain(|(u, _), _| u != uid);
     }
+}
+
+/// The step id of a status key (`implement[2]` -> `implement`).
+fn key_step(key: &str) -> &str {
+    key.split(['[', '/']).next().unwrap_or(key)
 }

@@ -1,0 +1,400 @@
+//! Tools of agent steps, from MCP servers over the streamable HTTP transport (the official
+//! Rust SDK, `rmcp`). An Agent lists servers and the tools it allows from each
+//! (`spec.tools`); a step names the tools it may use (`agent.tools`). For one attempt of a
+//! step, [`ToolSet::open`] connects to the servers of those tools, lists their tools and keeps
+//! the sessions; [`ToolSet::call`] runs one call the model asked for, bounded in time and in
+//! the size of its result. Header values (from the server's `headersFrom` Secret) are sent
+//! marked sensitive and taken out of every message this module makes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::api::{AgentSpec, McpServer};
+
+use super::secrets::SecretSource;
+
+/// Largest tool result handed to the model; a longer one fails the step.
+pub const MAX_TOOL_RESULT_BYTES: usize = 64 * 1024;
+/// Largest answer read from an MCP server (the transport's own bound).
+const MAX_MCP_RESPONSE_BYTES: usize = 1024 * 1024;
+/// How long connecting to a server and listing its tools may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a tool could not be used. Messages name the tool and server, never header values.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ToolError {
+    #[error("tool {tool:?} is not allowed by agent {agent:?} (spec.tools[].allow)")]
+    NotAllowed { agent: String, tool: String },
+    #[error("MCP server {server:?} (spec.tools[].headersFrom): {message}")]
+    Headers { server: String, message: String },
+    #[error("MCP server {server:?}: {message}")]
+    Server { server: String, message: String, retryable: bool },
+    #[error("MCP server {server:?} has no tool {tool:?} (it lists: {available})")]
+    Missing { server: String, tool: String, available: String },
+    #[error("the model asked for tool {tool:?}, which the step does not offer (agent.tools: {offered})")]
+    Unknown { tool: String, offered: String },
+    #[error("tool {tool:?}: the arguments are not a JSON object: {message}")]
+    BadArguments { tool: String, message: String },
+    #[error("tool {tool:?} (MCP server {server:?}) failed: {message}")]
+    Failed { tool: String, server: String, message: String },
+    #[error("tool {tool:?} (MCP server {server:?}) returned {size} bytes, over the bound of {limit}")]
+    TooLarge { tool: String, server: String, size: usize, limit: usize },
+    #[error("tool {tool:?} (MCP server {server:?}) did not answer within {secs:.1}s")]
+    Hung { tool: String, server: String, secs: f64 },
+    #[error(
+        "tool {tool:?} requires approval (spec.tools[{server}].requireApproval); approvals for tools are not available yet"
+    )]
+    NeedsApproval { tool: String, server: String },
+}
+
+impl ToolError {
+    /// Whether a new attempt of the step may help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ToolError::Server { retryable, .. } => *retryable,
+            ToolError::Hung { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Checks an Agent's `spec.tools`: names, URLs, tools allowed once.
+pub fn validate(spec: &AgentSpec) -> Result<(), String> {
+    let mut servers = Vec::new();
+    let mut tools: HashMap<&str, &str> = HashMap::new();
+    for (i, s) in spec.tools.iter().enumerate() {
+        let f = format!("spec.tools[{i}]");
+        if s.name.trim().is_empty() {
+            return Err(format!("{f}.name: must not be empty"));
+        }
+        if servers.contains(&s.name.as_str()) {
+            return Err(format!("{f}.name: server {:?} is listed twice", s.name));
+        }
+        servers.push(s.name.as_str());
+        match reqwest::Url::parse(&s.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(_) => return Err(format!("{f}.url: must be an http:// or https:// URL with a host")),
+            Err(e) => return Err(format!("{f}.url: {e}")),
+        }
+        if let Some(h) = &s.headers_from
+            && h.secret_ref.name.trim().is_empty()
+        {
+            return Err(format!("{f}.headersFrom.secretRef.name: must not be empty"));
+        }
+        for t in &s.allow {
+            if t.trim().is_empty() {
+                return Err(format!("{f}.allow: a tool name must not be empty"));
+            }
+            if let Some(other) = tools.insert(t, &s.name) {
+                return Err(format!("{f}.allow: tool {t:?} is also allowed from server {other:?}"));
+            }
+        }
+        for t in &s.require_approval {
+            if !s.allow.contains(t) {
+                return Err(format!("{f}.requireApproval: tool {t:?} is not in allow"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `spec` allows every tool of `tools`.
+pub fn allows_all(spec: &AgentSpec, tools: &[String]) -> bool {
+    tools.iter().all(|t| spec.tools.iter().any(|s| s.allow.contains(t)))
+}
+
+struct Tool {
+    server: String,
+    description: String,
+    input_schema: Value,
+    approval: bool,
+}
+
+/// The open MCP sessions of one attempt and the tools a step may use through them.
+pub struct ToolSet {
+    tools: BTreeMap<String, Tool>,
+    sessions: HashMap<String, RunningService<RoleClient, ()>>,
+    /// Header values, to take out of messages.
+    secrets: Vec<String>,
+}
+
+impl ToolSet {
+    /// Connects to the servers of `wanted` (tools of the agent `spec`) and lists their tools.
+    pub async fn open(
+        http: &reqwest::Client,
+        secrets: &dyn SecretSource,
+        namespace: &str,
+        agent: &str,
+        spec: &AgentSpec,
+        wanted: &[String],
+        deadline: Option<Instant>,
+    ) -> Result<ToolSet, ToolError> {
+        let mut set = ToolSet { tools: BTreeMap::new(), sessions: HashMap::new(), secrets: Vec::new() };
+        let mut by_server: BTreeMap<&str, (&McpServer, Vec<&String>)> = BTreeMap::new();
+        for t in wanted {
+            let Some(server) = spec.tools.iter().find(|s| s.allow.contains(t)) else {
+                return Err(ToolError::NotAllowed { agent: agent.into(), tool: t.clone() });
+            };
+            by_server.entry(server.name.as_str()).or_insert((server, Vec::new())).1.push(t);
+        }
+        for (name, (server, tools)) in by_server {
+            let (session, listed) = set.connect(http, secrets, namespace, server, deadline).await?;
+            for t in tools {
+                let Some(found) = listed.iter().find(|l| l.name == t.as_str()) else {
+                    let available = listed.iter().map(|l| l.name.to_string()).collect::<Vec<_>>().join(", ");
+                    return Err(ToolError::Missing { server: name.into(), tool: t.clone(), available });
+                };
+                set.tools.insert(
+                    t.clone(),
+                    Tool {
+                        server: name.into(),
+                        description: found.description.as_deref().unwrap_or_default().to_string(),
+                        input_schema: Value::Object((*found.input_schema).clone()),
+                        approval: server.require_approval.contains(t),
+                    },
+                );
+            }
+            set.sessions.insert(name.to_string(), session);
+        }
+        Ok(set)
+    }
+
+    async fn connect(
+        &mut self,
+        http: &reqwest::Client,
+        secrets: &dyn SecretSource,
+        namespace: &str,
+        server: &McpServer,
+        deadline: Option<Instant>,
+    ) -> Result<(RunningService<RoleClient, ()>, Vec<rmcp::model::Tool>), ToolError> {
+        let mut headers = HashMap::new();
+        if let Some(from) = &server.headers_from {
+            let data = secrets
+                .secret_data(namespace, &from.secret_ref.name)
+                .await
+                .map_err(|e| ToolError::Headers { server: server.name.clone(), message: e.to_string() })?;
+            for (k, v) in data {
+                let bad = |what: &str| ToolError::Headers {
+                    server: server.name.clone(),
+                    message: format!("key {k:?} of Secret {:?} is not a valid header {what}", from.secret_ref.name),
+                };
+                let name = HeaderName::try_from(k.as_str()).map_err(|_| bad("name"))?;
+                let mut value = HeaderValue::from_str(v.expose()).map_err(|_| bad("value"))?;
+                value.set_sensitive(true);
+                self.secrets.push(v.expose().to_string());
+                headers.insert(name, value);
+            }
+        }
+        let config = StreamableHttpClientTransportConfig::with_uri(server.url.as_str())
+            .custom_headers(headers)
+            .max_json_response_size(MAX_MCP_RESPONSE_BYTES)
+            .max_sse_event_size(MAX_MCP_RESPONSE_BYTES);
+        let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
+        let bound = bound(deadline, OPEN_TIMEOUT);
+        let server_err = |message: String, retryable: bool| ToolError::Server {
+            server: server.name.clone(),
+            message: self.redact(&message),
+            retryable,
+        };
+        let session = match tokio::time::timeout(bound, ().serve(transport)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(server_err(format!("connecting to {}: {e}", server.url), true)),
+            Err(_) => {
+                return Err(server_err(
+                    format!("no answer from {} within {:.1}s", server.url, bound.as_secs_f64()),
+                    true,
+                ));
+            }
+        };
+        let listed = match tokio::time::timeout(bound, session.list_all_tools()).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return Err(server_err(format!("listing tools: {e}"), true)),
+            Err(_) => return Err(server_err(format!("listing tools took over {:.1}s", bound.as_secs_f64()), true)),
+        };
+        Ok((session, listed))
+    }
+
+    /// The tools as the chat completion request's `tools`.
+    pub fn definitions(&self) -> Vec<Value> {
+        self.tools
+            .iter()
+            .map(|(name, t)| {
+                json!({"type": "function", "function": {
+                    "name": name, "description": t.description, "parameters": t.input_schema,
+                }})
+            })
+            .collect()
+    }
+
+    /// The header values to keep out of anything shown.
+    pub fn secrets(&self) -> &[String] {
+        &self.secrets
+    }
+
+    /// Runs tool `name` with `arguments` (the model's JSON text), within `deadline` or
+    /// `per_call`; gives the result's text.
+    pub async fn call(
+        &self,
+        name: &str,
+        arguments: &str,
+        deadline: Option<Instant>,
+        per_call: Duration,
+    ) -> Result<String, ToolError> {
+        let Some(tool) = self.tools.get(name) else {
+            let offered = self.tools.keys().cloned().collect::<Vec<_>>().join(", ");
+            return Err(ToolError::Unknown { tool: name.into(), offered });
+        };
+        if tool.approval {
+            return Err(ToolError::NeedsApproval { tool: name.into(), server: tool.server.clone() });
+        }
+        let args: serde_json::Map<String, Value> = if arguments.trim().is_empty() {
+            Default::default()
+        } else {
+            serde_json::from_str(arguments)
+                .map_err(|e| ToolError::BadArguments { tool: name.into(), message: e.to_string() })?
+        };
+        let session = &self.sessions[&tool.server];
+        let mut params = CallToolRequestParams::new(name.to_string());
+        params.arguments = Some(args);
+        let bound = bound(deadline, per_call);
+        let result = match tokio::time::timeout(bound, session.call_tool(params)).await {
+            Err(_) => {
+                return Err(ToolError::Hung {
+                    tool: name.into(),
+                    server: tool.server.clone(),
+                    secs: bound.as_secs_f64(),
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(ToolError::Server {
+                    server: tool.server.clone(),
+                    message: self.redact(&format!("calling tool {name:?}: {e}")),
+                    retryable: true,
+                });
+            }
+            Ok(Ok(r)) => serde_json::to_value(&r).unwrap_or(Value::Null),
+        };
+        let text = result_text(&result);
+        if result.get("isError").and_then(Value::as_bool) == Some(true) {
+            return Err(ToolError::Failed {
+                tool: name.into(),
+                server: tool.server.clone(),
+                message: clip(&self.redact(&text), 500),
+            });
+        }
+        if text.len() > MAX_TOOL_RESULT_BYTES {
+            return Err(ToolError::TooLarge {
+                tool: name.into(),
+                server: tool.server.clone(),
+                size: text.len(),
+                limit: MAX_TOOL_RESULT_BYTES,
+            });
+        }
+        Ok(self.redact(&text))
+    }
+
+    /// Closes the sessions.
+    pub async fn close(self) {
+        for (_, s) in self.sessions {
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.cancel()).await;
+        }
+    }
+
+    fn redact(&self, text: &str) -> String {
+        redact_all(text, &self.secrets)
+    }
+}
+
+/// The time a call may take: `per_call`, cut to what is left before `deadline`.
+fn bound(deadline: Option<Instant>, per_call: Duration) -> Duration {
+    match deadline {
+        Some(d) => per_call.min(d.saturating_duration_since(Instant::now())),
+        None => per_call,
+    }
+}
+
+/// The text of a `tools/call` result: its text blocks joined, else its structured content,
+/// else the JSON of its content.
+fn result_text(result: &Value) -> String {
+    let content = result.get("content").and_then(Value::as_array).cloned().unwrap_or_default();
+    let texts: Vec<&str> = content
+        .iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+        .filter_map(|b| b.get("text").and_then(Value::as_str))
+        .collect();
+    if texts.len() == content.len() && !texts.is_empty() {
+        return texts.join("\n");
+    }
+    if let Some(s) = result.get("structuredContent") {
+        return s.to_string();
+    }
+    Value::Array(content).to_string()
+}
+
+/// `text` with every non-empty value of `secrets` replaced by `[redacted]`.
+pub fn redact_all(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 4) {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "[redacted]");
+        }
+    }
+    out
+}
+
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max).collect();
+    out.push('…');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(tools: Value) -> AgentSpec {
+        serde_json::from_value(json!({"model": "m", "tools": tools})).expect("spec")
+    }
+
+    #[test]
+    fn agent_tools_are_checked() {
+        assert_eq!(validate(&spec(json!([{"name": "docs", "url": "http://d:8000/mcp", "allow": ["search"]}]))), Ok(()));
+        let err = validate(&spec(json!([{"name": "docs", "url": "ftp://d/mcp"}]))).expect_err("scheme");
+        assert!(err.starts_with("spec.tools[0].url"), "{err}");
+        let err = validate(&spec(json!([
+            {"name": "a", "url": "http://a/mcp", "allow": ["search"]},
+            {"name": "b", "url": "http://b/mcp", "allow": ["search"]}
+        ])))
+        .expect_err("twice");
+        assert!(err.contains("also allowed from server \"a\""), "{err}");
+        let err = validate(&spec(json!([{"name": "a", "url": "http://a/mcp", "requireApproval": ["rm"]}])))
+            .expect_err("approval of a tool not allowed");
+        assert!(err.contains("requireApproval"), "{err}");
+    }
+
+    #[test]
+    fn results_become_text() {
+        assert_eq!(
+            result_text(&json!({"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]})),
+            "a\nb"
+        );
+        assert_eq!(result_text(&json!({"content": [], "structuredContent": {"n": 1}})), r#"{"n":1}"#);
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(redact_all("Bearer tok-123456 used", &["tok-123456".into()]), "Bearer [redacted] used");
+    }
+}

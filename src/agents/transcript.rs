@@ -1,0 +1,177 @@
+//! The transcript of one attempt of an agent step: the messages sent and received, tool calls
+//! and their results, the replica of each model call, latencies, token usage and repairs.
+//! It rides with the attempt's result ([`TaskInfo::transcript`](crate::engine::TaskInfo)) as
+//! JSON; the run controller stores it in a ConfigMap owned by the run (`transcriptRef`), local
+//! mode next to its state. Secrets (the API key, MCP header values) are taken out, and the JSON
+//! is bounded: long contents are cut, and when it is still too large the oldest middle entries
+//! are dropped (and counted).
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::api::TokenUsage;
+
+use super::mcp::redact_all;
+
+/// Largest transcript kept, in bytes of JSON.
+pub const MAX_TRANSCRIPT_BYTES: usize = 128 * 1024;
+/// Longest content of one entry kept in a transcript.
+const MAX_CONTENT_CHARS: usize = 16 * 1024;
+
+/// One thing that happened in a step's conversation.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Entry {
+    /// A message of the conversation (system, user, assistant with its tool calls, tool).
+    Message { message: Value },
+    /// A model call: who answered, how long it took, what it cost.
+    Call {
+        agent: String,
+        replica: String,
+        /// The whole attempt: replica pick, request, reply, parsing.
+        latency_ms: f64,
+        /// The HTTP exchange alone (sending the request to the end of the reply).
+        http_ms: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tokens: Option<TokenUsage>,
+    },
+    /// A tool call the operator ran.
+    Tool {
+        name: String,
+        latency_ms: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A reply failed the output schema; the model is asked again.
+    Repair { attempt: u32, problem: String },
+}
+
+/// A transcript being written.
+#[derive(Debug, Default)]
+pub struct Transcript {
+    entries: Vec<Entry>,
+    tokens: TokenUsage,
+    repairs: u32,
+    turns: u32,
+    /// Values to take out (API keys, header values).
+    secrets: Vec<String>,
+}
+
+impl Transcript {
+    pub fn push(&mut self, entry: Entry) {
+        if let Entry::Call { tokens: Some(t), .. } = &entry {
+            self.tokens.prompt += t.prompt;
+            self.tokens.completion += t.completion;
+        }
+        if matches!(entry, Entry::Repair { .. }) {
+            self.repairs += 1;
+        }
+        self.entries.push(entry);
+    }
+
+    pub fn message(&mut self, message: &Value) {
+        self.push(Entry::Message { message: message.clone() });
+    }
+
+    pub fn turn(&mut self) {
+        self.turns += 1;
+    }
+
+    pub fn tokens(&self) -> TokenUsage {
+        self.tokens
+    }
+
+    /// Takes `secret` out of the transcript when it is written.
+    pub fn hide(&mut self, secret: &str) {
+        if !secret.is_empty() && !self.secrets.iter().any(|s| s == secret) {
+            self.secrets.push(secret.to_string());
+        }
+    }
+
+    /// The transcript as JSON, redacted and at most [`MAX_TRANSCRIPT_BYTES`].
+    pub fn finish(&self, outcome: &str, error: Option<&str>) -> String {
+        let entries: Vec<Value> = self.entries.iter().map(|e| clip_strings(json!(e))).collect();
+        let mut dropped = 0usize;
+        let render = |entries: &[Value], dropped: usize| {
+            let mut doc = json!({
+                "version": 1,
+                "outcome": outcome,
+                "turns": self.turns,
+                "repairs": self.repairs,
+                "usage": {"prompt": self.tokens.prompt, "completion": self.tokens.completion},
+                "entries": entries,
+            });
+            if let Some(e) = error {
+                doc["error"] = json!(e);
+            }
+            if dropped > 0 {
+                doc["droppedEntries"] = json!(dropped);
+            }
+            redact_all(&doc.to_string(), &self.secrets)
+        };
+        let mut kept = entries;
+        let mut out = render(&kept, dropped);
+        // Keep the first entries (the task) and the last (the answer); drop from the middle.
+        while out.len() > MAX_TRANSCRIPT_BYTES && kept.len() > 2 {
+            let n = (kept.len() / 4).max(1);
+            let mid = kept.len() / 2;
+            let start = mid.saturating_sub(n / 2).max(1);
+            let end = (start + n).min(kept.len() - 1);
+            kept.drain(start..end);
+            dropped += end - start;
+            out = render(&kept, dropped);
+        }
+        if out.len() > MAX_TRANSCRIPT_BYTES {
+            out = render(&[], dropped + kept.len());
+        }
+        out
+    }
+}
+
+/// `value` with every string cut to [`MAX_CONTENT_CHARS`].
+fn clip_strings(value: Value) -> Value {
+    match value {
+        Value::String(s) if s.len() > MAX_CONTENT_CHARS => {
+            let mut cut: String = s.chars().take(MAX_CONTENT_CHARS).collect();
+            cut.push_str(&format!("… [{} more bytes]", s.len() - cut.len()));
+            Value::String(cut)
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(clip_strings).collect()),
+        Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, clip_strings(v))).collect()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transcripts_are_redacted_and_bounded() {
+        let mut t = Transcript::default();
+        t.hide("sk-secret-key");
+        t.message(&json!({"role": "user", "content": "my key is sk-secret-key"}));
+        for i in 0..200 {
+            t.message(&json!({"role": "tool", "content": format!("{i} {}", "x".repeat(4000))}));
+        }
+        t.push(Entry::Call {
+            agent: "a".into(),
+            replica: "r".into(),
+            latency_ms: 3.0,
+            http_ms: 2.5,
+            tokens: Some(TokenUsage { prompt: 2, completion: 1 }),
+        });
+        t.message(&json!({"role": "assistant", "content": "done"}));
+        let out = t.finish("Succeeded", None);
+        assert!(out.len() <= MAX_TRANSCRIPT_BYTES, "{}", out.len());
+        assert!(!out.contains("sk-secret-key"));
+        let v: Value = serde_json::from_str(&out).expect("json");
+        assert!(v["droppedEntries"].as_u64().unwrap_or(0) > 0);
+        assert_eq!(v["entries"][0]["message"]["content"], "my key is [redacted]");
+        assert_eq!(
+            v["entries"].as_array().and_then(|e| e.last()).map(|e| e["message"]["content"].clone()),
+            Some(json!("done"))
+        );
+        assert_eq!(v["usage"], json!({"prompt": 2, "completion": 1}));
+    }
+}
