@@ -219,15 +219,20 @@ pub fn pod_state(pod: &Pod) -> PodState {
             let pod_reason = status.and_then(|s| s.reason.as_deref()).unwrap_or_default();
             let pod_message = status.and_then(|s| s.message.as_deref()).unwrap_or_default().trim();
             let mut message = match (pod_reason, terminated) {
-                ("DeadlineExceeded", _) => format!(
-                    "the step ran longer than its timeout ({}s) and the kubelet stopped it (DeadlineExceeded)",
-                    pod.spec.as_ref().and_then(|s| s.active_deadline_seconds).unwrap_or_default()
-                ),
+                ("DeadlineExceeded", _) => {
+                    // The controller's cache keeps no spec: the deadline is known only sometimes.
+                    let deadline = pod.spec.as_ref().and_then(|s| s.active_deadline_seconds);
+                    format!(
+                        "the step ran longer than its timeout{} and the kubelet stopped it (DeadlineExceeded)",
+                        deadline.map(|d| format!(" ({d}s)")).unwrap_or_default()
+                    )
+                }
                 ("Evicted", _) => format!("the pod was evicted from its node (Evicted): {pod_message}"),
                 (_, Some(t)) if t.reason.as_deref() == Some("OOMKilled") => format!(
-                    "the container ran out of memory and was killed (OOMKilled, exit code {}){}",
+                    "the container ran out of memory and was killed (OOMKilled, exit code {}); raise its \
+                     resources.limits.memory{}",
                     t.exit_code,
-                    memory_limit(pod).map(|l| format!("; its memory limit is {l}")).unwrap_or_default()
+                    memory_limit(pod).map(|l| format!(" (now {l})")).unwrap_or_default()
                 ),
                 (_, Some(t)) => {
                     let reason = t.reason.clone().unwrap_or_else(|| "Error".into());
@@ -446,14 +451,24 @@ mod tests {
         }
     }
 
+    fn oom_again() -> ContainerStateTerminated {
+        ContainerStateTerminated { exit_code: 137, reason: Some("OOMKilled".into()), ..Default::default() }
+    }
+
     #[test]
     fn out_of_memory_and_deadlines_are_named() {
         let oom = ContainerStateTerminated { exit_code: 137, reason: Some("OOMKilled".into()), ..Default::default() };
         let PodState::Failed { message } = pod_state(&failed(None, Some(oom))) else { panic!("failed expected") };
         assert_eq!(
             message,
-            "the container ran out of memory and was killed (OOMKilled, exit code 137); its memory limit is 16Mi"
+            "the container ran out of memory and was killed (OOMKilled, exit code 137); raise its \
+             resources.limits.memory (now 16Mi)"
         );
+        // The controller's cache drops pod specs.
+        let mut slim = failed(None, Some(oom_again()));
+        slim.spec = None;
+        let PodState::Failed { message } = pod_state(&slim) else { panic!("failed expected") };
+        assert!(message.ends_with("raise its resources.limits.memory"), "{message}");
         let killed = ContainerStateTerminated { exit_code: 137, reason: Some("Error".into()), ..Default::default() };
         let PodState::Failed { message } = pod_state(&failed(Some("DeadlineExceeded"), Some(killed))) else {
             panic!("failed expected")
