@@ -290,7 +290,7 @@ async fn helm_installs_upgrades_and_uninstalls() {
     let dep = deployments.get(&full).await.expect("the Deployment");
     let spec = &dep.spec;
     assert_eq!(spec.replicas, Some(2));
-    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("Recreate"));
+    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("RollingUpdate"));
     let pod = spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), Some(full.as_str()));
     let psc = pod.security_context.as_ref().expect("pod security context");
