@@ -21,6 +21,8 @@
 #                                 containerd, kubelet and scheduler in the background; waits until
 #                                 the node is Ready (make demo)
 #   hack/node.sh down DIR         stops what `up` started: the pods first, then kubelet and scheduler
+#   hack/node.sh drain KUBECONFIG deletes every workload and pod while the kubelet runs (the test
+#                                 fixture calls it before it stops the kubelet)
 #   hack/node.sh stop             stops containerd and the containers it runs
 #   hack/node.sh env              prints the settings as shell variables
 #
@@ -323,6 +325,7 @@ cmd_kubelet() {
   ensure_network
   route_api_service "$kubeconfig"
   mkdir -p "$NODE_ROOT/kubelet" "$dir/pki" "$NODE_CACHE/volume-plugins"
+  [[ -z ${VOLT_NODE_PIDFILE:-} ]] || echo $$ >"$VOLT_NODE_PIDFILE"
   exec "$BIN_DIR/kubelet" \
     --kubeconfig="$kubeconfig" \
     --container-runtime=remote \
@@ -357,6 +360,7 @@ cmd_kubelet() {
 cmd_scheduler() {
   local kubeconfig=${1:?usage: node.sh scheduler KUBECONFIG}
   [[ -x $BIN_DIR/kube-scheduler ]] || die "no kube-scheduler in $BIN_DIR: run hack/node.sh install"
+  [[ -z ${VOLT_NODE_PIDFILE:-} ]] || echo $$ >"$VOLT_NODE_PIDFILE"
   exec "$BIN_DIR/kube-scheduler" \
     --kubeconfig="$kubeconfig" \
     --authentication-kubeconfig="$kubeconfig" \
@@ -377,10 +381,9 @@ cmd_up() {
   local kubeconfig=${1:?usage: node.sh up KUBECONFIG DIR} dir=${2:?usage: node.sh up KUBECONFIG DIR}
   mkdir -p "$dir"
   cmd_containerd
-  setsid bash "$0" kubelet "$kubeconfig" "$dir" >"$dir/kubelet.log" 2>&1 </dev/null &
-  echo $! >"$dir/kubelet.pid"
-  setsid bash "$0" scheduler "$kubeconfig" >"$dir/kube-scheduler.log" 2>&1 </dev/null &
-  echo $! >"$dir/kube-scheduler.pid"
+  # Each writes its own pid (the same after exec), which `down` signals.
+  VOLT_NODE_PIDFILE=$dir/kubelet.pid setsid bash "$0" kubelet "$kubeconfig" "$dir" >"$dir/kubelet.log" 2>&1 </dev/null &
+  VOLT_NODE_PIDFILE=$dir/kube-scheduler.pid setsid bash "$0" scheduler "$kubeconfig" >"$dir/kube-scheduler.log" 2>&1 </dev/null &
   echo "$kubeconfig" >"$dir/kubeconfig-path"
   log "waiting for node $NODE_NAME to be Ready (logs in $dir)"
   for _ in $(seq 1 120); do
@@ -388,11 +391,25 @@ cmd_up() {
       log "node $NODE_NAME is Ready"
       return 0
     fi
-    kill -0 "$(cat "$dir/kubelet.pid")" 2>/dev/null || { tail -n 30 "$dir/kubelet.log" >&2; die "the kubelet exited"; }
+    if [[ -s $dir/kubelet.pid ]] && ! kill -0 "$(cat "$dir/kubelet.pid")" 2>/dev/null; then
+      tail -n 30 "$dir/kubelet.log" >&2
+      die "the kubelet exited"
+    fi
     sleep 0.5
   done
   tail -n 30 "$dir/kubelet.log" >&2
   die "node $NODE_NAME not Ready after 60 s"
+}
+
+# Deletes every workload and pod of KUBECONFIG's cluster while the kubelet runs: it kills the
+# containers and tears the pod network down as it deletes each pod. What is left (a pod that
+# would not go in time) the next kubelet removes as an orphan.
+drain() {
+  local kubeconfig=$1
+  timeout 30 kubectl --kubeconfig "$kubeconfig" delete deployments,replicasets,statefulsets,daemonsets,jobs \
+    --all --all-namespaces --wait=false >/dev/null 2>&1 || true
+  timeout 60 kubectl --kubeconfig "$kubeconfig" delete pods --all --all-namespaces --grace-period=1 \
+    --wait=true >/dev/null 2>&1 || log "some pods were not deleted in time; the next kubelet removes them"
 }
 
 cmd_down() {
@@ -400,9 +417,7 @@ cmd_down() {
   if [[ -f $dir/kubeconfig-path ]]; then
     local kubeconfig
     kubeconfig=$(cat "$dir/kubeconfig-path")
-    # The kubelet kills the containers and tears the pod network down as it deletes each pod.
-    timeout 60 kubectl --kubeconfig "$kubeconfig" delete pods --all --all-namespaces --grace-period=1 \
-      --wait=true >/dev/null 2>&1 || log "some pods were not deleted in time; the next kubelet removes them"
+    drain "$kubeconfig"
   fi
   for name in kube-scheduler kubelet; do
     if [[ -f $dir/$name.pid ]]; then
@@ -414,9 +429,14 @@ cmd_down() {
 
 cmd_stop() {
   containerd_running || return 0
+  # Containers a kubelet left (pods of a cluster that is gone): killed and their tasks deleted,
+  # which ends their shims. The next kubelet garbage-collects their sandboxes (and IPs).
   local task
   for task in $(ctr_ tasks ls -q 2>/dev/null); do
     ctr_ tasks kill -s SIGKILL "$task" >/dev/null 2>&1 || true
+  done
+  for task in $(ctr_ tasks ls -q 2>/dev/null); do
+    ctr_ tasks delete --force "$task" >/dev/null 2>&1 || true
   done
   if [[ -f $RUN_DIR/containerd.pid ]]; then
     kill "$(cat "$RUN_DIR/containerd.pid")" 2>/dev/null || true
@@ -446,6 +466,7 @@ case ${1:-} in
   scheduler) shift; cmd_scheduler "$@" ;;
   up) shift; cmd_up "$@" ;;
   down) shift; cmd_down "$@" ;;
+  drain) shift; drain "${1:?usage: node.sh drain KUBECONFIG}" ;;
   stop) cmd_stop ;;
   env) cmd_env ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
