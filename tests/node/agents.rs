@@ -7,17 +7,16 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use volt_operator::api::{Agent, RunPhase, WorkflowRun};
+use volt_operator::api::{Agent, RunPhase};
 
-use crate::cluster::{self, OperatorProcess, apply, finished, http};
-use crate::support::{control_plane, wait_until};
+use crate::cluster::{self, apply, finished, http, operator};
+use crate::kit::{self, wait_until};
 
 const LONG: Duration = Duration::from_secs(120);
 
 /// The replicas that served the `forEach` children of step `ask` in run `name`.
 async fn served_by(client: &kube::Client, ns: &str, name: &str, calls: usize) -> Vec<String> {
-    let run: WorkflowRun = finished(client, ns, name, LONG).await;
-    let status = run.status.unwrap_or_default();
+    let status = finished(client, ns, name, LONG).await;
     assert_eq!(status.phase, RunPhase::Succeeded, "{status:#?}");
     let replicas: Vec<String> =
         (0..calls).map(|i| status.steps[&format!("ask[{i}]")].replica.clone().unwrap_or_default()).collect();
@@ -45,10 +44,11 @@ async fn healthy(agents: &Api<Agent>, name: &str) -> Option<i32> {
 #[tokio::test]
 async fn agent_replicas_are_real_pods_whose_readiness_drives_balancing() {
     let node = cluster::shared();
-    let cp = control_plane::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "node-agents").await;
-    let _op = OperatorProcess::start(&ns).await;
+    let logs = kit::LogDir::new(&ns);
+    let _op = operator(&ns, &logs).await;
     apply(
         &ns,
         &format!(

@@ -1,7 +1,7 @@
 //! The real node of this test process, and what the node tests share.
 //!
 //! [`shared`] starts it once per test process, after the shared control plane
-//! (`support::control_plane::shared`): it refreshes the images (`hack/node.sh images`, which
+//! (`kit::shared`): it refreshes the images (`hack/node.sh images`, which
 //! re-imports the operator image only when the binary changed), runs `hack/node.sh kubelet` and
 //! `hack/node.sh scheduler` as children that die with the test process (`PR_SET_PDEATHSIG`), and
 //! waits until the node is Ready and untainted. At exit it deletes every workload and pod while
@@ -10,10 +10,10 @@
 //! `node/` (`VOLT_TEST_KEEP=1` keeps it).
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::thread;
@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::{Api, Client};
-use volt_operator::api::WorkflowRun;
+use volt_operator::api::{WorkflowRun, WorkflowRunStatus};
 
-use crate::support::control_plane;
+use crate::kit;
 
 /// The node's name (hack/node.sh).
 pub const NODE_NAME: &str = "volt-node";
@@ -84,14 +84,9 @@ extern "C" fn stop_shared() {
     }
 }
 
-/// The repository's root.
-pub fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn node_sh() -> Command {
     let mut c = Command::new("bash");
-    c.arg(repo().join("hack/node.sh"));
+    c.arg(kit::repo("hack/node.sh"));
     c
 }
 
@@ -111,7 +106,7 @@ fn start() -> Result<Node, String> {
                     VOLT_TEST_APISERVER_BIND=0.0.0.0 (after `hack/node.sh install`)"
             .into());
     }
-    let cp = control_plane::shared();
+    let cp = kit::shared();
     if cp.is_external() {
         return Err("the node suite runs its own control plane and node; unset VOLT_TEST_KUBECONFIG".into());
     }
@@ -128,7 +123,7 @@ fn start() -> Result<Node, String> {
     };
 
     // The images, the operator's from the binary under test (imported again only if it changed).
-    let operator = PathBuf::from(env!("CARGO_BIN_EXE_volt-operator"));
+    let operator = kit::operator_bin().to_path_buf();
     let stub = operator.parent().map(|d| d.join("examples/openai_stub")).unwrap_or_default();
     if !stub.is_file() {
         return Err(format!(
@@ -186,7 +181,7 @@ fn start() -> Result<Node, String> {
         }
     });
     if let Err(e) = ready {
-        let tail = tail(&dir.join("kubelet.log"), LOG_TAIL_LINES);
+        let tail = kit::logs::tail(&dir.join("kubelet.log"), LOG_TAIL_LINES);
         node.stop();
         return Err(format!("the node did not start: {e}\n----- kubelet.log -----\n{tail}"));
     }
@@ -224,7 +219,7 @@ impl Node {
 
     /// The kubelet's log.
     pub fn kubelet_log(&self) -> String {
-        tail(&self.dir.join("kubelet.log"), LOG_TAIL_LINES)
+        kit::logs::tail(&self.dir.join("kubelet.log"), LOG_TAIL_LINES)
     }
 }
 
@@ -273,61 +268,29 @@ fn spawn_tied(mut command: Command) -> io::Result<Child> {
     response.recv().map_err(|_| io::Error::other("the process-parent thread did not answer"))?
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 // ---------------------------------------------------------------------------------------------
-// kubectl, helm, runs
-
-/// `kubectl --kubeconfig <admin> ARGS`, with `stdin`: (success, stdout, stderr).
-pub fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let cp = control_plane::shared();
-    let mut cmd = Command::new("kubectl");
-    cmd.arg("--kubeconfig").arg(cp.kubeconfig_path()).args(args);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("kubectl runs");
-    if let Some(input) = stdin {
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("kubectl finishes");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// `kubectl ARGS`: (success, stdout, stderr).
-pub fn kubectl(args: &[&str]) -> (bool, String, String) {
-    kubectl_stdin(args, None)
-}
+// Objects and the operator
 
 /// `kubectl apply -n NS -f -` of `yaml`; panics with kubectl's error.
 pub fn apply(ns: &str, yaml: &str) {
-    let (ok, out, err) = kubectl_stdin(&["apply", "-n", ns, "-f", "-"], Some(yaml));
-    assert!(ok, "kubectl apply failed: {err}\n{out}\n{yaml}");
+    let ran = kit::kubectl_stdin(&["apply", "-n", ns, "-f", "-"], Some(yaml));
+    assert!(ran.ok, "kubectl apply failed: {}\n{}\n{yaml}", ran.stderr, ran.stdout);
 }
 
-/// Polls run `name` until it has finished (Succeeded, Failed or Cancelled).
-pub async fn finished(client: &Client, ns: &str, name: &str, timeout: Duration) -> WorkflowRun {
+/// Waits until run `name` has finished; its status. On a timeout, the pods and the kubelet's
+/// log tail say what the node did.
+pub async fn finished(client: &Client, ns: &str, name: &str, timeout: Duration) -> WorkflowRunStatus {
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
     let deadline = Instant::now() + timeout;
     loop {
-        let run = runs.get_opt(name).await.ok().flatten();
-        if let Some(run) = &run
-            && run.status.as_ref().is_some_and(|s| s.phase.is_finished())
-        {
-            return run.clone();
+        let status = runs.get_opt(name).await.ok().flatten().and_then(|r| r.status);
+        if let Some(status) = status.as_ref().filter(|s| s.phase.is_finished()) {
+            return status.clone();
         }
         if Instant::now() > deadline {
-            let (_, pods, _) = kubectl(&["get", "pods", "-n", ns, "-o", "wide"]);
+            let pods = kit::kubectl(&["get", "pods", "-n", ns, "-o", "wide"]).stdout;
             panic!(
-                "run {ns}/{name} not finished after {timeout:?}: {:#?}\npods:\n{pods}\n----- kubelet.log -----\n{}",
-                run.and_then(|r| r.status),
+                "run {ns}/{name} not finished after {timeout:?}: {status:#?}\npods:\n{pods}\n----- kubelet.log -----\n{}",
                 shared().kubelet_log()
             );
         }
@@ -335,74 +298,15 @@ pub async fn finished(client: &Client, ns: &str, name: &str, timeout: Duration) 
     }
 }
 
-/// The status row of step `key`, with its phase, output and message.
-pub fn step(run: &WorkflowRun, key: &str) -> volt_operator::api::StepStatus {
-    run.status
-        .as_ref()
-        .and_then(|s| s.steps.get(key).cloned())
-        .unwrap_or_else(|| panic!("no step {key} in {:#?}", run.status))
-}
-
-/// Runs `helm ARGS` against the control plane; (success, stdout + stderr).
-pub fn helm(args: &[&str]) -> (bool, String) {
-    let cp = control_plane::shared();
-    let helm = std::env::var_os("HELM").map(PathBuf::from).unwrap_or_else(|| {
-        let out = Command::new("bash").arg(repo().join("hack/control-plane.sh")).arg("bin-dir").output();
-        let dir = out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-        PathBuf::from(dir).join("helm")
-    });
-    let out = Command::new(helm)
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig_path())
-        .current_dir(repo())
-        .stdin(Stdio::null())
-        .output()
-        .expect("helm runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The operator as a process on the host (the helm test runs it as pods)
-
-/// `volt-operator run` for one namespace, with the admin kubeconfig; killed when dropped.
-pub struct OperatorProcess {
-    _child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl OperatorProcess {
-    pub async fn start(ns: &str) -> OperatorProcess {
-        let cp = control_plane::shared();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let log = cp.dir().join(format!("operator-{ns}.log"));
-        let file = std::fs::File::create(&log).expect("operator log");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_volt-operator"))
-            .args(["run", "--http-addr", &format!("127.0.0.1:{port}"), "--namespaces", ns])
-            .args(["--log-format", "text", "--log-level", "info", "--health-check-interval", "1"])
-            .env("KUBECONFIG", cp.kubeconfig_path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start volt-operator");
-        let op = OperatorProcess { _child: child, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !matches!(crate::support::http_get(port, "/readyz", Duration::from_secs(2)).await, Some((200, _))) {
-            assert!(Instant::now() < deadline, "the operator is not Ready after 60 s:\n{}", op.log_tail());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        op
-    }
-
-    pub fn log_tail(&self) -> String {
-        tail(&self.log, 30)
-    }
+/// `volt-operator run` on the host for namespace `ns`, as admin (the helm test runs it as pods
+/// with the chart's RBAC); its log goes to `logs`.
+pub async fn operator(ns: &str, logs: &kit::LogDir) -> kit::OperatorProcess {
+    let cp = kit::shared();
+    kit::OperatorProcess::builder(cp.kubeconfig_path(), logs.join("operator.log"))
+        .namespaces(&[ns])
+        .args(["--log-format", "text", "--log-level", "info", "--health-check-interval", "1"])
+        .start(Duration::from_secs(60))
+        .await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use volt_operator::api::WorkflowRun;
 
-use crate::cluster::{self, OperatorProcess, apply, percentile};
-use crate::support::control_plane;
+use crate::cluster::{self, apply, operator, percentile};
+use crate::kit;
 
 /// When this process first saw each moment of a run.
 #[derive(Default, Clone, Debug)]
@@ -47,10 +47,11 @@ fn secs(a: Option<Instant>, b: Option<Instant>) -> f64 {
 #[tokio::test]
 async fn figures_real_pod_start_to_step_output() {
     let node = cluster::shared();
-    let cp = control_plane::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "node-figures").await;
-    let _op = OperatorProcess::start(&ns).await;
+    let logs = kit::LogDir::new(&ns);
+    let _op = operator(&ns, &logs).await;
     let samples: usize = std::env::var("VOLT_NODE_SAMPLES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     apply(
         &ns,
@@ -158,7 +159,7 @@ async fn figures_real_pod_start_to_step_output() {
     }
     eprintln!("{table}");
     json.insert("samples".into(), samples.into());
-    let path = cluster::repo().join("target/node-figures.json");
+    let path = kit::repo("target/node-figures.json");
     let _ = std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap_or_default());
 
     let total = &rows[0].1;

@@ -11,8 +11,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use volt_operator::api::RunPhase;
 
-use crate::cluster::{self, finished, helm, http, kubectl, repo, step};
-use crate::support::{control_plane, wait_until};
+use crate::cluster::{self, finished, http};
+use crate::kit::tools::CHART;
+use crate::kit::{self, helm, kubectl, repo, step, wait_until};
 
 /// The chart's lease settings for this test: a quick hand-over.
 const LEASE_DURATION: Duration = Duration::from_secs(6);
@@ -72,7 +73,7 @@ async fn two_ready_one_leader(pods: &Api<Pod>, rel: &str, timeout: Duration) -> 
 fn rollout_status(ns: &str, deployment: &str) -> Duration {
     let started = Instant::now();
     let (ok, out, err) =
-        kubectl(&["-n", ns, "rollout", "status", &format!("deployment/{deployment}"), "--timeout=180s"]);
+        kubectl(&["-n", ns, "rollout", "status", &format!("deployment/{deployment}"), "--timeout=180s"]).parts();
     assert!(ok, "kubectl rollout status: {out}{err}");
     started.elapsed()
 }
@@ -80,18 +81,21 @@ fn rollout_status(ns: &str, deployment: &str) -> Duration {
 #[tokio::test]
 async fn the_operator_runs_in_cluster_as_a_two_replica_deployment_and_hands_over() {
     let node = cluster::shared();
-    let cp = control_plane::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "node-helm").await;
     let rel = format!("vn{}", cluster::random());
     let full = format!("{rel}-volt-operator");
     let installed = Instant::now();
-    let (ok, out) = helm(&[
+    let kubeconfig = cp.kubeconfig_path().display().to_string();
+    let out = helm(&[
         "install",
         &rel,
-        "charts/volt-operator",
+        CHART,
         "--namespace",
         &ns,
+        "--kubeconfig",
+        &kubeconfig,
         "--set",
         "replicaCount=2",
         "--set",
@@ -102,8 +106,8 @@ async fn the_operator_runs_in_cluster_as_a_two_replica_deployment_and_hands_over
         "leaderElection.leaseGrace=2",
         "--set",
         "readinessProbe.periodSeconds=1",
-    ]);
-    assert!(ok, "helm install: {out}");
+    ])
+    .await;
     assert!(out.contains("kubectl apply -f examples/demo/hello.yaml"), "the NOTES say how to run hello: {out}");
 
     // Both replicas become Ready (the follower too), so the rollout finishes.
@@ -126,14 +130,14 @@ async fn the_operator_runs_in_cluster_as_a_two_replica_deployment_and_hands_over
 
     // The NOTES' hello run, as written: a container step on the node, created by the operator
     // pod through its in-cluster configuration.
-    let hello = repo().join("examples/demo/hello.yaml").display().to_string();
-    let (ok, out, err) = kubectl(&["apply", "-n", &ns, "-f", &hello]);
+    let hello = repo("examples/demo/hello.yaml").display().to_string();
+    let (ok, out, err) = kubectl(&["apply", "-n", &ns, "-f", &hello]).parts();
     assert!(ok, "kubectl apply -f examples/demo/hello.yaml: {out}{err}");
-    let run = finished(&client, &ns, "hello-1", Duration::from_secs(120)).await;
-    assert_eq!(run.status.as_ref().map(|s| s.phase), Some(RunPhase::Succeeded), "{:#?}", run.status);
-    let summary = step(&run, "summary").output.unwrap_or_default();
+    let status = finished(&client, &ns, "hello-1", Duration::from_secs(120)).await;
+    assert_eq!(status.phase, RunPhase::Succeeded, "{status:#?}");
+    let summary = step(&status, "summary").output.clone().unwrap_or_default();
     assert_eq!(summary, "Hello, Ada! Hello, Grace! Hello, Linus! (from pod hello-1-pod-1, uid 65532)");
-    let (ok, logs, err) = kubectl(&["-n", &ns, "logs", &format!("deployment/{full}"), "--tail=5"]);
+    let (ok, logs, err) = kubectl(&["-n", &ns, "logs", &format!("deployment/{full}"), "--tail=5"]).parts();
     assert!(ok && !logs.is_empty(), "kubectl logs deployment/{full}: {err}");
 
     // Delete the leader's pod: it releases the Lease on SIGTERM and another replica leads: the
@@ -141,7 +145,7 @@ async fn the_operator_runs_in_cluster_as_a_two_replica_deployment_and_hands_over
     // Deployment starts in its place, whose first read finds the Lease free. The rollout is
     // complete again.
     let deleted = Instant::now();
-    let (ok, _, err) = kubectl(&["-n", &ns, "delete", "pod", &leader, "--wait=false"]);
+    let (ok, _, err) = kubectl(&["-n", &ns, "delete", "pod", &leader, "--wait=false"]).parts();
     assert!(ok, "{err}");
     let new_leader = wait_until("another replica to lead", LEASE_DURATION * 2 + Duration::from_secs(10), || async {
         for r in replicas(&pods, &rel).await {
@@ -166,14 +170,12 @@ async fn the_operator_runs_in_cluster_as_a_two_replica_deployment_and_hands_over
     // The new leader runs workflows.
     let second = "apiVersion: volt.dev/v1alpha1\nkind: WorkflowRun\nmetadata: {name: hello-2}\nspec:\n  workflowRef: {name: hello}\n  params: {people: [Edsger]}\n";
     cluster::apply(&ns, second);
-    let run = finished(&client, &ns, "hello-2", Duration::from_secs(120)).await;
+    let status = finished(&client, &ns, "hello-2", Duration::from_secs(120)).await;
     assert_eq!(
-        step(&run, "summary").output.as_deref(),
+        step(&status, "summary").output.as_deref(),
         Some("Hello, Edsger! (from pod hello-2-pod-1, uid 65532)"),
-        "{:#?}",
-        run.status
+        "{status:#?}"
     );
 
-    let (ok, out) = helm(&["uninstall", &rel, "--namespace", &ns, "--wait", "--timeout", "120s"]);
-    assert!(ok, "helm uninstall: {out}");
+    helm(&["uninstall", &rel, "--namespace", &ns, "--kubeconfig", &kubeconfig, "--wait", "--timeout", "120s"]).await;
 }

@@ -5,10 +5,8 @@
 //! the images, and sets `VOLT_TEST_APISERVER_BIND=0.0.0.0` so pods reach the apiserver.
 //! The fast suites keep the kubelet stand-in (tests/e2e/support/kubelet.rs).
 
-// The shared fixture (control plane, helpers), until it moves to tests/kit.
-#[path = "../e2e/support/mod.rs"]
-#[allow(unused_imports)]
-mod support;
+#[path = "../kit/mod.rs"]
+mod kit;
 
 mod agents;
 mod cluster;

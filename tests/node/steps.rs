@@ -10,18 +10,19 @@ use serde_json::json;
 use volt_operator::api::{RunPhase, StepPhase, WorkflowRun};
 use volt_operator::naming;
 
-use crate::cluster::{self, OperatorProcess, apply, finished, kubectl, processes_with_argv, step};
-use crate::support::{control_plane, wait_until};
+use crate::cluster::{self, apply, finished, operator, processes_with_argv};
+use crate::kit::{self, kubectl, step, wait_until};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[tokio::test]
 async fn root_and_non_root_images_run_with_their_outputs_volumes_and_logs() {
     let node = cluster::shared();
-    let cp = control_plane::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "node-images").await;
-    let _op = OperatorProcess::start(&ns).await;
+    let logs = kit::LogDir::new(&ns);
+    let _op = operator(&ns, &logs).await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let cm: ConfigMap = serde_json::from_value(json!({
         "metadata": {"name": "greeting"}, "data": {"greeting": "hello from a ConfigMap"}
@@ -86,10 +87,9 @@ spec:
 "#
         ),
     );
-    let run = finished(&client, &ns, "images", RUN_TIMEOUT).await;
-    let status = run.status.clone().unwrap_or_default();
+    let status = finished(&client, &ns, "images", RUN_TIMEOUT).await;
     assert_eq!(status.phase, RunPhase::Succeeded, "{status:#?}");
-    let out = |key: &str| step(&run, key).output.unwrap_or_default().trim().to_string();
+    let out = |key: &str| step(&status, key).output.clone().unwrap_or_default().trim().to_string();
     assert_eq!(out("root-image"), "uid=65532 gid=65532");
     assert_eq!(out("chosen-user"), "1001");
     assert_eq!(out("nonroot-image"), "1001 wrote ok");
@@ -103,8 +103,8 @@ spec:
     let psc = spec.security_context.expect("pod security context");
     assert_eq!((psc.run_as_non_root, psc.run_as_user), (Some(true), Some(65532)));
     assert_eq!(spec.node_name.as_deref(), Some(cluster::NODE_NAME), "scheduled on the real node");
-    let (ok, logs, err) = kubectl(&["logs", "-n", &ns, &pod_name]);
-    assert!(ok && logs.contains("hello from the log"), "kubectl logs: {err}{logs}");
+    let (ok, out, err) = kubectl(&["logs", "-n", &ns, &pod_name]).parts();
+    assert!(ok && out.contains("hello from the log"), "kubectl logs: {err}{out}");
 }
 
 /// The pids of the processes `sleep <marker>` (a container's, seen from the host).
@@ -115,10 +115,11 @@ fn sleeping(marker: &str) -> Vec<u32> {
 #[tokio::test]
 async fn a_timeout_and_a_cancel_stop_the_real_containers() {
     let node = cluster::shared();
-    let cp = control_plane::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "node-stop").await;
-    let _op = OperatorProcess::start(&ns).await;
+    let logs = kit::LogDir::new(&ns);
+    let _op = operator(&ns, &logs).await;
     let busybox = &node.images.busybox;
     let (timed, cancelled) = (format!("{}", 100_000 + cluster::random()), format!("{}", 200_000 + cluster::random()));
     // The shell forwards SIGTERM, as a well-behaved step does: the container stops at once.
@@ -162,8 +163,8 @@ spec:
     runs.patch("cancelled", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}})))
         .await
         .expect("cancel");
-    let run = finished(&client, &ns, "cancelled", RUN_TIMEOUT).await;
-    assert_eq!(run.status.as_ref().map(|s| s.phase), Some(RunPhase::Cancelled));
+    let status = finished(&client, &ns, "cancelled", RUN_TIMEOUT).await;
+    assert_eq!(status.phase, RunPhase::Cancelled);
     wait_until("the cancelled step's container to stop", Duration::from_secs(30), || async {
         sleeping(&cancelled).is_empty().then_some(())
     })
@@ -171,9 +172,9 @@ spec:
     eprintln!("[node] cancel to container gone: {:.1}s", cancel_at.elapsed().as_secs_f64());
 
     // The other times out after 6 s: the step fails saying so, and its container is gone.
-    let run = finished(&client, &ns, "timed", RUN_TIMEOUT).await;
-    assert_eq!(run.status.as_ref().map(|s| s.phase), Some(RunPhase::Failed));
-    let row = step(&run, "sleepy");
+    let status = finished(&client, &ns, "timed", RUN_TIMEOUT).await;
+    assert_eq!(status.phase, RunPhase::Failed);
+    let row = step(&status, "sleepy");
     assert_eq!(row.phase, StepPhase::Failed);
     assert!(
         row.message.contains("timed out after 6s") || row.message.contains("DeadlineExceeded"),
@@ -202,10 +203,11 @@ spec:
 #[tokio::test]
 async fn image_pull_errors_oom_kills_and_exit_codes_fail_the_step_naming_the_reason() {
     let node = cluster::shared();
-    let cp = control_plane::shared();
+    let cp = kit::shared();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "node-faults").await;
-    let _op = OperatorProcess::start(&ns).await;
+    let logs = kit::LogDir::new(&ns);
+    let _op = operator(&ns, &logs).await;
     let busybox = &node.images.busybox;
     apply(
         &ns,
@@ -232,11 +234,11 @@ spec:
 "#
         ),
     );
-    let run = finished(&client, &ns, "faults", RUN_TIMEOUT).await;
+    let status = finished(&client, &ns, "faults", RUN_TIMEOUT).await;
     let message = |key: &str| {
-        let row = step(&run, key);
+        let row = step(&status, key);
         assert_eq!(row.phase, StepPhase::Failed, "{key}: {row:#?}");
-        row.message
+        row.message.clone()
     };
     let pull = message("pull");
     assert!(
