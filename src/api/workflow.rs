@@ -525,7 +525,8 @@ pub struct PodSettings {
     /// Security settings, within the restricted Pod Security Standard: the pod always runs as
     /// non-root (as user 65532 unless `runAsUser` says otherwise), without privilege escalation,
     /// with every capability dropped (NET_BIND_SERVICE may be added back) and a RuntimeDefault
-    /// or Localhost seccomp profile. Values the profile forbids are rejected.
+    /// or Localhost seccomp profile. Values the profile forbids are rejected; fields it does not
+    /// list (seLinuxOptions, windowsOptions...) are not part of the schema and are dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<StepSecurityContext>,
     /// Node labels the pod's node must have.
@@ -589,6 +590,14 @@ pub struct StepSecurityContext {
     /// Seccomp profile: RuntimeDefault (the default) or Localhost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp_profile: Option<StepSeccompProfile>,
+    /// Only Default (the only accepted value; Unmasked is what the profile forbids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "only_default_proc_mount")]
+    pub proc_mount: Option<String>,
+}
+
+fn only_default_proc_mount(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["Default"]})
 }
 
 fn only_true(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
