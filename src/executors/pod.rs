@@ -307,7 +307,7 @@ mod tests {
                 resources: None,
                 working_dir: None,
                 service_account_name: None,
-                pod: PodSettings::default(),
+                pod: Box::default(),
             },
             timeout: Some(std::time::Duration::from_secs(30)),
             cache: None,
@@ -334,7 +334,7 @@ mod tests {
     fn with_settings(pod: PodSettings) -> TaskStart {
         let mut t = task();
         if let Work::Container { pod: p, .. } = &mut t.work {
-            *p = pod;
+            **p = pod;
         }
         t
     }

@@ -20,10 +20,9 @@ async fn served_by(client: &kube::Client, ns: &str, name: &str, calls: usize) ->
     assert_eq!(status.phase, RunPhase::Succeeded, "{status:#?}");
     let replicas: Vec<String> =
         (0..calls).map(|i| status.steps[&format!("ask[{i}]")].replica.clone().unwrap_or_default()).collect();
-    for i in 0..calls {
-        let row = &status.steps[&format!("ask[{i}]")];
-        let output = row.output.clone().unwrap_or_default();
-        assert!(output.starts_with(&format!("[stub {}] Say {i}", replicas[i])), "the stub's answer: {output}");
+    for (i, replica) in replicas.iter().enumerate() {
+        let output = status.steps[&format!("ask[{i}]")].output.clone().unwrap_or_default();
+        assert!(output.starts_with(&format!("[stub {replica}] Say {i}")), "the stub's answer: {output}");
     }
     replicas
 }
