@@ -36,6 +36,11 @@
 # the `kubernetes` Service (the in-cluster API address) to the apiserver, which must then listen
 # beyond loopback (the test fixture does with VOLT_TEST_APISERVER_BIND=0.0.0.0).
 #
+# --sync-frequency=10s (default 1m): kubelet 1.20's pod workers can miss a graceful deletion
+# that arrives while the pod is still starting (fixed by 1.22's pod lifecycle rework); the
+# periodic resync then stops the pod. Seen here as a cancelled step's container running on for
+# up to a minute.
+#
 # Settings that this machine needs (a gVisor sandbox without CAP_SYS_RESOURCE, cgroup v1 and no
 # systemd): containerd's CRI with restrict_oom_score_adj (the sandbox may not lower its OOM
 # score) and the cgroupfs driver; the kubelet with --cgroups-per-qos=false
@@ -353,6 +358,7 @@ cmd_kubelet() {
     --resolv-conf=/etc/resolv.conf \
     --cluster-domain=cluster.local \
     --node-status-update-frequency=4s \
+    --sync-frequency=10s \
     --logtostderr=true \
     --v="${VOLT_KUBELET_V:-1}"
 }

@@ -304,7 +304,7 @@ pub async fn operator(ns: &str, logs: &kit::LogDir) -> kit::OperatorProcess {
     let cp = kit::shared();
     kit::OperatorProcess::builder(cp.kubeconfig_path(), logs.join("operator.log"))
         .namespaces(&[ns])
-        .args(["--log-format", "text", "--log-level", "info", "--health-check-interval", "1"])
+        .args(["--log-format", "text", "--log-level", "info,volt_operator=debug", "--health-check-interval", "1"])
         .start(Duration::from_secs(60))
         .await
 }

@@ -112,6 +112,24 @@ fn sleeping(marker: &str) -> Vec<u32> {
     processes_with_argv(&["sleep", marker])
 }
 
+/// Waits until the container of run `run`'s step `sleepy` (its process `sleep <marker>`) has
+/// stopped; on a timeout, says what its pod and the operator were doing.
+async fn container_stops(client: &kube::Client, ns: &str, run: &str, marker: &str, op: &kit::OperatorProcess) {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while !sleeping(marker).is_empty() {
+        if Instant::now() > deadline {
+            let pod = Api::<Pod>::namespaced(client.clone(), ns).get_opt(&naming::pod_name(run, "sleepy", 1)).await;
+            let pod = pod.ok().flatten().map(|p| (p.metadata.deletion_timestamp, p.status.map(|s| (s.phase, s.reason))));
+            panic!(
+                "the container of {run} still runs 45 s on; its pod (deletion, status): {pod:?}\n--- operator\n{}\n--- kubelet\n{}",
+                op.log_tail(),
+                cluster::shared().kubelet_log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_timeout_and_a_cancel_stop_the_real_containers() {
     let node = cluster::shared();
@@ -119,7 +137,7 @@ async fn a_timeout_and_a_cancel_stop_the_real_containers() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "node-stop").await;
     let logs = kit::LogDir::new(&ns);
-    let _op = operator(&ns, &logs).await;
+    let op = operator(&ns, &logs).await;
     let busybox = &node.images.busybox;
     let (timed, cancelled) = (format!("{}", 100_000 + cluster::random()), format!("{}", 200_000 + cluster::random()));
     // The shell forwards SIGTERM, as a well-behaved step does: the container stops at once.
@@ -165,10 +183,7 @@ spec:
         .expect("cancel");
     let status = finished(&client, &ns, "cancelled", RUN_TIMEOUT).await;
     assert_eq!(status.phase, RunPhase::Cancelled);
-    wait_until("the cancelled step's container to stop", Duration::from_secs(30), || async {
-        sleeping(&cancelled).is_empty().then_some(())
-    })
-    .await;
+    container_stops(&client, &ns, "cancelled", &cancelled, &op).await;
     eprintln!("[node] cancel to container gone: {:.1}s", cancel_at.elapsed().as_secs_f64());
 
     // The other times out after 6 s: the step fails saying so, and its container is gone.
@@ -181,10 +196,7 @@ spec:
         "a timeout, named: {}",
         row.message
     );
-    wait_until("the timed-out step's container to stop", Duration::from_secs(30), || async {
-        sleeping(&timed).is_empty().then_some(())
-    })
-    .await;
+    container_stops(&client, &ns, "timed", &timed, &op).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     for name in [naming::pod_name("timed", "sleepy", 1), naming::pod_name("cancelled", "sleepy", 1)] {
         wait_until(&format!("pod {name} to be gone or finished"), Duration::from_secs(60), || async {
