@@ -414,8 +414,23 @@ drain() {
   local kubeconfig=$1
   timeout 30 kubectl --kubeconfig "$kubeconfig" delete deployments,replicasets,statefulsets,daemonsets,jobs \
     --all --all-namespaces --wait=false >/dev/null 2>&1 || true
-  timeout 60 kubectl --kubeconfig "$kubeconfig" delete pods --all --all-namespaces --grace-period=1 \
-    --wait=true >/dev/null 2>&1 || log "some pods were not deleted in time; the next kubelet removes them"
+  # Finished pods have no container to stop: removed at once. (Kubelet 1.20 can leave one
+  # Terminating for good: when its dead container was already garbage-collected, killing it
+  # fails with NotFound, again and again.)
+  local phase
+  for phase in Succeeded Failed; do
+    timeout 30 kubectl --kubeconfig "$kubeconfig" delete pods --all-namespaces --field-selector="status.phase==$phase" \
+      --grace-period=0 --force >/dev/null 2>&1 || true
+  done
+  # A pod already being deleted with a longer grace period (a Deployment's, deleted by the
+  # garbage collector) is stopped by kubelet 1.20 on its first schedule, not sooner: wait a
+  # little, then leave what remains to the next kubelet, which removes its containers as orphans
+  # (or to `hack/node.sh stop`).
+  if ! timeout "${VOLT_NODE_DRAIN_SECONDS:-15}" kubectl --kubeconfig "$kubeconfig" delete pods --all --all-namespaces \
+    --grace-period=1 --wait=true >/dev/null 2>&1; then
+    log "pods still stopping (the next kubelet or hack/node.sh stop removes them):"
+    kubectl --kubeconfig "$kubeconfig" get pods --all-namespaces --no-headers 2>&1 | head -n 20 >&2 || true
+  fi
 }
 
 cmd_down() {

@@ -205,11 +205,12 @@ impl Node {
         if children.is_empty() {
             return;
         }
-        let mut drain = node_sh();
-        drain.arg("drain").arg(&self.kubeconfig);
-        if let Err(e) = output(&mut drain, "hack/node.sh drain") {
-            eprintln!("[node] {e}");
+        let started = Instant::now();
+        let drained = node_sh().arg("drain").arg(&self.kubeconfig).stdin(Stdio::null()).status();
+        if !drained.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("[node] hack/node.sh drain: {drained:?}");
         }
+        eprintln!("[node] pods deleted in {:.1}s; stopping the kubelet", started.elapsed().as_secs_f64());
         for child in children.iter_mut().rev() {
             let _ = child.kill();
             let _ = child.wait();

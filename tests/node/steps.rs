@@ -119,7 +119,8 @@ async fn container_stops(client: &kube::Client, ns: &str, run: &str, marker: &st
     while !sleeping(marker).is_empty() {
         if Instant::now() > deadline {
             let pod = Api::<Pod>::namespaced(client.clone(), ns).get_opt(&naming::pod_name(run, "sleepy", 1)).await;
-            let pod = pod.ok().flatten().map(|p| (p.metadata.deletion_timestamp, p.status.map(|s| (s.phase, s.reason))));
+            let pod =
+                pod.ok().flatten().map(|p| (p.metadata.deletion_timestamp, p.status.map(|s| (s.phase, s.reason))));
             panic!(
                 "the container of {run} still runs 45 s on; its pod (deletion, status): {pod:?}\n--- operator\n{}\n--- kubelet\n{}",
                 op.log_tail(),
