@@ -25,6 +25,8 @@ cleanup() {
   [[ -n $pf_pid ]] && kill "$pf_pid" 2>/dev/null || true
   if [[ -f $work/node/kubeconfig-path ]]; then bash hack/node.sh down "$work/node" || true; fi
   [[ -n $cluster_pid ]] && kill "$cluster_pid" 2>/dev/null || true
+  # Containers still stopping when the kubelet went (a Deployment's pods) go with containerd.
+  bash hack/node.sh stop || true
   wait 2>/dev/null || true
   rm -rf "$work"
 }
