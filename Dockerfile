@@ -8,6 +8,10 @@
 #
 # Each platform builds natively (under emulation with buildx), so the Rust target follows the
 # build machine's architecture. TLS is rustls with ring: no OpenSSL, no libc at run time.
+#
+# The test node (hack/node.sh images, docs/real-node.md) has no Docker engine and no musl
+# target: it builds its local image of the same name by hand, from the glibc debug binary and
+# the libraries it links. This file is the image for real registries.
 
 ARG RUST_VERSION=1.95
 

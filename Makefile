@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help deps test lint unit e2e chaos crds demo build release clean-cache local-demo manifests bench
+.PHONY: help deps test lint unit e2e chaos crds demo build release clean-cache local-demo manifests bench node-deps node-images node-test node-stop
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,15 +46,29 @@ e2e: deps ## End-to-end tests against a real kube-apiserver, etcd and kube-contr
 chaos: deps ## Fault injection on a real control plane: SIGKILL of the operator, a 30 s apiserver outage, 409s (VOLT_CHAOS_SEED=n replays)
 	$(CARGO) test --test chaos
 
-test: deps lint ## Everything CI runs: deps, lint, unit, end-to-end and fault-injection tests, a small benchmark run
+test: deps lint ## Everything CI runs: deps, lint, unit, end-to-end and fault-injection tests, a small benchmark run, the real-node suite
 	$(CARGO) test --lib --bins
 	$(CARGO) test --test local
 	$(CARGO) test --test e2e -- --test-threads=$${E2E_THREADS:-4}
 	$(CARGO) test --test chaos
 	$(CARGO) build --bin volt-operator --example bench
 	./target/debug/examples/bench --scale 0.02 --check --operator target/debug/volt-operator
+	$(MAKE) node-test
 
-demo: deps build ## Start a local control plane and the operator, apply the examples, show `kubectl get volt`
+node-deps: deps ## Install the real node: containerd, runc, CNI plugins (Debian), kubelet and kube-scheduler (built from the cached 1.20.2 source), pause
+	bash hack/node.sh install
+
+node-images: node-deps ## Build and import the node's images: pause, busybox, the stub model server, the operator (debug build)
+	$(CARGO) build --bin volt-operator --example openai_stub
+	bash hack/node.sh images --operator target/debug/volt-operator --stub target/debug/examples/openai_stub
+
+node-test: node-images ## End-to-end tests on a real node (kubelet, containerd, CNI): container steps, agent replicas as pods, the operator as a 2-replica Deployment
+	VOLT_TEST_APISERVER_BIND=0.0.0.0 $(CARGO) test --test node -- --test-threads=$${NODE_THREADS:-2} --show-output
+
+node-stop: ## Stop the node's containerd and whatever containers it still runs
+	bash hack/node.sh stop
+
+demo: node-images ## A local control plane and a real node; the operator installed with helm; the development pipeline with agent replicas as pods; `kubectl get volt`
 	bash hack/demo.sh
 
 local-demo: ## Run examples/local/pipeline.yaml on this machine (no cluster) twice: the second run comes from the cache

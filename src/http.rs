@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -31,13 +32,21 @@ pub fn router(metrics: Metrics, health: Arc<Health>) -> Router {
         .with_state(AppState { metrics, health })
 }
 
+/// Ready whether or not this replica leads (followers must be Ready, or a Deployment of two
+/// replicas never finishes a rollout): the leader once its informers have synced, a follower
+/// (which runs none) while the API server answers it. The body says which.
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    let synced = s.health.synced.load(std::sync::atomic::Ordering::Relaxed);
-    let leader = s.health.leader.load(std::sync::atomic::Ordering::Relaxed);
-    if synced && leader {
-        (StatusCode::OK, "ok".to_string())
+    let h = &s.health;
+    let leader = h.leader.load(Ordering::Relaxed);
+    let body = if leader {
+        format!("leader, caches synced={}", h.synced.load(Ordering::Relaxed))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: caches synced={synced}, leader={leader}"))
+        format!("follower, API server answers={}", h.api_reachable.load(Ordering::Relaxed))
+    };
+    if h.ready() {
+        (StatusCode::OK, format!("ok: {body}"))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {body}"))
     }
 }
 
@@ -57,6 +66,12 @@ async fn stats(State(s): State<AppState>) -> impl IntoResponse {
             "status": if healthy { "healthy" } else { "degraded" },
             "ready": s.health.ready(),
             "components": snap.components,
+        },
+        "leadership": {
+            "leaderElection": s.health.election.get().is_some(),
+            "leader": s.health.leader.load(Ordering::Relaxed),
+            "lease": s.health.election.get().map(|c| c.lease.as_str()),
+            "identity": s.health.election.get().map(|c| c.identity.as_str()),
         },
         "agents": {"total": snap.agents_total, "ready": snap.agents_ready, "healthyReplicas": snap.replicas_healthy},
         "runs": {
@@ -112,4 +127,49 @@ pub async fn serve(
     axum::serve(listener, router(metrics, health))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::to_bytes;
+
+    async fn ready(health: Arc<Health>) -> (StatusCode, String) {
+        let state = AppState { metrics: Metrics::new(), health };
+        let response = readyz(State(state)).await.into_response();
+        let code = response.status();
+        let body = to_bytes(response.into_body(), 4096).await.expect("a body");
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// SPEC, "Readiness (changed)": a follower is Ready while the API server answers; the
+    /// leader once its informers have synced.
+    #[tokio::test]
+    async fn followers_are_ready_while_the_api_answers() {
+        let h = Arc::new(Health::default());
+        assert_eq!(
+            ready(h.clone()).await,
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready: follower, API server answers=false".into())
+        );
+        h.api_reachable.store(true, Ordering::Relaxed);
+        assert_eq!(ready(h.clone()).await, (StatusCode::OK, "ok: follower, API server answers=true".into()));
+        h.leader.store(true, Ordering::Relaxed);
+        assert_eq!(ready(h.clone()).await.0, StatusCode::SERVICE_UNAVAILABLE, "a leader waits for its informers");
+        h.synced.store(true, Ordering::Relaxed);
+        assert_eq!(ready(h.clone()).await, (StatusCode::OK, "ok: leader, caches synced=true".into()));
+    }
+
+    #[tokio::test]
+    async fn stats_report_leadership() {
+        let h = Arc::new(Health::default());
+        let _ = h.election.set(crate::leader::Candidate { lease: "ops/volt".into(), identity: "pod-a_1".into() });
+        let state = AppState { metrics: Metrics::new(), health: h };
+        let response = stats(State(state)).await.into_response();
+        let body = to_bytes(response.into_body(), 1 << 20).await.expect("a body");
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(
+            json["leadership"],
+            json!({"leaderElection": true, "leader": false, "lease": "ops/volt", "identity": "pod-a_1"})
+        );
+    }
 }

@@ -1,9 +1,11 @@
 //! Leader election with a `coordination.k8s.io/v1` Lease (through `kube-lease-manager`): of the
 //! replicas that share a Lease, only the one holding it runs the controllers.
 //!
-//! - Every replica serves `/healthz` and `/metrics`; `/readyz` is ready only on the leader once
-//!   its caches have synced ([`Health::leader`]). Followers keep no caches: they start the
-//!   controllers, and so list and watch, when they take over.
+//! - Every replica serves `/healthz`, `/readyz` and `/metrics`. Followers keep no caches: they
+//!   start the controllers, and so list and watch, when they take over. So a follower is Ready
+//!   while the API server answers it (it reads the Lease every [`FOLLOWER_CHECK`],
+//!   [`Health::api_reachable`]), the leader once its caches have synced: a Deployment of two
+//!   replicas finishes its rollouts. Leadership is in `/api/v1/stats` and `volt_leader`.
 //! - The leader renews the Lease `grace` seconds before it expires. A follower takes an expired
 //!   Lease, so a leader that dies is replaced within the lease duration (plus up to a second).
 //! - When a renewal fails, the leader keeps trying and checks the Lease; if it has not renewed
@@ -42,6 +44,10 @@ const RECHECK: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Attempts to read or create the Lease at startup before giving up.
 const START_ATTEMPTS: u32 = 5;
+/// How often a follower checks that the API server answers (its readiness).
+pub const FOLLOWER_CHECK: Duration = Duration::from_secs(5);
+/// How long that check may take.
+const FOLLOWER_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// The pod's namespace, when running in a pod.
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
@@ -64,6 +70,15 @@ pub enum LeaderError {
     },
     #[error("lost the leader-election Lease {namespace}/{name}: {reason}; stopped reconciling")]
     Lost { namespace: String, name: String, reason: String },
+}
+
+/// What `/api/v1/stats` says about this replica's candidacy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Candidate {
+    /// `<namespace>/<name>` of the Lease.
+    pub lease: String,
+    /// This replica's holder identity.
+    pub identity: String,
 }
 
 /// Where the Lease is and who this replica is.
@@ -156,10 +171,16 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     health.leader.store(false, Ordering::Relaxed);
+    let _ = health.election.set(Candidate {
+        lease: format!("{}/{}", settings.namespace, settings.lease_name),
+        identity: settings.identity.clone(),
+    });
     let gauge = leader_gauge(metrics);
     let Some(manager) = start_manager(&client, &settings, &shutdown).await? else {
         return Ok(());
     };
+    // The manager has read (or created) the Lease: the API server answers.
+    health.api_reachable.store(true, Ordering::Relaxed);
     info!(
         lease = %settings.lease_name,
         namespace = %settings.namespace,
@@ -187,6 +208,7 @@ where
                     _ = shutdown.cancelled() => break Event::Shutdown,
                     result = &mut changed => break Event::Changed(result),
                     _ = finished(&mut term) => break Event::WorkEnded,
+                    _ = follower_tick(leader) => check_api(&leases, &settings, &health).await,
                     _ = tick(rechecking) => {
                         if let Some((since, at)) = renewal_failed {
                             if renewed_since(&leases, &settings, at).await {
@@ -239,6 +261,7 @@ where
                 }
             }
             Event::Changed(Err(e)) => {
+                health.api_reachable.store(false, Ordering::Relaxed);
                 let wait = backoff.next();
                 warn!(lease = %settings.lease_name, error = %e, retry_in = ?wait, "reading the Lease failed");
                 tokio::select! {
@@ -311,6 +334,25 @@ async fn finished(term: &mut Option<Term>) {
             let _ = (&mut term.handle).await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Resolves every [`FOLLOWER_CHECK`] while this replica follows; never on the leader.
+async fn follower_tick(leader: bool) {
+    if leader { std::future::pending().await } else { tokio::time::sleep(FOLLOWER_CHECK).await }
+}
+
+/// A follower's readiness: whether the API server answers a read of the Lease.
+async fn check_api(leases: &Api<Lease>, settings: &Settings, health: &Health) {
+    let answered =
+        matches!(tokio::time::timeout(FOLLOWER_CHECK_TIMEOUT, leases.get_opt(&settings.lease_name)).await, Ok(Ok(_)));
+    let before = health.api_reachable.swap(answered, Ordering::Relaxed);
+    if before != answered {
+        if answered {
+            info!(lease = %settings.lease_name, "the API server answers again; Ready as a follower");
+        } else {
+            warn!(lease = %settings.lease_name, "the API server does not answer; not Ready until it does");
+        }
     }
 }
 

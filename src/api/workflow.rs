@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::api::core::v1::{EnvVar, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -505,6 +506,250 @@ pub struct ContainerStep {
     /// Service account of the pod (defaults to the namespace's `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// Settings copied into the pod as they are (no templates): security context, scheduling,
+    /// image pull secrets, volumes.
+    #[serde(flatten)]
+    pub pod: PodSettings,
+}
+
+/// The user a container step runs as when its `securityContext` names none: the pod must run
+/// as non-root (the restricted Pod Security Standard), and an image that would run as root (most
+/// do) is refused by the kubelet unless the pod names a user. The same user as distroless'
+/// `nonroot`.
+pub const DEFAULT_RUN_AS_USER: i64 = 65532;
+
+/// The settings of a container step's pod that are not templates, copied into the pod.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    /// Security settings, within the restricted Pod Security Standard: the pod always runs as
+    /// non-root (as user 65532 unless `runAsUser` says otherwise), without privilege escalation,
+    /// with every capability dropped (NET_BIND_SERVICE may be added back) and a RuntimeDefault
+    /// or Localhost seccomp profile. Values the profile forbids are rejected; fields it does not
+    /// list (seLinuxOptions, windowsOptions...) are not part of the schema and are dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<StepSecurityContext>,
+    /// Node labels the pod's node must have.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pod tolerates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Secrets (in the run's namespace) for pulling the image from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Volumes of the pod: ConfigMaps, Secrets and emptyDir (a workspace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub volumes: Vec<StepVolume>,
+    /// Where the container mounts those volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub volume_mounts: Vec<StepVolumeMount>,
+}
+
+/// A container step's security settings: the subset of a pod's and a container's security
+/// context that the restricted Pod Security Standard allows to choose.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepSecurityContext {
+    /// User id the container runs as; not 0 (root). Default: 65532.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_as_user: Option<i64>,
+    /// Primary group id of the container's processes. Default: 65532 when `runAsUser` is not
+    /// set either, else the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub run_as_group: Option<i64>,
+    /// Group that owns the pod's volumes and is added to the processes' groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub fs_group: Option<i64>,
+    /// More groups for the container's processes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supplemental_groups: Vec<i64>,
+    /// Always true (the only accepted value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "only_true")]
+    pub run_as_non_root: Option<bool>,
+    /// Mount the container's root filesystem read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_root_filesystem: Option<bool>,
+    /// Always false (the only accepted value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "only_false")]
+    pub allow_privilege_escalation: Option<bool>,
+    /// Always false (the only accepted value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "only_false")]
+    pub privileged: Option<bool>,
+    /// Capabilities: all are dropped; NET_BIND_SERVICE may be added back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<StepCapabilities>,
+    /// Seccomp profile: RuntimeDefault (the default) or Localhost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp_profile: Option<StepSeccompProfile>,
+    /// Only Default (the only accepted value; Unmasked is what the profile forbids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "only_default_proc_mount")]
+    pub proc_mount: Option<String>,
+}
+
+fn only_default_proc_mount(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["Default"]})
+}
+
+fn only_true(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "boolean", "enum": [true]})
+}
+
+fn only_false(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "boolean", "enum": [false]})
+}
+
+/// Capabilities of a container step.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepCapabilities {
+    /// Capabilities added back: only NET_BIND_SERVICE.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "capabilities_add")]
+    pub add: Vec<String>,
+    /// Capabilities dropped; ALL is always dropped, whatever this says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
+}
+
+fn capabilities_add(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "array", "items": {"type": "string", "enum": ["NET_BIND_SERVICE"]}})
+}
+
+/// Seccomp profile of a container step.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepSeccompProfile {
+    /// RuntimeDefault or Localhost (Unconfined is not allowed).
+    #[serde(rename = "type")]
+    #[schemars(schema_with = "seccomp_type")]
+    pub type_: String,
+    /// With Localhost: the profile's path relative to the kubelet's seccomp directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub localhost_profile: Option<String>,
+}
+
+fn seccomp_type(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["RuntimeDefault", "Localhost"]})
+}
+
+/// A volume of a container step's pod: exactly one of `configMap`, `secret` and `emptyDir`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [{"required": ["configMap"]}, {"required": ["secret"]}, {"required": ["emptyDir"]}]))]
+pub struct StepVolume {
+    /// Name, referenced by `volumeMounts`: a DNS label.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    pub name: String,
+    /// The keys of a ConfigMap in the run's namespace, as files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapVolume>,
+    /// The keys of a Secret in the run's namespace, as files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretVolume>,
+    /// An empty directory that lives as long as the pod: a workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirVolume>,
+}
+
+/// A ConfigMap as a volume.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapVolume {
+    /// Name of the ConfigMap.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Only these keys, at these paths (default: every key, named after it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
+    /// Mode of the files (default 0644).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 511))]
+    pub default_mode: Option<i32>,
+    /// Start the pod even if the ConfigMap (or a listed key) is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+/// A Secret as a volume.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretVolume {
+    /// Name of the Secret.
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
+    /// Only these keys, at these paths (default: every key, named after it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
+    /// Mode of the files (default 0644).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 511))]
+    pub default_mode: Option<i32>,
+    /// Start the pod even if the Secret (or a listed key) is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+/// A key of a ConfigMap or Secret and the file it becomes.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyToPath {
+    /// The key.
+    pub key: String,
+    /// Relative path of the file.
+    pub path: String,
+    /// Mode of this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 511))]
+    pub mode: Option<i32>,
+}
+
+/// An emptyDir volume.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EmptyDirVolume {
+    /// "" (the node's disk, the default) or Memory (tmpfs, counted against the memory limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "empty_dir_medium")]
+    pub medium: Option<String>,
+    /// Largest size, a quantity such as 1Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "quantity_string")]
+    pub size_limit: Option<Quantity>,
+}
+
+fn empty_dir_medium(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["", "Memory"]})
+}
+
+fn quantity_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"})
+}
+
+/// Where the container mounts a volume.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepVolumeMount {
+    /// Name of a volume in `volumes`.
+    pub name: String,
+    /// Absolute path in the container.
+    #[schemars(regex(pattern = r"^/"))]
+    pub mount_path: String,
+    /// Mount read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// Mount only this path inside the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
 }
 
 fn env_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -585,4 +830,51 @@ pub struct WorkflowStatus {
     /// Number of steps, `finally` included.
     #[serde(default)]
     pub step_count: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The container step's schema carries the restricted profile, so the API server rejects
+    /// what it forbids with an error naming the field.
+    #[test]
+    fn the_container_schema_enforces_the_restricted_profile() {
+        let crd = super::super::crds().into_iter().find(|c| c.spec.names.kind == "Workflow").expect("Workflow CRD");
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let container =
+            &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["steps"]["items"]["properties"]["container"];
+        let props = &container["properties"];
+        for field in
+            ["image", "securityContext", "nodeSelector", "tolerations", "imagePullSecrets", "volumes", "volumeMounts"]
+        {
+            assert!(props.get(field).is_some(), "container.{field} is in the schema: {container:#}");
+        }
+        let sc = &props["securityContext"]["properties"];
+        assert_eq!(sc["privileged"]["enum"], serde_json::json!([false]));
+        assert_eq!(sc["allowPrivilegeEscalation"]["enum"], serde_json::json!([false]));
+        assert_eq!(sc["runAsNonRoot"]["enum"], serde_json::json!([true]));
+        assert_eq!(sc["runAsUser"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(sc["capabilities"]["properties"]["add"]["items"]["enum"], serde_json::json!(["NET_BIND_SERVICE"]));
+        assert_eq!(
+            sc["seccompProfile"]["properties"]["type"]["enum"],
+            serde_json::json!(["RuntimeDefault", "Localhost"])
+        );
+        let volume = &props["volumes"]["items"];
+        assert_eq!(volume["oneOf"].as_array().map(Vec::len), Some(3), "{volume:#}");
+        assert!(volume["properties"].get("hostPath").is_none());
+    }
+
+    #[test]
+    fn container_settings_read_from_yaml() {
+        let step: Step = serde_saphyr::from_str(
+            "id: build\ncontainer:\n  image: busybox:1.35\n  securityContext: {runAsUser: 1000}\n  \
+             volumes: [{name: work, emptyDir: {}}]\n  volumeMounts: [{name: work, mountPath: /work}]\n",
+        )
+        .expect("parses");
+        let c = step.container.expect("container");
+        assert_eq!(c.pod.security_context.and_then(|s| s.run_as_user), Some(1000));
+        assert_eq!(c.pod.volumes[0].empty_dir, Some(EmptyDirVolume::default()));
+        assert_eq!(c.pod.volume_mounts[0].mount_path, "/work");
+    }
 }

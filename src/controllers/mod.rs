@@ -49,6 +49,11 @@ pub struct Health {
     pub synced: AtomicBool,
     /// This replica holds the lease (or leader election is off).
     pub leader: AtomicBool,
+    /// The API server answered this replica's latest check: what makes a follower, which runs
+    /// no informers, Ready. Set by leader election ([`crate::leader`]).
+    pub api_reachable: AtomicBool,
+    /// The Lease and this replica's identity, when leader election is on.
+    pub election: std::sync::OnceLock<crate::leader::Candidate>,
     /// The step cache, once the controllers have started.
     pub cache: std::sync::OnceLock<Arc<crate::cache::CacheManager>>,
     /// The event log, once the controllers have started.
@@ -58,8 +63,14 @@ pub struct Health {
 }
 
 impl Health {
+    /// Readiness (`/readyz`), whether or not this replica leads: the leader (or the only
+    /// replica) once its informers have synced, a follower while the API server answers it.
     pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::Relaxed) && self.leader.load(Ordering::Relaxed)
+        if self.leader.load(Ordering::Relaxed) {
+            self.synced.load(Ordering::Relaxed)
+        } else {
+            self.api_reachable.load(Ordering::Relaxed)
+        }
     }
 }
 

@@ -128,6 +128,8 @@ pub enum Work {
         resources: Option<ResourceRequirements>,
         working_dir: Option<String>,
         service_account_name: Option<String>,
+        /// Pod settings copied from the step as they are (security context, volumes...).
+        pod: Box<crate::api::PodSettings>,
     },
     Http {
         method: HttpMethod,
@@ -1195,6 +1197,7 @@ fn render_work(step: &Step, ctx: &Context) -> Result<Option<Work>, (String, Temp
             resources: c.resources.clone(),
             working_dir: c.working_dir.clone(),
             service_account_name: c.service_account_name.clone(),
+            pod: Box::new(c.pod.clone()),
         }));
     }
     if let Some(h) = &step.http {

@@ -300,6 +300,7 @@ mod tests {
                 resources: None,
                 working_dir: None,
                 service_account_name: None,
+                pod: Default::default(),
             },
             timeout,
             cache: None,

@@ -290,7 +290,7 @@ async fn helm_installs_upgrades_and_uninstalls() {
     let dep = deployments.get(&full).await.expect("the Deployment");
     let spec = &dep.spec;
     assert_eq!(spec.replicas, Some(2));
-    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("Recreate"));
+    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("RollingUpdate"));
     let pod = spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), Some(full.as_str()));
     let psc = pod.security_context.as_ref().expect("pod security context");
@@ -606,23 +606,32 @@ async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
     leases.get(name).await.ok()?.spec?.holder_identity
 }
 
-/// Waits until exactly one of `processes` is ready, the others answering not ready; its index.
+/// Whether `p` leads (`leadership.leader` in `/api/v1/stats`) and is Ready.
+async fn leads(p: &OperatorProcess) -> bool {
+    let Some((200, body)) = p.get("/api/v1/stats").await else { return false };
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    stats["leadership"]["leader"] == true && p.ready().await
+}
+
+/// Waits until exactly one of `processes` leads and every one is Ready (followers too, as
+/// SPEC's readiness wants); the leader's index.
 async fn the_leader(processes: &[&OperatorProcess], timeout: Duration) -> usize {
     let deadline = Instant::now() + timeout;
     loop {
-        let mut ready = Vec::new();
-        let mut not_ready = 0;
+        let mut leaders = Vec::new();
+        let mut ready = 0;
         for (i, p) in processes.iter().enumerate() {
-            match p.get("/readyz").await {
-                Some((200, _)) => ready.push(i),
-                Some((503, body)) if body.contains("leader=false") => not_ready += 1,
-                _ => {}
+            if leads(p).await {
+                leaders.push(i);
+            }
+            if p.ready().await {
+                ready += 1;
             }
         }
-        if ready.len() == 1 && ready.len() + not_ready == processes.len() {
-            return ready[0];
+        if leaders.len() == 1 && ready == processes.len() {
+            return leaders[0];
         }
-        assert!(ready.len() <= 1, "two leaders at once: {ready:?}");
+        assert!(leaders.len() <= 1, "two leaders at once: {leaders:?}");
         if Instant::now() > deadline {
             let logs: Vec<String> = processes.iter().map(|p| format!("--- {}\n{}", p.name(), p.log_tail())).collect();
             panic!("no single leader after {timeout:?}\n{}", logs.join("\n"));
@@ -707,7 +716,7 @@ async fn leader_election_between_operator_processes() {
     let killed = Instant::now();
     leader.sigkill().await;
     wait_until("the follower to take over", LEASE_DURATION + Duration::from_secs(5), || async {
-        follower.ready().await.then_some(())
+        leads(follower).await.then_some(())
     })
     .await;
     let takeover = killed.elapsed();
@@ -729,7 +738,7 @@ async fn leader_election_between_operator_processes() {
     let held = holder(&leases, &lease).await.unwrap_or_default();
     assert!(!held.starts_with(&format!("{}_", follower.name())), "the Lease was released, yet held by {held}");
     wait_until("the new replica to take over", LEASE_DURATION + Duration::from_secs(5), || async {
-        c.ready().await.then_some(())
+        leads(&c).await.then_some(())
     })
     .await;
     eprintln!("[packaging] takeover after SIGTERM of the leader: {:.2}s", stopped.elapsed().as_secs_f64());

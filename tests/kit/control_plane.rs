@@ -597,7 +597,11 @@ fn start_local(bins: &Binaries) -> Result<ControlPlane, Failure> {
 
     let apiserver_args: Vec<String> = vec![
         format!("--etcd-servers={etcd_client_url}"),
-        "--bind-address=127.0.0.1".into(),
+        // Pods of a real node (tests/node, hack/node.sh) reach the apiserver beyond loopback:
+        // VOLT_TEST_APISERVER_BIND=0.0.0.0 lets them; the stand-in needs nothing but loopback.
+        format!("--bind-address={}", env::var("VOLT_TEST_APISERVER_BIND").unwrap_or_else(|_| "127.0.0.1".into())),
+        // `kubectl logs` and `exec` dial a real node by its InternalIP (its name does not resolve).
+        "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
         "--advertise-address=127.0.0.1".into(),
         format!("--secure-port={apiserver_port}"),
         format!("--cert-dir={}", path("apiserver-certs").display()),
