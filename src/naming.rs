@@ -15,8 +15,13 @@ pub const LABEL_AGENT: &str = "volt.dev/agent";
 pub const LABEL_FINISHED: &str = "volt.dev/finished";
 /// On a finished WorkflowRun with `spec.ttlSecondsAfterFinished`: when it is deleted (RFC 3339).
 pub const ANNOTATION_EXPIRES: &str = "volt.dev/expires-at";
-/// Annotation on step pods: the status key of the step (with the forEach index).
+/// Annotation on step pods, child runs and resource step objects: the status key of the step
+/// (with the forEach index and loop iteration).
 pub const ANNOTATION_STEP_KEY: &str = "volt.dev/step-key";
+/// On a child WorkflowRun (a `workflow` step's): the name of the run that started it.
+pub const LABEL_PARENT_RUN: &str = "volt.dev/parent-run";
+/// On a child WorkflowRun: the Workflows of the runs above it, root first, joined by `/`.
+pub const ANNOTATION_CHAIN: &str = "volt.dev/workflow-chain";
 
 /// Longest DNS label (pod hostnames, label values).
 pub const MAX_LABEL: usize = 63;
@@ -93,6 +98,24 @@ pub fn key_fragment(key: &str) -> String {
 /// label (at most 63 characters) so it is also a valid hostname.
 pub fn pod_name(run: &str, key: &str, attempt: u32) -> String {
     fit(&format!("{run}-{}-{attempt}", key_fragment(key)), MAX_LABEL)
+}
+
+/// Name of the child WorkflowRun of attempt `attempt` of `workflow` step key `key` in run
+/// `run`: deterministic (a restart never starts it twice), and a label value, since the
+/// child's own pods are labelled with it.
+pub fn child_run_name(run: &str, key: &str, attempt: u32) -> String {
+    fit(&format!("{run}-{}-{attempt}", key_fragment(key)), MAX_LABEL)
+}
+
+/// Name of the object a `resource` step creates: `prefix` (the manifest's `metadata.name`, or
+/// the run's name) with the step key and attempt.
+pub fn resource_name(prefix: &str, key: &str, attempt: u32) -> String {
+    fit(&format!("{prefix}-{}-{attempt}", key_fragment(key)), MAX_LABEL)
+}
+
+/// The chain of a child run's annotation, as a list.
+pub fn parse_chain(annotation: &str) -> Vec<String> {
+    annotation.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
 /// Name of the ConfigMap holding a step's output.

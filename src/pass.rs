@@ -69,6 +69,8 @@ pub trait StepRuntime: Send + Sync {
 pub enum Started {
     /// It runs; in the cluster, as this pod.
     Running { pod: Option<String> },
+    /// It runs as this object (`Kind/name`): a child WorkflowRun, a resource step's object.
+    RunningAs { object: String },
     /// It ended at once (refused for good, for example): its result.
     Ended(Event),
 }
@@ -265,6 +267,11 @@ impl<'a, R: StepRuntime> Pass<'a, R> {
                         Started::Running { pod } => {
                             if let (Some(pod), Some(row)) = (pod, status.steps.get_mut(&task.key)) {
                                 row.pod = Some(pod);
+                            }
+                        }
+                        Started::RunningAs { object } => {
+                            if let Some(row) = status.steps.get_mut(&task.key) {
+                                row.object = Some(object);
                             }
                         }
                         Started::Ended(result) => settled.push(result),

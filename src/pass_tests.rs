@@ -54,7 +54,11 @@ impl Drop for DropGuard<'_> {
 }
 
 impl TaskExecutor for Script {
-    fn run<'a>(&'a self, _namespace: &'a str, task: &'a TaskStart) -> BoxFuture<'a, crate::executors::Outcome> {
+    fn run<'a>(
+        &'a self,
+        _run: &'a crate::engine::RunInfo,
+        task: &'a TaskStart,
+    ) -> BoxFuture<'a, crate::executors::Outcome> {
         self.started.lock().unwrap_or_else(|p| p.into_inner()).push((task.key.clone(), task.attempt));
         let what = self.plan.get(&(task.key.clone(), task.attempt)).copied().unwrap_or(Do::Succeed);
         Box::pin(async move {
@@ -99,7 +103,7 @@ impl Fixture {
         Self {
             spec,
             dag,
-            run: RunInfo { name: "r".into(), namespace: "ns".into(), uid: "u".into() },
+            run: RunInfo { name: "r".into(), namespace: "ns".into(), uid: "u".into(), ..Default::default() },
             settings: Settings::default(),
             pool: TaskPool::new(4, exec, Arc::new(move |_: &str, _: &str| wake.notify_one())),
             woken,

@@ -517,3 +517,87 @@ async fn llm_steps_use_mcp_tools_repair_their_output_and_write_transcripts() {
     let tool = t["entries"].as_array().and_then(|e| e.iter().find(|x| x["kind"] == "tool")).cloned();
     assert_eq!(tool.map(|x| x["name"].clone()), Some(serde_json::json!("add")));
 }
+
+const CHILDREN: &str = r#"
+apiVersion: volt.dev/v1alpha1
+kind: Workflow
+metadata: {name: release}
+spec:
+  params: [{name: version}]
+  output: "{{ steps.notes.output }} / {{ steps.each.output }}"
+  steps:
+  - id: build
+    template: "build-{{ params.version }}"
+  - id: notes
+    dependsOn: [build]
+    workflow: {ref: testing, params: {target: "{{ steps.build.output }}", rounds: 2}}
+  - id: each
+    forEach: '["a", "b"]'
+    workflow: {ref: testing, params: {target: "{{ item }}"}}
+---
+apiVersion: volt.dev/v1alpha1
+kind: Workflow
+metadata: {name: testing}
+spec:
+  params: [{name: target}, {name: rounds, default: 1}]
+  output: "tested {{ params.target }} x{{ params.rounds }}"
+  steps:
+  - id: test
+    template: "ok"
+---
+apiVersion: volt.dev/v1alpha1
+kind: Workflow
+metadata: {name: ping}
+spec:
+  steps:
+  - id: call
+    workflow: {ref: pong}
+---
+apiVersion: volt.dev/v1alpha1
+kind: Workflow
+metadata: {name: pong}
+spec:
+  steps:
+  - id: call
+    workflow: {ref: ping}
+---
+apiVersion: volt.dev/v1alpha1
+kind: Workflow
+metadata: {name: lost}
+spec:
+  steps:
+  - id: call
+    workflow: {ref: nowhere}
+"#;
+
+#[test]
+fn workflow_steps_run_child_runs_in_process_and_cycles_and_missing_workflows_fail_naming_the_chain() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(tmp.path(), "children.yaml", CHILDREN);
+    let run =
+        volt(tmp.path(), &["local", "run", &file, "--workflow", "release", "--param", "version=7", "--output", "json"]);
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let status = run.json();
+    assert_eq!(status["phase"], "Succeeded", "{status:#}");
+    assert_eq!(status["steps"]["notes"]["output"], "tested build-7 x2");
+    assert_eq!(status["steps"]["each[1]"]["output"], "tested b x1");
+    assert_eq!(
+        status["output"], "tested build-7 x2 / [\"tested a x1\",\"tested b x1\"]",
+        "a fan-out of child runs gathers their outputs"
+    );
+
+    // ping -> pong -> ping: the second ping is refused, naming the chain.
+    let run = volt(tmp.path(), &["local", "run", &file, "--workflow", "ping", "--output", "json"]);
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    let status = run.json();
+    let message = status["steps"]["call"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("cycle") && message.contains("ping -> pong -> ping"), "{status:#}");
+
+    let run = volt(tmp.path(), &["local", "run", &file, "--workflow", "lost", "--output", "json"]);
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    let message = run.json()["steps"]["call"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.contains("workflow.ref") && message.contains("\"nowhere\"") && message.contains("lost -> nowhere"),
+        "{message}"
+    );
+}

@@ -5,11 +5,13 @@
 
 mod agent;
 mod conditions;
+mod control_flow;
 mod run;
 mod workflow;
 
 pub use agent::*;
 pub use conditions::*;
+pub use control_flow::*;
 pub use run::*;
 pub use workflow::*;
 

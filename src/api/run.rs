@@ -261,6 +261,11 @@ pub struct StepStatus {
     /// Pod of the current attempt (container steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// What the current attempt runs as besides a pod, as `kubectl get` takes it
+    /// (`<Kind>.<version>.<group>/<name>`): the child run of a workflow step
+    /// (`WorkflowRun.v1alpha1.volt.dev/...`), the object of a resource step (`Job.v1.batch/...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
     /// True when the result came from the cache and the step did not run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cached: bool,

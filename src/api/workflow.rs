@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::agent::{CapabilitySelector, Strategy};
 use super::conditions::conditions_schema;
+use super::control_flow::{ApprovalStep, LoopStep, ResourceStep, WaitStep, WorkflowStep};
 
 /// Pattern every step id must match: a DNS label, so it can name pods and label values.
 pub const STEP_ID_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -234,7 +235,7 @@ pub struct Step {
 
     /// A group of steps repeated until a condition holds.
     #[serde(default, rename = "loop", skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "loop_schema")]
+    #[schemars(schema_with = "super::control_flow::loop_schema")]
     pub loop_: Option<LoopStep>,
 
     /// Waits for a decision in the run's `spec.decisions` (phase Waiting).
@@ -244,94 +245,14 @@ pub struct Step {
     /// Waits for a number of seconds or until a time (phase Waiting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<WaitStep>,
-}
 
-/// A loop: its own small DAG of steps, repeated until `until` holds.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct LoopStep {
-    /// Most iterations; reaching it without `until` holding fails the step (see `onMax`).
-    #[schemars(range(min = 1, max = 100))]
-    pub max_iterations: u32,
-    /// Condition evaluated after each iteration over that iteration's steps; the loop ends
-    /// when it holds.
-    #[schemars(length(min = 1))]
-    pub until: String,
-    /// What reaching `maxIterations` does: `fail` (default) or `succeed`.
-    #[serde(default)]
-    pub on_max: OnMax,
-    /// The steps of one iteration; ids are local to the loop.
-    #[schemars(schema_with = "loop_steps_schema")]
-    pub steps: Vec<Step>,
-}
-
-/// What reaching a loop's `maxIterations` does.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OnMax {
-    #[default]
-    Fail,
-    Succeed,
-}
-
-thread_local! {
-    /// Set while the schema of a loop's steps is generated: a step inside a loop may not hold
-    /// a loop (validation says so), and its schema does not recurse.
-    static IN_LOOP_SCHEMA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn loop_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    if IN_LOOP_SCHEMA.get() {
-        return schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true,
-            "description": "Loops do not nest."});
-    }
-    <LoopStep as JsonSchema>::json_schema(generator)
-}
-
-fn loop_steps_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    IN_LOOP_SCHEMA.set(true);
-    let step = <Step as JsonSchema>::json_schema(generator);
-    IN_LOOP_SCHEMA.set(false);
-    schemars::json_schema!({"type": "array", "minItems": 1, "maxItems": 50, "items": step})
-}
-
-/// A person's sign-off, given by patching the run's `spec.decisions`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ApprovalStep {
-    /// What is asked (a template), shown in the step's message and events.
+    /// Runs another Workflow as a child WorkflowRun; the output is the child's `status.output`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// How long to wait for a decision, in seconds; then `onTimeout` applies.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 31536000))]
-    pub timeout_seconds: Option<u32>,
-    /// Decision taken when the timeout passes: `reject` (default) or `approve`.
-    #[serde(default)]
-    pub on_timeout: OnTimeout,
-}
+    pub workflow: Option<WorkflowStep>,
 
-/// Decision taken when an approval times out.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OnTimeout {
-    #[default]
-    Reject,
-    Approve,
-}
-
-/// A wait: exactly one of `seconds` and `until`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct WaitStep {
-    /// Seconds to wait.
+    /// Creates a Kubernetes object that another controller runs, and waits for a condition on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 31536000))]
-    pub seconds: Option<u32>,
-    /// An RFC 3339 time to wait until (a template).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
-    pub until: Option<String>,
+    pub resource: Option<ResourceStep>,
 }
 
 /// The kind of a step.
@@ -344,6 +265,8 @@ pub enum StepKind {
     Loop,
     Approval,
     Wait,
+    Workflow,
+    Resource,
 }
 
 impl StepKind {
@@ -356,6 +279,8 @@ impl StepKind {
             StepKind::Loop => "loop",
             StepKind::Approval => "approval",
             StepKind::Wait => "wait",
+            StepKind::Workflow => "workflow",
+            StepKind::Resource => "resource",
         }
     }
 }
@@ -384,6 +309,12 @@ impl Step {
         }
         if self.wait.is_some() {
             kinds.push(StepKind::Wait);
+        }
+        if self.workflow.is_some() {
+            kinds.push(StepKind::Workflow);
+        }
+        if self.resource.is_some() {
+            kinds.push(StepKind::Resource);
         }
         kinds
     }

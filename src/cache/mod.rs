@@ -299,6 +299,9 @@ pub fn step_key(namespace: &str, work: &Work, identity: &serde_json::Value) -> S
         Work::Http { method, url, headers, body, success_codes } => json!({
             "kind": "http", "method": method.as_str(), "url": url, "headers": headers, "body": body, "codes": success_codes,
         }),
+        // Not memoized (validation refuses `cache` on them): the key only has to be total.
+        Work::Workflow { workflow, params } => json!({"kind": "workflow", "workflow": workflow, "params": params}),
+        Work::Resource { manifest, .. } => json!({"kind": "resource", "manifest": manifest}),
     };
     let mut h = Sha256::new();
     h.update(namespace.as_bytes());

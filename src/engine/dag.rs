@@ -367,7 +367,7 @@ pub fn valid_step_id(id: &str) -> bool {
 }
 
 /// The step kinds, as validation messages list them.
-const KINDS: &str = "agent, container, http, template, loop, approval, wait";
+const KINDS: &str = "agent, container, http, template, loop, approval, wait, workflow, resource";
 
 /// Checks a loop's `until`: it parses, and reads only the loop's own steps.
 fn check_until(
@@ -428,7 +428,43 @@ fn check_kind_fields(step: &Step, field: &str, errors: &mut Vec<ValidationError>
     let mut push =
         |f: String, m: &str| errors.push(ValidationError { step: Some(step.id.clone()), field: f, message: m.into() });
     if step.for_each.is_some() && (step.loop_.is_some() || step.approval.is_some() || step.wait.is_some()) {
-        push(format!("{field}.forEach"), "forEach works on agent, container, http and template steps");
+        push(
+            format!("{field}.forEach"),
+            "forEach works on agent, container, http, template, workflow and resource steps",
+        );
+    }
+    if (step.workflow.is_some() || step.resource.is_some()) && step.cache.as_ref().is_some_and(|c| c.enabled) {
+        push(
+            format!("{field}.cache"),
+            "workflow and resource steps are not memoized (the steps of a child Workflow can be)",
+        );
+    }
+    if let Some(w) = &step.workflow
+        && w.ref_.trim().is_empty()
+    {
+        push(format!("{field}.workflow.ref"), "must name a Workflow");
+    }
+    if let Some(r) = &step.resource {
+        for part in ["apiVersion", "kind"] {
+            if r.manifest.get(part).and_then(|v| v.as_str()).is_none_or(|s| s.trim().is_empty()) {
+                push(format!("{field}.resource.manifest.{part}"), "required (a non-empty string)");
+            }
+        }
+        if !r.manifest.is_object() {
+            push(format!("{field}.resource.manifest"), "must be an object");
+        }
+        let checks = [
+            ("successWhen", Some(&r.success_when), true),
+            ("failureWhen", r.failure_when.as_ref(), true),
+            ("output", r.output.as_ref(), false),
+        ];
+        for (name, source, is_expr) in checks {
+            if let Some(source) = source
+                && let Err(e) = template::check_reads_only(source, "object", is_expr)
+            {
+                push(format!("{field}.resource.{name}"), &e);
+            }
+        }
     }
     if let Some(l) = &step.loop_
         && l.steps.is_empty()
@@ -515,6 +551,14 @@ pub fn templated_fields(step: &Step, field: &str) -> Vec<(String, String, bool)>
     if let Some(u) = step.wait.as_ref().and_then(|w| w.until.as_ref()) {
         out.push((format!("{field}.wait.until"), u.clone(), false));
     }
+    if let Some(w) = &step.workflow {
+        for (k, v) in &w.params {
+            json_strings(v, &format!("{field}.workflow.params.{k}"), &mut out);
+        }
+    }
+    if let Some(r) = &step.resource {
+        json_strings(&r.manifest, &format!("{field}.resource.manifest"), &mut out);
+    }
     if let Some(h) = &step.http {
         out.push((format!("{field}.http.url"), h.url.clone(), false));
         if let Some(b) = &h.body {
@@ -538,6 +582,24 @@ pub fn templated_fields(step: &Step, field: &str) -> Vec<(String, String, bool)>
         }
     }
     out
+}
+
+/// The strings of a JSON tree, as templated fields.
+fn json_strings(value: &serde_json::Value, field: &str, out: &mut Vec<(String, String, bool)>) {
+    match value {
+        serde_json::Value::String(s) => out.push((field.to_string(), s.clone(), false)),
+        serde_json::Value::Array(items) => {
+            for (j, v) in items.iter().enumerate() {
+                json_strings(v, &format!("{field}[{j}]"), out);
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                json_strings(v, &format!("{field}.{k}"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Checks the templates of step `i`; returns the steps they read.
@@ -1001,5 +1063,65 @@ mod control_flow_tests {
             ..Default::default()
         };
         assert!(validate(&s).unwrap_err().to_string().contains("output: unknown step \"b\""));
+    }
+
+    #[test]
+    fn child_and_resource_steps_are_checked_and_their_templates_read_upstream_steps() {
+        let child = |params: serde_json::Value| Step {
+            id: "c".into(),
+            depends_on: vec!["a".into()],
+            workflow: Some(crate::api::WorkflowStep {
+                ref_: "testing".into(),
+                params: serde_json::from_value(params).expect("params"),
+            }),
+            ..Default::default()
+        };
+        let ok = vec![body_step("a", &[], "x"), child(serde_json::json!({"target": "{{ steps.a.output }}", "n": 2}))];
+        let dag = validate(&WorkflowSpec { steps: ok, ..Default::default() }).expect("valid");
+        assert_eq!(dag.kind_of(&WorkflowSpec::default(), "nothing"), None);
+        let bad = vec![body_step("a", &[], "x"), child(serde_json::json!({"target": "{{ steps.zz.output }}"}))];
+        assert!(messages(bad).contains("steps[1].workflow.params.target"), "names the param");
+
+        let res = |manifest: serde_json::Value, success: &str, failure: Option<&str>| Step {
+            id: "r".into(),
+            resource: Some(crate::api::ResourceStep {
+                manifest,
+                success_when: success.into(),
+                failure_when: failure.map(str::to_string),
+                output: None,
+            }),
+            ..Default::default()
+        };
+        let job = serde_json::json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "{{ run.name }}"}});
+        assert!(
+            validate(&WorkflowSpec {
+                steps: vec![res(job.clone(), "object.status.succeeded >= 1", None)],
+                ..Default::default()
+            })
+            .is_ok()
+        );
+        let m = messages(vec![res(serde_json::json!({"apiVersion": "batch/v1"}), "true", None)]);
+        assert!(m.contains("steps[0].resource.manifest.kind: required"), "{m}");
+        let m = messages(vec![res(job.clone(), "params.x", None)]);
+        assert!(m.contains("steps[0].resource.successWhen: reads \"params\""), "{m}");
+        let m = messages(vec![res(job, "true", Some("object.status =="))]);
+        assert!(m.contains("steps[0].resource.failureWhen: does not parse"), "{m}");
+    }
+
+    #[test]
+    fn a_child_refuses_cycles_and_deep_nesting_naming_the_chain() {
+        let run = |chain: &[&str]| crate::engine::RunInfo {
+            chain: chain.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        assert_eq!(run(&["a", "b"]).refuse_child("c"), None);
+        assert_eq!(
+            run(&["a", "b"]).refuse_child("a").as_deref(),
+            Some("Workflows call each other in a cycle: a -> b -> a")
+        );
+        assert_eq!(
+            run(&["a", "b", "c", "d", "e"]).refuse_child("f").as_deref(),
+            Some("runs nest deeper than 5: a -> b -> c -> d -> e -> f")
+        );
     }
 }

@@ -51,6 +51,32 @@ pub struct RunInfo {
     pub name: String,
     pub namespace: String,
     pub uid: String,
+    /// The Workflows of the runs this one descends from, root first, then this run's own
+    /// (child runs of `workflow` steps): how deep it nests, and whether a child would close a
+    /// cycle. Empty for a run of an inline spec with no parent.
+    pub chain: Vec<String>,
+}
+
+/// Most runs in a chain of `workflow` steps (a run, its child, its grandchild...).
+pub const MAX_NESTING: usize = 5;
+
+impl RunInfo {
+    /// Why a `workflow` step of this run may not start a run of `workflow`: a cycle of
+    /// Workflows calling each other, or nesting deeper than [`MAX_NESTING`].
+    pub fn refuse_child(&self, workflow: &str) -> Option<String> {
+        let chain = || {
+            let mut names: Vec<&str> = self.chain.iter().map(String::as_str).collect();
+            names.push(workflow);
+            names.join(" -> ")
+        };
+        if self.chain.iter().any(|w| w == workflow) {
+            return Some(format!("Workflows call each other in a cycle: {}", chain()));
+        }
+        if self.chain.len() >= MAX_NESTING {
+            return Some(format!("runs nest deeper than {MAX_NESTING}: {}", chain()));
+        }
+        None
+    }
 }
 
 /// Engine-wide settings.
@@ -138,6 +164,10 @@ pub enum Work {
         body: Option<String>,
         success_codes: Vec<u16>,
     },
+    /// A child WorkflowRun of `workflow` with `params` (rendered).
+    Workflow { workflow: String, params: BTreeMap<String, Json> },
+    /// A Kubernetes object to create (rendered), and the conditions over it.
+    Resource { manifest: Json, success_when: String, failure_when: Option<String>, output: Option<String> },
 }
 
 /// The rendered conversation, output schema and tools of an agent step.
@@ -160,6 +190,8 @@ impl Work {
             Work::Agent { .. } => StepKind::Agent,
             Work::Container { .. } => StepKind::Container,
             Work::Http { .. } => StepKind::Http,
+            Work::Workflow { .. } => StepKind::Workflow,
+            Work::Resource { .. } => StepKind::Resource,
         }
     }
 }
@@ -1085,6 +1117,11 @@ impl Pass<'_, '_> {
             self.transition(key, StepPhase::Running, "iteration 1");
             return self.drive_loop(i, step, None);
         }
+        if let Some(w) = &step.workflow
+            && let Some(why) = self.input.run.refuse_child(&w.ref_)
+        {
+            return self.transition(key, StepPhase::Failed, format!("workflow.ref: {why}"));
+        }
         let work = match render_work(step, &ctx) {
             Ok(Some(work)) => work,
             Ok(None) => {
@@ -1213,5 +1250,48 @@ fn render_work(step: &Step, ctx: &Context) -> Result<Option<Work>, (String, Temp
             success_codes: h.success_codes.clone(),
         }));
     }
+    if let Some(w) = &step.workflow {
+        let mut params = w.params.clone();
+        for (k, v) in params.iter_mut() {
+            render_strings(v, &format!("workflow.params.{k}"), &r)?;
+        }
+        return Ok(Some(Work::Workflow { workflow: w.ref_.clone(), params }));
+    }
+    if let Some(res) = &step.resource {
+        let mut manifest = res.manifest.clone();
+        render_strings(&mut manifest, "resource.manifest", &r)?;
+        return Ok(Some(Work::Resource {
+            manifest,
+            success_when: res.success_when.clone(),
+            failure_when: res.failure_when.clone(),
+            output: res.output.clone(),
+        }));
+    }
     Ok(None)
+}
+
+/// A field's template rendered, or the field and why not.
+type Rendered = Result<String, (String, TemplateError)>;
+
+/// Renders every string in `value` (a JSON tree) as a template; `field` names where it is.
+fn render_strings(
+    value: &mut Json,
+    field: &str,
+    r: &dyn Fn(&str, &str) -> Rendered,
+) -> Result<(), (String, TemplateError)> {
+    match value {
+        Json::String(s) => *s = r(field, s)?,
+        Json::Array(items) => {
+            for (j, v) in items.iter_mut().enumerate() {
+                render_strings(v, &format!("{field}[{j}]"), r)?;
+            }
+        }
+        Json::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                render_strings(v, &format!("{field}.{k}"), r)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }

@@ -141,7 +141,7 @@ impl Harness {
         Self {
             spec,
             dag,
-            run: RunInfo { name: "run-1".into(), namespace: "ns".into(), uid: "uid-1".into() },
+            run: RunInfo { name: "run-1".into(), namespace: "ns".into(), uid: "uid-1".into(), ..Default::default() },
             params: BTreeMap::new(),
             settings: Settings::default(),
             status: WorkflowRunStatus::default(),

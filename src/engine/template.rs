@@ -246,6 +246,37 @@ pub fn eval_condition(source: &str, ctx: &Context) -> Result<bool, TemplateError
     Ok(value.is_true())
 }
 
+/// Evaluates a condition over one named value (`object`, the live object of a resource step).
+pub fn eval_condition_on(source: &str, name: &str, value: &Json) -> Result<bool, TemplateError> {
+    let expr = bare_expression(source);
+    let compiled = env().compile_expression(expr).map_err(|e| TemplateError::new(source, e))?;
+    let root = Value::from_serialize(serde_json::json!({ name: value }));
+    let value = compiled.eval(root).map_err(|e| TemplateError::new(source, e))?;
+    if value.is_undefined() {
+        return Err(TemplateError::msg(format!("undefined value in {:?}", shorten(source))));
+    }
+    Ok(value.is_true())
+}
+
+/// Renders a template over one named value (`object`, the live object of a resource step).
+pub fn render_on(source: &str, name: &str, value: &Json) -> Result<String, TemplateError> {
+    let tmpl = env().template_from_str(source).map_err(|e| TemplateError::new(source, e))?;
+    tmpl.render(Value::from_serialize(serde_json::json!({ name: value }))).map_err(|e| TemplateError::new(source, e))
+}
+
+/// Checks a template or expression that may read only `name` (and the built-in functions).
+pub fn check_reads_only(source: &str, name: &str, is_expression: bool) -> Result<(), String> {
+    let names = if is_expression { parse_expression(source) } else { parse_template(source) };
+    let names = names.map_err(|e| format!("does not parse: {e}"))?;
+    for n in names {
+        let root = n.split('.').next().unwrap_or_default();
+        if root != name && !is_builtin(root) {
+            return Err(format!("reads {root:?}: only {name} is known here"));
+        }
+    }
+    Ok(())
+}
+
 /// Evaluates a `forEach` to a list of items. A single `{{ expr }}` is evaluated as an
 /// expression (so lists keep their structure); anything else is rendered and parsed as JSON.
 pub fn eval_list(source: &str, ctx: &Context, max_items: usize) -> Result<Vec<Json>, TemplateError> {

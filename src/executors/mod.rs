@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::engine::{TaskInfo, TaskStart, Work};
+use crate::engine::{RunInfo, TaskInfo, TaskStart, Work};
 
 /// A successful attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,10 +60,16 @@ pub trait ContainerRunner: Send + Sync {
     fn run<'a>(&'a self, task: &'a TaskStart) -> BoxFuture<'a, Outcome>;
 }
 
+/// Runs `workflow` steps in this process (local mode: the child run runs here, from the files
+/// given). In the cluster they are child WorkflowRuns.
+pub trait ChildRunner: Send + Sync {
+    fn run<'a>(&'a self, parent: &'a RunInfo, task: &'a TaskStart) -> BoxFuture<'a, Outcome>;
+}
+
 /// Runs one attempt of in-process work. The task pool ([`pool::TaskPool`]) runs attempts through
 /// one of these; [`InProcessRunner`] is the operator's and local mode's.
 pub trait TaskExecutor: Send + Sync {
-    fn run<'a>(&'a self, namespace: &'a str, task: &'a TaskStart) -> BoxFuture<'a, Outcome>;
+    fn run<'a>(&'a self, run: &'a RunInfo, task: &'a TaskStart) -> BoxFuture<'a, Outcome>;
 }
 
 /// Why agent steps fail in a process that has no agent caller.
@@ -77,21 +83,28 @@ pub struct InProcessRunner {
     /// The agent caller, or why agent steps cannot run.
     agents: Result<Arc<dyn AgentCaller>, String>,
     containers: Option<Arc<dyn ContainerRunner>>,
+    children: Option<Arc<dyn ChildRunner>>,
 }
 
 impl InProcessRunner {
     pub fn new(http: http::HttpExecutor, agents: Option<Arc<dyn AgentCaller>>) -> Self {
-        Self { http, agents: agents.ok_or_else(|| NO_AGENT_CALLER.to_string()), containers: None }
+        Self { http, agents: agents.ok_or_else(|| NO_AGENT_CALLER.to_string()), containers: None, children: None }
     }
 
     /// Agent steps fail with `reason` (local mode says why it has no caller).
     pub fn without_agents(http: http::HttpExecutor, reason: impl Into<String>) -> Self {
-        Self { http, agents: Err(reason.into()), containers: None }
+        Self { http, agents: Err(reason.into()), containers: None, children: None }
     }
 
     /// Container steps run through `runner` instead of failing.
     pub fn with_containers(mut self, runner: Arc<dyn ContainerRunner>) -> Self {
         self.containers = Some(runner);
+        self
+    }
+
+    /// Workflow steps run through `runner` instead of failing.
+    pub fn with_children(mut self, runner: Arc<dyn ChildRunner>) -> Self {
+        self.children = Some(runner);
         self
     }
 
@@ -105,6 +118,12 @@ impl InProcessRunner {
                     Err(reason) => Err(Failure::permanent(reason.clone())),
                 },
                 Work::Container { .. } => Err(Failure::permanent("container steps run as pods, not in-process")),
+                Work::Workflow { .. } => {
+                    Err(Failure::permanent("workflow steps run as child WorkflowRuns, not in-process"))
+                }
+                Work::Resource { .. } => Err(Failure::permanent(
+                    "resource steps create Kubernetes objects: they run in a cluster, not in local mode",
+                )),
             }
         };
         match timeout {
@@ -117,11 +136,19 @@ impl InProcessRunner {
 }
 
 impl TaskExecutor for InProcessRunner {
-    fn run<'a>(&'a self, namespace: &'a str, task: &'a TaskStart) -> BoxFuture<'a, Outcome> {
-        match (&task.work, &self.containers) {
+    fn run<'a>(&'a self, run: &'a RunInfo, task: &'a TaskStart) -> BoxFuture<'a, Outcome> {
+        match (&task.work, &self.containers, &self.children) {
             // A container runner bounds its attempt itself (it kills the process group).
-            (Work::Container { .. }, Some(containers)) => containers.run(task),
-            _ => Box::pin(InProcessRunner::run(self, namespace, &task.work, task.timeout)),
+            (Work::Container { .. }, Some(containers), _) => containers.run(task),
+            (Work::Workflow { .. }, _, Some(children)) => Box::pin(async move {
+                match task.timeout {
+                    Some(t) => tokio::time::timeout(t, children.run(run, task))
+                        .await
+                        .unwrap_or_else(|_| Err(Failure::retryable(format!("timed out after {}s", t.as_secs())))),
+                    None => children.run(run, task).await,
+                }
+            }),
+            _ => Box::pin(InProcessRunner::run(self, &run.namespace, &task.work, task.timeout)),
         }
     }
 }

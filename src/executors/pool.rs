@@ -79,7 +79,7 @@ impl TaskPool {
         let attempt = task.attempt;
         let handle = tokio::spawn(async move {
             let permit = pool.permits.clone().acquire_owned().await;
-            let outcome = AssertUnwindSafe(pool.runner.run(&run.namespace, &task))
+            let outcome = AssertUnwindSafe(pool.runner.run(&run, &task))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| Err(Failure::retryable(panic_message(panic.as_ref()))));
@@ -263,7 +263,7 @@ mod tests {
         // No agent caller: every agent task ends at once with a failure, which is a result.
         let runner = Arc::new(InProcessRunner::new(HttpExecutor::new(), None));
         let pool = TaskPool::new(4, runner, Arc::new(|_: &str, _: &str| {}));
-        let run = RunInfo { namespace: "ns".into(), name: "r".into(), uid: "u".into() };
+        let run = RunInfo { namespace: "ns".into(), name: "r".into(), uid: "u".into(), ..Default::default() };
         pool.spawn(run.clone(), task(1));
         pool.idle(Duration::from_secs(5)).await;
         assert!(pool.knows("u", "ask", 1), "the result waits");
@@ -278,7 +278,11 @@ mod tests {
 
     struct Panics;
     impl TaskExecutor for Panics {
-        fn run<'a>(&'a self, _: &'a str, _: &'a TaskStart) -> futures::future::BoxFuture<'a, super::super::Outcome> {
+        fn run<'a>(
+            &'a self,
+            _: &'a RunInfo,
+            _: &'a TaskStart,
+        ) -> futures::future::BoxFuture<'a, super::super::Outcome> {
             Box::pin(async { panic!("boom") })
         }
     }
@@ -287,7 +291,7 @@ mod tests {
     #[tokio::test]
     async fn a_panic_is_a_failed_attempt() {
         let pool = TaskPool::new(1, Arc::new(Panics), Arc::new(|_: &str, _: &str| {}));
-        let run = RunInfo { namespace: "ns".into(), name: "r".into(), uid: "u".into() };
+        let run = RunInfo { namespace: "ns".into(), name: "r".into(), uid: "u".into(), ..Default::default() };
         pool.spawn(run, task(1));
         pool.idle(Duration::from_secs(5)).await;
         assert_eq!(pool.running(), 0, "no live entry is left behind");

@@ -26,6 +26,15 @@ pub fn check_bundle(bundle: &mut Bundle) {
             &bundle.agents,
         ));
     }
+    let names: Vec<&str> = bundle.workflows.iter().map(|w| w.name.as_str()).collect();
+    let specs = bundle.workflows.iter().map(|w| (&w.file, w.label("Workflow"), &w.object.spec, "spec"));
+    let inline = bundle
+        .runs
+        .iter()
+        .filter_map(|r| r.object.spec.workflow.as_ref().map(|s| (&r.file, r.label("WorkflowRun"), s, "spec.workflow")));
+    for (file, label, spec, prefix) in specs.chain(inline) {
+        problems.extend(missing_children(file, &label, spec, prefix, &names));
+    }
     for run in &bundle.runs {
         let label = run.label("WorkflowRun");
         let spec = &run.object.spec;
@@ -122,6 +131,37 @@ pub fn check_workflow(
             Problem::warning(file, "agent steps are not checked against Agents: there are none in the files")
                 .object(label),
         );
+    }
+    out
+}
+
+/// `workflow` steps (loops' included) whose Workflow is not in the files: local mode fails them,
+/// and a cluster needs that Workflow applied before they start.
+fn missing_children(file: &str, label: &str, spec: &WorkflowSpec, prefix: &str, names: &[&str]) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let steps = spec.steps.iter().enumerate().map(|(i, s)| (format!("{prefix}.steps[{i}]"), s));
+    let finally = spec.finally.iter().enumerate().map(|(i, s)| (format!("{prefix}.finally[{i}]"), s));
+    for (field, step) in steps.chain(finally) {
+        let inner = step.loop_.iter().flat_map(|l| l.steps.iter().enumerate());
+        let inner = inner.map(|(j, s)| (format!("{field}.loop.steps[{j}]"), s));
+        for (field, step) in std::iter::once((field.clone(), step)).chain(inner) {
+            let Some(w) = &step.workflow else { continue };
+            if !names.contains(&w.ref_.as_str()) {
+                out.push(
+                    Problem::warning(
+                        file,
+                        format!(
+                            "Workflow {:?} is not in the files: local run fails this step, and a cluster needs it applied (the files have: {})",
+                            w.ref_,
+                            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                        ),
+                    )
+                    .object(label)
+                    .field(format!("{field}.workflow.ref"))
+                    .step(Some(step.id.clone())),
+                );
+            }
+        }
     }
     out
 }

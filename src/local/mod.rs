@@ -20,6 +20,7 @@
 pub mod agents;
 pub mod cache;
 pub mod check;
+pub mod child;
 pub mod cli;
 pub mod load;
 pub mod process;
@@ -231,15 +232,18 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
         })
         .collect();
     let decisions = decisions_of(run.map(|r| (r.file.as_str(), &r.object.spec.decisions)), args, &spec, &dag)?;
+    let chain = if workflow_name.is_empty() { vec![] } else { vec![workflow_name.clone()] };
+    let workflows = Arc::new(workflows.iter().map(|w| (w.name.clone(), w.object.spec.clone())).collect());
     Ok(Plan {
         spec,
         dag,
         workflow_name,
         params,
-        run: RunInfo { name, namespace, uid: uuid() },
+        run: RunInfo { name, namespace, uid: uuid(), chain },
         timeout,
         agents,
         decisions,
+        workflows,
     })
 }
 

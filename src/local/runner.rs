@@ -40,9 +40,12 @@ pub struct Plan {
     pub agents: Vec<Agent>,
     /// Decisions given on the command line (`--approve STEP`, `--reject STEP`).
     pub decisions: BTreeMap<String, crate::api::StepDecision>,
+    /// The Workflows in the files, by name: what `workflow` steps run.
+    pub workflows: Arc<BTreeMap<String, WorkflowSpec>>,
 }
 
 /// How steps run.
+#[derive(Clone)]
 pub struct Executors {
     pub http: HttpExecutor,
     pub agents: Option<Arc<dyn AgentCaller>>,
@@ -90,13 +93,16 @@ pub async fn run(
         Some(agents) => InProcessRunner::new(exec.http.clone(), Some(agents.clone())),
         None => InProcessRunner::without_agents(exec.http.clone(), exec.agents_unavailable.clone()),
     }
-    .with_containers(Arc::new(processes));
+    .with_containers(Arc::new(processes))
+    .with_children(Arc::new(super::child::LocalChildren { plan: plan.clone(), exec: exec.clone() }));
     let woken = Arc::new(Notify::new());
     let wake = woken.clone();
     let pool = TaskPool::new(exec.parallelism, Arc::new(runner), Arc::new(move |_: &str, _: &str| wake.notify_one()));
     let agents: Vec<Arc<Agent>> = plan.agents.iter().cloned().map(Arc::new).collect();
     let agents = move || agents.clone();
     let pending = PendingCache::default();
+    // A run dropped before its end (the child run of a step that was aborted) stops its tasks.
+    let _stop = ForgetOnDrop(&pool, plan.run.uid.clone());
     let pass = Pass { runtime: &pool, cache: &*exec.cache, pending: &pending, agents: &agents };
     let mut status = WorkflowRunStatus {
         workflow_name: plan.workflow_name.clone(),
@@ -145,9 +151,17 @@ pub async fn run(
             }
         }
     }
-    pool.forget_run(&plan.run.uid);
     finish_status(plan, &mut status);
     (status, stats)
+}
+
+/// Aborts a run's tasks when its loop ends, however it ends.
+struct ForgetOnDrop<'a>(&'a TaskPool, String);
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.forget_run(&self.1);
+    }
 }
 
 /// Conditions as the controller writes them, and the note on container steps that ran as

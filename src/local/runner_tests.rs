@@ -22,10 +22,11 @@ fn plan(yaml: &str) -> Plan {
         dag,
         workflow_name: "w".into(),
         params,
-        run: RunInfo { name: "w-local".into(), namespace: "default".into(), uid: "u".into() },
+        run: RunInfo { name: "w-local".into(), namespace: "default".into(), uid: "u".into(), ..Default::default() },
         timeout: Duration::from_secs(60),
         agents: vec![],
         decisions: BTreeMap::new(),
+        workflows: Default::default(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests against a real kube-apiserver, etcd and kube-controller-manager.
 mod agents;
 mod cache;
+mod children;
 mod control_flow;
 mod corpus;
 mod foundation;

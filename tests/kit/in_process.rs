@@ -37,6 +37,16 @@ impl Operator {
         Self::start_on(ns, client, metrics, tune).await
     }
 
+    /// Starts the controllers for namespace `ns` with the chart's rights there and nothing more
+    /// (the operator user, granted the chart's rules in `ns` by [`super::grant_operator`]).
+    pub async fn start_with_chart_rights(admin: &kube::Client, ns: &str) -> Self {
+        super::grant_operator(admin, ns).await;
+        let config = control_plane::kube_config(control_plane::shared().operator_kubeconfig_path()).await;
+        let metrics = Metrics::new();
+        let client = volt_operator::kube_util::client_with_metrics(config, &metrics).await.expect("operator client");
+        Self::start_on(ns, client, metrics, |_| {}).await
+    }
+
     /// Starts the controllers for namespace `ns` on `client` (one a test built, say with another
     /// identity or its own tower layer) reporting to `metrics`, after `tune` adjusts the settings.
     pub async fn start_on(ns: &str, client: kube::Client, metrics: Metrics, tune: impl FnOnce(&mut RunArgs)) -> Self {

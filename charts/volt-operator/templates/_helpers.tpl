@@ -118,10 +118,11 @@ What the operator does in the namespaces it watches (see the README's RBAC secti
   resources: ["agents/status", "workflows/status", "workflowruns/status"]
   verbs: ["patch"]
 # Finished runs are labelled volt.dev/finished (the operator then tracks them by metadata
-# only) and deleted after their spec.ttlSecondsAfterFinished.
+# only) and deleted after their spec.ttlSecondsAfterFinished; workflow steps create child
+# runs, and cancel or suspend them with their parent.
 - apiGroups: ["volt.dev"]
   resources: ["workflowruns"]
-  verbs: ["patch", "delete"]
+  verbs: ["create", "patch", "delete"]
 # The pods of a run and the Deployment of an Agent carry an owner reference that blocks the
 # owner's deletion; clusters with the OwnerReferencesPermissionEnforcement admission plugin
 # (OpenShift) require this to set one.
@@ -150,4 +151,8 @@ What the operator does in the namespaces it watches (see the README's RBAC secti
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- with .Values.rbac.extraRules }}
+# rbac.extraRules: the kinds resource steps may create (get, list, watch, create, delete).
+{{ toYaml . }}
+{{- end }}
 {{- end }}

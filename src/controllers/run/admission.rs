@@ -85,6 +85,12 @@ impl Admitter {
         if admitted.contains_key(&uid) {
             return Admission::Admit;
         }
+        // A child run (a `workflow` step's) starts at once: its parent holds a slot and waits
+        // for it, so queueing it behind other runs could stall them all.
+        if super::children::parent_of(run).is_some() {
+            admitted.insert(uid, wf_key);
+            return Admission::Admit;
+        }
         let all = self.scopes.runs();
         // Runs holding a slot: admitted here, or active in the cache (admitted before a restart).
         let mut active: HashMap<String, String> = admitted.clone();

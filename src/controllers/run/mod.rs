@@ -8,9 +8,11 @@
 //! the operator ([`Shared`]); each watched scope gets its caches and a [`Ctx`].
 
 mod admission;
+mod children;
 mod finished;
 mod outputs;
 mod pods;
+mod resources;
 mod status_writer;
 mod transitions;
 
@@ -218,6 +220,12 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     let ns = run.namespace().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
     let now = Timestamp::now();
+    // A child run that ended wakes its parent, which takes the child's end as its step's.
+    if let Some(parent) = children::parent_of(&run)
+        && run.status.as_ref().is_some_and(|s| s.phase.is_finished())
+    {
+        shared.admission.scopes.wake(&ns, parent);
+    }
     if run.metadata.deletion_timestamp.is_some() {
         ctx.release(&uid);
         shared.status.forget(&uid);
@@ -290,7 +298,12 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     ctx.outputs.hydrate(&ns, &uid, &mut status).await?;
 
     // Pass.
-    let info = RunInfo { name: run.name_any(), namespace: ns.clone(), uid: uid.clone() };
+    let info = RunInfo {
+        name: run.name_any(),
+        namespace: ns.clone(),
+        uid: uid.clone(),
+        chain: children::chain_of(&run, &status.workflow_name),
+    };
     let timeout = run.spec.timeout_seconds.map(|s| Duration::from_secs(u64::from(s))).unwrap_or(shared.default_timeout);
     let started = status.started_at.as_ref().map(|t| t.0).unwrap_or(now);
     let params = status.params.clone();
@@ -311,6 +324,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
         || ctx.agents.state().into_iter().filter(|a| a.namespace().as_deref() == Some(ns.as_str())).collect::<Vec<_>>();
     let pass = Pass { runtime: &ctx.runtime, cache: &*shared.cache, pending: &shared.pending, agents: &agents };
     let outcome = pass.run(input, &mut status).await?;
+    ctx.runtime.children.sync_suspend(&run, &status).await?;
 
     // Outputs, then stage the status.
     ctx.outputs.externalize(&run, &mut status).await?;
@@ -416,7 +430,16 @@ pub async fn controller(
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<WorkflowRun>>();
     shared.admission.scopes.add(scope.clone(), runs.clone(), wake_tx);
     let ctx = Arc::new(Ctx {
-        runtime: ClusterRuntime::new(client.clone(), shared.pool.clone(), pod_reader.clone()),
+        runtime: ClusterRuntime::new(
+            client.clone(),
+            shared.pool.clone(),
+            pod_reader.clone(),
+            children::Children::new(client.clone(), runs.clone(), wf_reader.clone()),
+            resources::Resources::new(client.clone(), {
+                let admission = shared.admission.clone();
+                Arc::new(move |ns: &str, name: &str| admission.scopes.wake(ns, name))
+            }),
+        ),
         outputs: Outputs::new(client.clone(), shared.inline_output_limit),
         client,
         shared: shared.clone(),

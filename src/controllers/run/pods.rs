@@ -1,5 +1,6 @@
-//! The cluster's [`StepRuntime`]: container steps as pods owned by the run, everything else on
-//! the operator's task pool.
+//! The cluster's [`StepRuntime`]: container steps as pods owned by the run, workflow steps as
+//! child runs ([`super::children`]), resource steps as the objects they name
+//! ([`super::resources`]), agent and http steps on the operator's task pool.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,7 +20,9 @@ use crate::executors::pool::TaskPool;
 use crate::naming;
 use crate::pass::{Started, StepRuntime};
 
+use super::children::Children;
 use super::lock;
+use super::resources::Resources;
 
 /// How long a created pod may be missing from the watch cache before we look for it.
 const POD_EXPECTATION: Duration = Duration::from_secs(30);
@@ -39,15 +42,30 @@ pub struct ClusterRuntime {
     expectations: Mutex<HashMap<String, Instant>>,
     /// Pods whose creation RBAC refused (name -> first refusal), tried again for [`RBAC_GRACE`].
     forbidden: Mutex<HashMap<String, Instant>>,
+    pub children: Children,
+    resources: Resources,
 }
 
 fn is_pod(kind: Option<StepKind>) -> bool {
     kind == Some(StepKind::Container)
 }
 
+/// Kinds whose attempts run on the task pool in the cluster.
+fn on_pool(kind: Option<StepKind>) -> bool {
+    matches!(kind, Some(StepKind::Agent | StepKind::Http))
+}
+
 impl ClusterRuntime {
-    pub fn new(client: Client, pool: TaskPool, pods: Store<Pod>) -> Self {
-        Self { client, pool, pods, expectations: Default::default(), forbidden: Default::default() }
+    pub fn new(client: Client, pool: TaskPool, pods: Store<Pod>, children: Children, resources: Resources) -> Self {
+        Self {
+            client,
+            pool,
+            pods,
+            expectations: Default::default(),
+            forbidden: Default::default(),
+            children,
+            resources,
+        }
     }
 
     /// Pod outcomes of running container steps.
@@ -186,7 +204,9 @@ impl StepRuntime for ClusterRuntime {
     ) -> BoxFuture<'a, Result<Vec<Event>, kube::Error>> {
         Box::pin(async move {
             let mut events = self.observe_pods(run, spec, dag, status).await?;
-            events.extend(self.pool.lost(&run.uid, status, |key| !is_pod(dag.kind_of(spec, key))));
+            events.extend(self.children.observe(run, spec, dag, status).await?);
+            events.extend(self.resources.observe(run, spec, dag, status).await?);
+            events.extend(self.pool.lost(&run.uid, status, |key| on_pool(dag.kind_of(spec, key))));
             Ok(events)
         })
     }
@@ -198,8 +218,11 @@ impl StepRuntime for ClusterRuntime {
         kind: Option<StepKind>,
     ) -> BoxFuture<'a, Result<Started, kube::Error>> {
         Box::pin(async move {
-            if is_pod(kind) {
-                return self.create_pod(run, task).await;
+            match kind {
+                Some(StepKind::Container) => return self.create_pod(run, task).await,
+                Some(StepKind::Workflow) => return self.children.start(run, task).await,
+                Some(StepKind::Resource) => return self.resources.start(run, task).await,
+                _ => {}
             }
             self.pool.spawn(run.clone(), task.clone());
             Ok(Started::Running { pod: None })
@@ -215,6 +238,11 @@ impl StepRuntime for ClusterRuntime {
         row: Option<&'a StepStatus>,
     ) -> BoxFuture<'a, Result<(), kube::Error>> {
         Box::pin(async move {
+            match (kind, row.and_then(|r| r.object.as_deref())) {
+                (Some(StepKind::Workflow), _) => return self.children.cancel(run, key, attempt).await,
+                (Some(StepKind::Resource), Some(object)) => return self.resources.delete(run, object).await,
+                _ => {}
+            }
             match row.and_then(|r| r.pod.clone()).filter(|_| is_pod(kind)) {
                 Some(pod_name) => {
                     debug!(run = %run.name, pod = %pod_name, "deleting the pod of an aborted attempt");
