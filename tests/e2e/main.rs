@@ -12,5 +12,6 @@ mod llm_faults;
 mod llm_steps;
 mod observability;
 mod packaging;
+mod pipeline;
 mod runs;
 mod security;
