@@ -69,7 +69,13 @@ impl ChildRunner for LocalChildren {
     fn run<'a>(&'a self, parent: &'a RunInfo, task: &'a TaskStart) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let plan = self.child_plan(parent, task)?;
-            let (status, _) = runner::run(&plan, &self.exec, &mut Unseen, CancellationToken::new()).await;
+            // Its approvals are asked as `<child run>/<key>`.
+            let mut exec = self.exec.clone();
+            if let Some(ask) = exec.ask.take() {
+                let name = plan.run.name.clone();
+                exec.ask = Some(std::sync::Arc::new(move |key, message| ask(format!("{name}/{key}"), message)));
+            }
+            let (status, _) = runner::run(&plan, &exec, &mut Unseen, CancellationToken::new()).await;
             match status.phase {
                 RunPhase::Succeeded => {
                     Ok(Output { text: status.output.clone().unwrap_or_default(), info: Default::default() })

@@ -333,7 +333,7 @@ pub async fn run(args: LocalRunArgs) -> u8 {
         }
     };
     let scratch = std::env::temp_dir().join(format!("volt-local-{}-{}", std::process::id(), &plan.run.uid[..8]));
-    let exec = Executors {
+    let mut exec = Executors {
         http: HttpExecutor::new(),
         agents: setup.caller,
         agents_unavailable: setup.unavailable,
@@ -341,6 +341,7 @@ pub async fn run(args: LocalRunArgs) -> u8 {
         scratch: scratch.clone(),
         parallelism: args.parallelism,
         settings: Settings::default(),
+        ask: None,
     };
     let tty = std::io::stderr().is_terminal();
     let mode = match (args.output, tty, args.watch) {
@@ -365,6 +366,9 @@ pub async fn run(args: LocalRunArgs) -> u8 {
     let cancel = CancellationToken::new();
     let signals = interrupts(cancel.clone());
     let mut live = view::View::new(mode, &plan);
+    if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        exec.ask = Some(terminal_ask(live.pause()));
+    }
     let (status, stats) = runner::run(&plan, &exec, &mut live, cancel).await;
     live.finish();
     if let Some(s) = signals {
@@ -391,6 +395,39 @@ pub async fn run(args: LocalRunArgs) -> u8 {
         eprintln!("error: writing the result: {e}");
     }
     if status.phase == RunPhase::Succeeded { EXIT_OK } else { EXIT_FAILED }
+}
+
+/// Asks on the terminal for the decision on a waiting approval, one question at a time:
+/// `y [comment]` approves, `n [comment]` rejects; end of input leaves it waiting.
+fn terminal_ask(pause: view::Pause) -> runner::Ask {
+    let one_at_a_time = Arc::new(tokio::sync::Mutex::new(()));
+    Arc::new(move |key: String, message: String| {
+        let (turn, pause) = (one_at_a_time.clone(), pause.clone());
+        Box::pin(async move {
+            let _turn = turn.lock().await;
+            tokio::task::spawn_blocking(move || pause.suspend(|| ask_line(&key, &message))).await.ok().flatten()
+        })
+    })
+}
+
+fn ask_line(key: &str, message: &str) -> Option<StepDecision> {
+    let by = Some(std::env::var("USER").unwrap_or_else(|_| "local".into()));
+    loop {
+        eprint!("\napproval {key}: {message}\n  approve? y [comment] / n [comment]: ");
+        let mut line = String::new();
+        if std::io::stdin().read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim();
+        let (word, comment) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let comment = Some(comment.trim().to_string()).filter(|c| !c.is_empty());
+        let decision = match word.to_lowercase().as_str() {
+            "y" | "yes" => DecisionKind::Approve,
+            "n" | "no" => DecisionKind::Reject,
+            _ => continue,
+        };
+        return Some(StepDecision { decision, comment, by });
+    }
 }
 
 /// First Ctrl-C (or SIGTERM, SIGHUP): cancel the run (running steps stop, finally steps run).

@@ -3,18 +3,19 @@
 //! processes); each pass is followed by a wait for a result, a retry or timeout due, or
 //! Ctrl-C. State lives in memory, in the same `WorkflowRunStatus` the cluster writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::Value as Json;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Agent, StepPhase, WorkflowRunStatus, WorkflowSpec};
+use crate::api::{Agent, StepDecision, StepPhase, WorkflowRunStatus, WorkflowSpec};
 use crate::cache::StepCache;
 use crate::engine::{self, Dag, RunInfo, Settings, Transition};
 use crate::executors::http::HttpExecutor;
@@ -57,7 +58,13 @@ pub struct Executors {
     /// Most steps running at once (0: only the workflow's own limits, `maxParallel`).
     pub parallelism: usize,
     pub settings: Settings,
+    /// Asks a person for the decision on a waiting approval (key, message): the terminal, when
+    /// there is one. `None`: approvals wait for `--approve`/`--reject` or their timeout.
+    pub ask: Option<Ask>,
 }
+
+/// Asks for a decision on approval `key` (its message given); `None` when none comes.
+pub type Ask = Arc<dyn Fn(String, String) -> BoxFuture<'static, Option<StepDecision>> + Send + Sync>;
 
 /// What the live view is told.
 pub trait Observer: Send {
@@ -112,6 +119,9 @@ pub async fn run(
         ..Default::default()
     };
     let (started, mut cancelled, mut stats) = (Timestamp::now(), false, Stats::default());
+    let mut decisions = plan.decisions.clone();
+    let (answers_tx, mut answers) = mpsc::unbounded_channel::<(String, Option<StepDecision>)>();
+    let mut asked: BTreeSet<String> = BTreeSet::new();
     loop {
         let input = engine::Input {
             spec: &plan.spec,
@@ -123,7 +133,7 @@ pub async fn run(
             cancel: cancelled,
             deadline: started.checked_add(plan.timeout).ok(),
             settings: &exec.settings,
-            decisions: &plan.decisions,
+            decisions: &decisions,
             scope: None,
         };
         let outcome = match pass.run(input, &mut status).await {
@@ -142,8 +152,24 @@ pub async fn run(
         if status.phase.is_finished() {
             break;
         }
+        if let Some(ask) = &exec.ask {
+            for (key, message) in waiting_approvals(plan, &status, &decisions) {
+                if asked.insert(key.clone()) {
+                    let (ask, tx) = (ask.clone(), answers_tx.clone());
+                    tokio::spawn(async move {
+                        let answer = ask(key.clone(), message).await;
+                        let _ = tx.send((key, answer));
+                    });
+                }
+            }
+        }
         tokio::select! {
             _ = woken.notified() => {}
+            Some((key, answer)) = answers.recv() => {
+                if let Some(d) = answer {
+                    decisions.insert(key, d);
+                }
+            }
             _ = tokio::time::sleep(wait) => {}
             _ = cancel.cancelled(), if !cancelled => {
                 cancelled = true;
@@ -153,6 +179,21 @@ pub async fn run(
     }
     finish_status(plan, &mut status);
     (status, stats)
+}
+
+/// Approvals waiting for a decision nobody gave yet: (status key, message).
+fn waiting_approvals(
+    plan: &Plan,
+    status: &WorkflowRunStatus,
+    decisions: &BTreeMap<String, StepDecision>,
+) -> Vec<(String, String)> {
+    status
+        .steps
+        .iter()
+        .filter(|(key, row)| row.phase == StepPhase::Waiting && !decisions.contains_key(*key))
+        .filter(|(key, _)| plan.dag.step_of_key(&plan.spec, key).is_some_and(|s| s.approval.is_some()))
+        .map(|(key, row)| (key.clone(), row.message.clone()))
+        .collect()
 }
 
 /// Aborts a run's tasks when its loop ends, however it ends.

@@ -40,6 +40,7 @@ fn executors(cache: Arc<dyn StepCache>, scratch: PathBuf) -> Executors {
         scratch,
         parallelism: 4,
         settings: Settings::default(),
+        ask: None,
     }
 }
 
@@ -151,4 +152,50 @@ steps:
     assert_eq!(status.phase, RunPhase::Cancelled);
     assert_eq!(status.steps["f"].output.as_deref(), Some("Cancelled"));
     assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+/// A person at the terminal: asked about each waiting approval, answers with `answer`.
+#[tokio::test]
+async fn waiting_approvals_are_asked_and_the_answer_decides_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = plan(
+        r#"
+steps:
+- id: build
+  template: "v1"
+- id: gate
+  dependsOn: [build]
+  approval: {message: "ship {{ steps.build.output }}?", timeoutSeconds: 1, onTimeout: reject}
+- id: after
+  dependsOn: [gate]
+  template: "{{ steps.gate.output }}"
+"#,
+    );
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ask = |answer: Option<crate::api::DecisionKind>| -> super::Ask {
+        let asked = asked.clone();
+        Arc::new(move |key: String, message: String| {
+            asked.lock().unwrap_or_else(|e| e.into_inner()).push((key, message));
+            Box::pin(async move {
+                answer.map(|decision| crate::api::StepDecision {
+                    decision,
+                    comment: Some("from the terminal".into()),
+                    by: Some("ada".into()),
+                })
+            })
+        })
+    };
+    let mut exec = executors(Arc::new(crate::local::cache::NoCache), dir.path().join("scratch"));
+    exec.ask = Some(ask(Some(crate::api::DecisionKind::Approve)));
+    let (status, _) = run(&p, &exec, &mut Recorder(vec![]), CancellationToken::new()).await;
+    assert_eq!(status.phase, RunPhase::Succeeded, "{}", status.message);
+    assert_eq!(status.steps["after"].output.as_deref(), Some("from the terminal"));
+    assert_eq!(status.steps["gate"].message, "approved by ada");
+    assert_eq!(asked.lock().unwrap_or_else(|e| e.into_inner()).clone(), [("gate".to_string(), "ship v1?".to_string())]);
+
+    // No answer (end of input): the approval waits for its timeout.
+    exec.ask = Some(ask(None));
+    let (status, _) = run(&p, &exec, &mut Recorder(vec![]), CancellationToken::new()).await;
+    assert_eq!(status.phase, RunPhase::Failed);
+    assert!(status.steps["gate"].message.contains("onTimeout: reject"), "{}", status.steps["gate"].message);
 }

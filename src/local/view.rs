@@ -47,7 +47,34 @@ fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
+/// Hides the live view while something else writes to the terminal (a question).
+#[derive(Clone)]
+pub enum Pause {
+    Bar(ProgressBar),
+    Table(MultiProgress),
+    Nothing,
+}
+
+impl Pause {
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self {
+            Pause::Bar(bar) => bar.suspend(f),
+            Pause::Table(multi) => multi.suspend(f),
+            Pause::Nothing => f(),
+        }
+    }
+}
+
 impl View {
+    /// What hides this view while a question is asked.
+    pub fn pause(&self) -> Pause {
+        match (&self.bar, &self.multi) {
+            (Some(bar), _) => Pause::Bar(bar.clone()),
+            (_, Some(multi)) => Pause::Table(multi.clone()),
+            _ => Pause::Nothing,
+        }
+    }
+
     pub fn new(mode: Mode, plan: &Plan) -> Self {
         let steps: Vec<String> = (0..plan.dag.len()).map(|i| plan.dag.id(i).to_string()).collect();
         let mut notes = HashMap::new();
