@@ -129,3 +129,32 @@ async fn a_rejection_fails_the_run_and_cancel_stops_a_loop_mid_iteration() {
     };
     tokio::time::timeout(LONG, gone).await.expect("the iteration's pod is deleted");
 }
+
+#[tokio::test]
+async fn a_loop_of_100_iterations_keeps_the_run_object_small() {
+    let e = Env::new("flow-long").await;
+    let _op = Operator::start(&e.ns).await;
+    // Two steps of 3 KB each per iteration: 600 KB inline over 100 iterations.
+    let wf = json!({
+        "output": "{{ steps.rounds.iterations }}",
+        "steps": [{"id": "rounds", "loop": {
+            "maxIterations": 100,
+            "until": "loop.iteration == 100",
+            "steps": [
+                {"id": "draft", "template": "{{ 'x' * 3000 }}{{ loop.iteration }}"},
+                {"id": "check", "dependsOn": ["draft"], "template": "{{ steps.draft.output | length }}{{ 'y' * 3000 }}"}
+            ]
+        }}]
+    });
+    e.apply(run_obj("long-1", wf)).await;
+    let s = e.finished("long-1", Duration::from_secs(300)).await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{}", s.message);
+    assert_eq!(s.output.as_deref(), Some("100"));
+    let run = e.runs.get("long-1").await.expect("the run");
+    let size = serde_json::to_vec(&run).expect("json").len();
+    assert!(size < 512 * 1024, "the run object is {size} bytes");
+    let old = step(&s, "rounds.1.draft");
+    assert!(old.output.is_none() && old.output_ref.is_some(), "settled iterations' outputs are in ConfigMaps: {old:?}");
+    assert!(step(&s, "rounds.100.check").output.as_deref().is_some_and(|o| o.starts_with("3003")));
+    eprintln!("[e2e] a loop of 100 iterations: run object {size} bytes");
+}

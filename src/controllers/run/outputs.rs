@@ -1,6 +1,10 @@
 //! Step outputs over the inline bound live in ConfigMaps owned by the run (`outputRef`); the
 //! engine reads them like inline ones. Read back before a pass ([`Outputs::hydrate`]), moved
 //! out after it ([`Outputs::externalize`]), and remembered so each is read or written once.
+//!
+//! Rows of settled loop iterations (older than the one before the current: templates read only
+//! `loop.previous`) keep at most [`SETTLED_INLINE_LIMIT`] bytes inline and are not read back,
+//! so a loop of 100 iterations does not grow the run object past what the API server takes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -14,6 +18,18 @@ use crate::api::{FIELD_MANAGER, OutputRef, WorkflowRun, WorkflowRunStatus};
 use crate::naming;
 
 use super::lock;
+
+/// Inline bound of the outputs of settled loop iterations.
+pub const SETTLED_INLINE_LIMIT: usize = 256;
+
+/// Whether `key` is a row of a settled loop iteration: one no template can read any more
+/// (older than the previous iteration of a running loop, or before the last of a finished one).
+fn settled_iteration(status: &WorkflowRunStatus, key: &str) -> bool {
+    let Some((loop_id, iteration, _)) = naming::parse_loop_key(key) else { return false };
+    let Some(row) = status.steps.get(loop_id) else { return false };
+    let current = row.iterations.unwrap_or(0);
+    iteration + 1 < current || (row.phase.is_finished() && iteration < current)
+}
 
 /// Large outputs by (run uid, step key).
 pub struct Outputs {
@@ -31,9 +47,10 @@ impl Outputs {
     /// Puts the outputs stored in ConfigMaps back into the status rows.
     pub async fn hydrate(&self, ns: &str, uid: &str, status: &mut WorkflowRunStatus) -> Result<(), kube::Error> {
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        for (key, row) in status.steps.iter_mut() {
+        let settled: Vec<bool> = status.steps.keys().map(|k| settled_iteration(status, k)).collect();
+        for ((key, row), settled) in status.steps.iter_mut().zip(settled) {
             let Some(r) = &row.output_ref else { continue };
-            if row.output.is_some() {
+            if row.output.is_some() || settled {
                 continue;
             }
             let known = lock(&self.known).get(&(uid.to_string(), key.clone())).cloned();
@@ -92,9 +109,20 @@ impl Outputs {
                 size: transcript.len() as u64,
             });
         }
-        for (key, row) in status.steps.iter_mut() {
+        let limits: Vec<usize> = status
+            .steps
+            .keys()
+            .map(|k| {
+                if settled_iteration(status, k) {
+                    SETTLED_INLINE_LIMIT.min(self.inline_limit)
+                } else {
+                    self.inline_limit
+                }
+            })
+            .collect();
+        for ((key, row), limit) in status.steps.iter_mut().zip(limits) {
             let Some(out) = &row.output else { continue };
-            if out.len() <= self.inline_limit {
+            if out.len() <= limit {
                 continue;
             }
             let k = (uid.clone(), key.clone());
@@ -133,4 +161,27 @@ impl Outputs {
 /// The step id of a status key (`implement[2]` -> `implement`).
 fn key_step(key: &str) -> &str {
     key.split(['[', '/']).next().unwrap_or(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{StepPhase, StepStatus};
+
+    #[test]
+    fn iterations_before_the_previous_one_are_settled() {
+        let mut status = WorkflowRunStatus::default();
+        let loop_row = |iterations, phase| StepStatus { iterations: Some(iterations), phase, ..Default::default() };
+        status.steps.insert("l".into(), loop_row(5, StepPhase::Running));
+        let settled = |s: &WorkflowRunStatus, k: &str| settled_iteration(s, k);
+        assert!(settled(&status, "l.3.code"));
+        assert!(settled(&status, "l.1.code[2]"));
+        assert!(!settled(&status, "l.4.code"), "the previous iteration: loop.previous reads it");
+        assert!(!settled(&status, "l.5.code"), "the current one");
+        assert!(!settled(&status, "other"));
+        assert!(!settled(&status, "nope.1.code"));
+        status.steps.insert("l".into(), loop_row(5, StepPhase::Succeeded));
+        assert!(settled(&status, "l.4.code"));
+        assert!(!settled(&status, "l.5.code"), "the last iteration of a finished loop gives its output");
+    }
 }
