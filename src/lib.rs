@@ -32,4 +32,5 @@ pub mod local;
 pub mod metrics;
 pub mod naming;
 pub mod pass;
+pub mod text;
 pub mod watcher;

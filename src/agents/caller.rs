@@ -25,6 +25,7 @@
 //!    server that sends its body a few bytes at a time is cut like one that never answers.
 //!    These failures are retried like 5xx answers.
 
+use crate::text::clip;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -320,15 +321,6 @@ fn error_message(body: &[u8], key: Option<&str>) -> (String, bool) {
         None => message,
     };
     (clip(&message, 300), quota)
-}
-
-fn clip(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(max).collect();
-    out.push('…');
-    out
 }
 
 /// The delay a 429 or 503 asks for: `retry-after-ms` (OpenAI), else `Retry-After` in seconds
@@ -693,7 +685,7 @@ impl LlmCaller {
                 ));
                 for call in &answer.tool_calls {
                     let started = Instant::now();
-                    let result = set.call(&call.name, &call.arguments, deadline, per_call).await;
+                    let result = set.call(&call.name, &call.arguments, deadline, per_call, &llm.decisions).await;
                     let latency_ms = ms(started.elapsed());
                     match result {
                         Ok(text) => {
@@ -707,6 +699,10 @@ impl LlmCaller {
                                 latency_ms,
                                 error: Some(message.clone()),
                             });
+                            // The attempt waits for a person; a decision starts the step over.
+                            if let ToolError::NeedsApproval { tool, .. } = &e {
+                                info.waits_for = Some(tool.clone());
+                            }
                             return Err(Failure { message, retryable: e.retryable(), info });
                         }
                     }

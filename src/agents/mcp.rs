@@ -6,6 +6,7 @@
 //! the size of its result. Header values (from the server's `headersFrom` Secret) are sent
 //! marked sensitive and taken out of every message this module makes.
 
+use crate::text::clip;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -51,9 +52,9 @@ pub enum ToolError {
     #[error("tool {tool:?} (MCP server {server:?}) did not answer within {secs:.1}s")]
     Hung { tool: String, server: String, secs: f64 },
     #[error(
-        "tool {tool:?} requires approval (spec.tools[{server}].requireApproval); approvals for tools are not available yet"
+        "waiting for approval of tool {tool:?} (MCP server {server:?}, requireApproval) with arguments {arguments}"
     )]
-    NeedsApproval { tool: String, server: String },
+    NeedsApproval { tool: String, server: String, arguments: String },
 }
 
 impl ToolError {
@@ -248,13 +249,29 @@ impl ToolSet {
         arguments: &str,
         deadline: Option<Instant>,
         per_call: Duration,
+        decisions: &std::collections::BTreeMap<String, crate::api::StepDecision>,
     ) -> Result<String, ToolError> {
         let Some(tool) = self.tools.get(name) else {
             let offered = self.tools.keys().cloned().collect::<Vec<_>>().join(", ");
             return Err(ToolError::Unknown { tool: name.into(), offered });
         };
         if tool.approval {
-            return Err(ToolError::NeedsApproval { tool: name.into(), server: tool.server.clone() });
+            match decisions.get(name) {
+                None => {
+                    return Err(ToolError::NeedsApproval {
+                        tool: name.into(),
+                        server: tool.server.clone(),
+                        arguments: clip(&self.redact(arguments), 300),
+                    });
+                }
+                // A rejection is the tool's answer: the model goes on without it.
+                Some(d) if d.decision == crate::api::DecisionKind::Reject => {
+                    let by = d.by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default();
+                    let why = d.comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default();
+                    return Ok(format!("The call of tool {name} was rejected{by}{why}. Do not call it again."));
+                }
+                Some(_) => {}
+            }
         }
         let args: serde_json::Map<String, Value> = if arguments.trim().is_empty() {
             Default::default()
@@ -348,15 +365,6 @@ pub fn redact_all(text: &str, secrets: &[String]) -> String {
             out = out.replace(s.as_str(), "[redacted]");
         }
     }
-    out
-}
-
-fn clip(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(max).collect();
-    out.push('…');
     out
 }
 

@@ -278,6 +278,10 @@ pub struct StepStatus {
     /// The current (then the last) iteration, from 1 (loop steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iterations: Option<u32>,
+    /// The key of `spec.decisions` a waiting step needs besides an approval's own: for a tool
+    /// call in `requireApproval`, `<step key>/<tool>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_key: Option<String>,
     /// When a waiting step's time comes: the end of a wait, the timeout of an approval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub due_at: Option<MicroTime>,

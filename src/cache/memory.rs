@@ -51,7 +51,7 @@ impl Entry {
             replica: self.replica,
             tokens: self.tokens.map(|(prompt, completion)| crate::api::TokenUsage { prompt, completion }),
             cached: true,
-            transcript: None,
+            ..Default::default()
         };
         crate::engine::Event::Succeeded { key, attempt, output: self.value, info }
     }

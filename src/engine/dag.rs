@@ -337,10 +337,16 @@ pub fn check_decisions<'a>(
     keys: impl IntoIterator<Item = &'a String>,
 ) -> Result<(), String> {
     for key in keys {
-        let ok = match key.split_once('/') {
-            Some((step_key, _)) => dag.step_of_key(spec, step_key).is_some(),
-            None => dag.step_of_key(spec, key).is_some_and(|s| s.approval.is_some()),
-        };
+        if let Some((step_key, tool)) = key.split_once('/') {
+            let tools = dag.step_of_key(spec, step_key).and_then(|s| s.agent.as_ref()).map(|a| &a.tools);
+            if !tools.is_some_and(|t| t.iter().any(|t| t == tool)) {
+                return Err(format!(
+                    "spec.decisions: {key:?} names no tool of an agent step (a tool call's key is <step key>/<tool>, the tool in the step's agent.tools)"
+                ));
+            }
+            continue;
+        }
+        let ok = dag.step_of_key(spec, key).is_some_and(|s| s.approval.is_some());
         if !ok {
             let approvals: Vec<&str> = (0..dag.len())
                 .map(|i| step_at(spec, i))

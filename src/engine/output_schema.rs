@@ -2,6 +2,7 @@
 //! out of a model's reply (code fences and prose around it allowed), and validation errors
 //! that name the schema path that failed. Pure code, used by validation and the agent caller.
 
+use crate::text::clip;
 use serde_json::Value;
 
 /// Most validation errors reported (to the model when re-asking, and in the final message).
@@ -125,15 +126,6 @@ pub fn strict_compatible(schema: &Value) -> bool {
         Value::Array(items) => items.iter().all(strict_compatible),
         _ => true,
     }
-}
-
-fn clip(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(max).collect();
-    out.push('…');
-    out
 }
 
 #[cfg(test)]

@@ -123,6 +123,9 @@ pub struct TaskInfo {
     /// The attempt's transcript (agent steps), JSON, redacted and bounded; stored apart from
     /// the status (`transcriptRef`).
     pub transcript: Option<std::sync::Arc<String>>,
+    /// A failed attempt that stopped to wait for a person: what it waits for, the last part of
+    /// its decision key (`<step key>/<tool>` for a tool call in `requireApproval`).
+    pub waits_for: Option<String>,
 }
 
 /// What just happened to a task.
@@ -179,6 +182,9 @@ pub struct LlmWork {
     pub repair_attempts: u32,
     pub tools: Vec<String>,
     pub max_turns: u32,
+    /// Decisions on the step's tool calls that need approval, by tool name (from the run's
+    /// `spec.decisions` keys `<step key>/<tool>`).
+    pub decisions: BTreeMap<String, StepDecision>,
 }
 
 /// Model <-> tool round trips of a step that does not say.
@@ -425,6 +431,13 @@ impl Pass<'_, '_> {
                 let msg = if info.cached { "result from cache" } else { "" };
                 self.transition(&key, StepPhase::Succeeded, msg);
             }
+            Event::Failed { message, info, .. } if info.waits_for.is_some() => {
+                record_info(self.row(&key), &info);
+                let decision_key = format!("{}/{}", self.decision_key(&key), info.waits_for.unwrap_or_default());
+                self.row(&key).decision_key = Some(decision_key);
+                self.transition(&key, StepPhase::Waiting, message);
+                self.check_waiting(&key, &step);
+            }
             Event::Failed { message, retryable, info, .. } => {
                 record_info(self.row(&key), &info);
                 self.fail_attempt(&key, &step, message, retryable);
@@ -561,11 +574,16 @@ impl Pass<'_, '_> {
             .status
             .steps
             .iter()
-            .filter(|(k, r)| {
-                r.phase == StepPhase::Waiting
-                    && self.input.dag.step_of_key(self.input.spec, k).is_some_and(|s| s.approval.is_some())
+            .filter(|(_, r)| r.phase == StepPhase::Waiting)
+            .filter_map(|(k, r)| match &r.decision_key {
+                Some(dk) => Some(dk.as_str()),
+                None => self
+                    .input
+                    .dag
+                    .step_of_key(self.input.spec, k)
+                    .is_some_and(|s| s.approval.is_some())
+                    .then_some(k.as_str()),
             })
-            .map(|(k, _)| k.as_str())
             .collect();
         if waiting.is_empty() { String::new() } else { format!("waiting for approval: {}", waiting.join(", ")) }
     }
@@ -818,8 +836,11 @@ impl Pass<'_, '_> {
             |s: &Self, c: usize| s.status.steps.get(&child_key(&id, c)).map(|r| r.phase).unwrap_or_default();
         // Timeouts first, so that the slots they free are used in this same pass.
         for c in 0..n {
-            if child_phase(self, c) == StepPhase::Running {
-                self.check_timeout(&child_key(&id, c), step);
+            match child_phase(self, c) {
+                StepPhase::Running => self.check_timeout(&child_key(&id, c), step),
+                // An item waiting for the decision on a tool call.
+                StepPhase::Waiting => self.check_waiting(&child_key(&id, c), step),
+                _ => {}
             }
         }
         let max_parallel = step.max_parallel.map_or(usize::MAX, |m| m as usize);
@@ -913,6 +934,19 @@ impl Pass<'_, '_> {
     /// come back when its time comes (a decision wakes the run by changing it).
     fn check_waiting(&mut self, key: &str, step: &Step) {
         let now = self.now();
+        // An agent step waiting for the decision on a tool call: the decision starts it over.
+        if let Some(dk) = self.status.steps.get(key).and_then(|r| r.decision_key.clone()) {
+            if let Some(d) = decision_for(self.input.decisions, &dk) {
+                let verb = if d.decision == DecisionKind::Approve { "approved" } else { "rejected" };
+                let by = d.by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default();
+                let row = self.row(key);
+                row.decision_key = None;
+                row.retry_at = Some(MicroTime(now));
+                self.transition(key, StepPhase::Retrying, format!("{dk} {verb}{by}; the step starts over"));
+                self.requeue(Duration::ZERO);
+            }
+            return;
+        }
         let due = self.status.steps.get(key).and_then(|r| r.due_at.clone()).map(|t| t.0);
         if step.approval.is_some()
             && let Some(d) = decision_for(self.input.decisions, &self.decision_key(key))
@@ -1122,7 +1156,7 @@ impl Pass<'_, '_> {
         {
             return self.transition(key, StepPhase::Failed, format!("workflow.ref: {why}"));
         }
-        let work = match render_work(step, &ctx) {
+        let mut work = match render_work(step, &ctx) {
             Ok(Some(work)) => work,
             Ok(None) => {
                 // A template step: its rendering is its work.
@@ -1144,6 +1178,19 @@ impl Pass<'_, '_> {
                 return;
             }
         };
+        // Decisions on the step's tool calls (`<decision key>/<tool>`).
+        if let Work::Agent { llm, .. } = &mut work
+            && !llm.tools.is_empty()
+        {
+            let prefix = format!("{}/", self.decision_key(key));
+            llm.decisions = self
+                .input
+                .decisions
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, d)| (k[prefix.len()..].to_string(), d.clone()))
+                .collect();
+        }
         let msg = if attempt > 1 { format!("attempt {attempt}") } else { String::new() };
         self.transition(key, StepPhase::Running, msg);
         let timeout = self.timeout(step);
@@ -1208,6 +1255,7 @@ fn render_work(step: &Step, ctx: &Context) -> Result<Option<Work>, (String, Temp
                 repair_attempts: a.output.as_ref().map_or(0, |o| o.repair_attempts),
                 tools: a.tools.clone(),
                 max_turns: a.max_turns.unwrap_or(DEFAULT_MAX_TURNS),
+                decisions: BTreeMap::new(),
             },
         }));
     }

@@ -1410,7 +1410,7 @@ fn task_info_is_recorded() {
         replica: Some("vllm-0".into()),
         tokens: Some(crate::api::TokenUsage { prompt: 10, completion: 5 }),
         cached: true,
-        transcript: None,
+        ..Default::default()
     };
     h.in_flight.clear();
     h.advance(vec![Event::Succeeded { key: "a".into(), attempt: 1, output: "o".into(), info }]);

@@ -190,9 +190,17 @@ fn waiting_approvals(
     status
         .steps
         .iter()
-        .filter(|(key, row)| row.phase == StepPhase::Waiting && !decisions.contains_key(*key))
-        .filter(|(key, _)| plan.dag.step_of_key(&plan.spec, key).is_some_and(|s| s.approval.is_some()))
-        .map(|(key, row)| (key.clone(), row.message.clone()))
+        .filter(|(_, row)| row.phase == StepPhase::Waiting)
+        .filter_map(|(key, row)| match &row.decision_key {
+            // A tool call waiting for approval.
+            Some(dk) => Some(dk.clone()),
+            None => plan.dag.step_of_key(&plan.spec, key).is_some_and(|s| s.approval.is_some()).then(|| key.clone()),
+        })
+        .filter(|key| !decisions.contains_key(key))
+        .map(|key| {
+            let message = status.steps.iter().find(|(k, r)| *k == &key || r.decision_key.as_ref() == Some(&key));
+            (key, message.map(|(_, r)| r.message.clone()).unwrap_or_default())
+        })
         .collect()
 }
 

@@ -14,7 +14,7 @@ use volt_operator::api::{RunPhase, StepPhase, WorkflowRunStatus};
 
 use crate::kit::mcp::McpPeer;
 use crate::kit::openai::{Reply, Stub};
-use crate::kit::{Env, Operator, endpoint_agent, run_obj, step};
+use crate::kit::{Env, Operator, endpoint_agent, kubectl, run_obj, step, wait_for};
 
 const LONG: Duration = Duration::from_secs(90);
 const API_KEY: &str = "sk-e2e-llm-0123456789abcdef";
@@ -207,13 +207,12 @@ async fn tool_failures_are_clear() {
     let e = Env::new("llm-tool-fail").await;
     let _op = Operator::start(&e.ns).await;
     let mcp = McpPeer::start(None).await;
-    let cases: [(&str, Reply, Value); 6] = [
+    let cases: [(&str, Reply, Value); 5] = [
         ("unknown", Reply::ToolCalls(vec![("rm_rf".into(), json!({}))]), json!({})),
         ("error", Reply::ToolCalls(vec![("fail".into(), json!({"reason": "disk full"}))]), json!({})),
         ("huge", Reply::ToolCalls(vec![("huge".into(), json!({"n": 200000}))]), json!({})),
         ("hang", Reply::ToolCalls(vec![("hang".into(), json!({}))]), json!({"agentTimeout": 2, "timeoutSeconds": 20})),
         ("turns", Reply::ToolCalls(vec![("add".into(), json!({"a": 1, "b": 1}))]), json!({"maxTurns": 2})),
-        ("approval", Reply::ToolCalls(vec![("whoami".into(), json!({}))]), json!({})),
     ];
     let mut stubs = Vec::new();
     let mut steps = Vec::new();
@@ -259,11 +258,55 @@ async fn tool_failures_are_clear() {
     assert!(m.contains("tool \"hang\" (MCP server \"t\") did not answer within 2.0s"), "{m}");
     let m = msg("turns");
     assert!(m.contains("stopped after maxTurns=2 model <-> tool round trips"), "{m}");
-    let m = msg("approval");
-    assert!(m.contains("requires approval") && m.contains("approvals for tools are not available yet"), "{m}");
     // Every failed step still has its transcript.
-    for k in ["unknown", "error", "huge", "hang", "turns", "approval"] {
+    for k in ["unknown", "error", "huge", "hang", "turns"] {
         let (_, t) = transcript(&e, "fails", &s, k).await;
         assert_eq!(t["outcome"], "Failed", "{k}");
     }
+}
+
+#[tokio::test]
+async fn tool_calls_in_require_approval_wait_for_a_decision_and_a_rejection_reaches_the_model() {
+    let e = Env::new("llm-tool-approval").await;
+    let _op = Operator::start(&e.ns).await;
+    let mcp = McpPeer::start(None).await;
+    let stub = Stub::start("gated", Duration::ZERO).await;
+    // Asks for whoami until the conversation holds its result, then repeats the result.
+    stub.always(Reply::ToolLoop { name: "whoami".into(), args: json!({}), turns: 1 });
+    e.apply(endpoint_agent(
+        "gated",
+        &stub.base_url(),
+        json!({"tools": [{"name": "t", "url": mcp.url(), "allow": ["whoami"], "requireApproval": ["whoami"]}]}),
+    ))
+    .await;
+    let agent = json!({"ref": "gated", "prompt": "who are you?", "tools": ["whoami"]});
+    e.apply(run_obj("gated", json!({"steps": [{"id": "yes", "agent": agent}, {"id": "no", "agent": agent}]}))).await;
+    let r = wait_for(&e.runs, "gated", LONG, |r| {
+        r.status.as_ref().is_some_and(|s| {
+            ["yes", "no"].iter().all(|k| s.steps.get(*k).is_some_and(|x| x.phase == StepPhase::Waiting))
+        })
+    })
+    .await;
+    let s = r.status.unwrap_or_default();
+    assert_eq!(step(&s, "yes").decision_key.as_deref(), Some("yes/whoami"));
+    assert!(step(&s, "yes").message.contains("waiting for approval of tool \"whoami\""), "{s:#?}");
+    assert_eq!(s.message, "waiting for approval: no/whoami, yes/whoami");
+    let calls_before = stub.requests();
+
+    let patch = json!({"spec": {"decisions": {
+        "yes/whoami": {"decision": "Approve", "by": "ada"},
+        "no/whoami": {"decision": "Reject", "comment": "not today", "by": "bob"}
+    }}});
+    let ran = kubectl(&["patch", "wfr", "gated", "-n", &e.ns, "--type", "merge", "-p", &patch.to_string()]);
+    assert!(ran.ok, "{}", ran.stderr);
+    let s = e.finished("gated", LONG).await;
+    assert_eq!(s.phase, RunPhase::Succeeded, "{s:#?}");
+    // Approved: the tool ran and the model got its result.
+    let yes = step(&s, "yes");
+    assert!(yes.output.as_deref().is_some_and(|o| o.starts_with("tool said:") && !o.contains("rejected")), "{yes:#?}");
+    assert_eq!(yes.attempts, 2, "the decision starts the step over");
+    // Rejected: the model was told, and answered without it.
+    let no = step(&s, "no").output.clone().unwrap_or_default();
+    assert!(no.contains("The call of tool whoami was rejected by bob: not today"), "{no}");
+    assert!(stub.requests() > calls_before);
 }
