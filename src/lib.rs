@@ -32,5 +32,6 @@ pub mod local;
 pub mod metrics;
 pub mod naming;
 pub mod pass;
+pub mod plugin;
 pub mod text;
 pub mod watcher;

@@ -13,5 +13,6 @@ mod llm_steps;
 mod observability;
 mod packaging;
 mod pipeline;
+mod plugin;
 mod runs;
 mod security;

@@ -105,6 +105,16 @@ spec:
     assert_eq!(spec.node_name.as_deref(), Some(cluster::NODE_NAME), "scheduled on the real node");
     let (ok, out, err) = kubectl(&["logs", "-n", &ns, &pod_name]).parts();
     assert!(ok && out.contains("hello from the log"), "kubectl logs: {err}{out}");
+    // The plugin reads the same log through the API, under the step's name.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-volt"))
+        .args(["logs", "images", "root-image", "-n", &ns])
+        .env("KUBECONFIG", kit::shared().kubeconfig_path())
+        .output()
+        .await
+        .expect("kubectl-volt");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("==> root-image (Succeeded) <==") && text.contains("hello from the log"), "{text}");
 }
 
 /// The pids of the processes `sleep <marker>` (a container's, seen from the host).

@@ -1,0 +1,5 @@
+//! `kubectl volt`: see [`volt_operator::plugin`].
+
+fn main() -> std::process::ExitCode {
+    volt_operator::plugin::main()
+}
