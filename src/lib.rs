@@ -1,7 +1,7 @@
 //! volt-operator: a Kubernetes operator that orchestrates AI-agent workflows.
 //!
 //! - [`agents`]: agents at run time: replica registry, load balancer, LLM calls.
-//! - [`api`]: the custom resources (Agent, Workflow, WorkflowRun).
+//! - [`api`]: the custom resources (Agent, Workflow, WorkflowRun, Budget).
 //! - [`engine`]: the pure workflow engine: DAG validation, templating, scheduling decisions.
 //! - [`controllers`]: thin reconcilers that read, decide with the engine, apply and write status.
 //! - [`executors`]: how steps run (pods, HTTP, agent calls; templates run in the engine).
@@ -16,6 +16,11 @@
 //! - [`kube_util`]: API handles, watch settings and metadata slimming for the controllers.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`watcher`]: component health and the figures of `/api/v1/stats`.
+
+// A step's failure carries its attempt's facts (agent, replica, usage and cost, fallback,
+// transcript): it is made once per attempt and moved, never copied in a loop, so its size does
+// not matter more than boxing every one of them would.
+#![allow(clippy::result_large_err)]
 
 pub mod agents;
 pub mod api;

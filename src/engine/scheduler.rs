@@ -97,6 +97,8 @@ pub struct TaskInfo {
     /// The attempt's transcript (agent steps), JSON, redacted and bounded; stored apart from
     /// the status (`transcriptRef`).
     pub transcript: Option<std::sync::Arc<String>>,
+    /// Which agent answered instead of the step's, and why (agent steps that fell back).
+    pub fallback: Option<Box<String>>,
 }
 
 /// What just happened to a task.
@@ -1140,6 +1142,7 @@ fn record_info(row: &mut StepStatus, info: &TaskInfo) {
     if info.tokens.is_some() {
         row.tokens = info.tokens;
     }
+    row.fallback = info.fallback.as_deref().cloned();
     row.cached = info.cached;
     if info.transcript.is_some() {
         row.transcript = info.transcript.clone();

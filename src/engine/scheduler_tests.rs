@@ -1408,9 +1408,9 @@ fn task_info_is_recorded() {
     let info = TaskInfo {
         agent: Some("coder".into()),
         replica: Some("vllm-0".into()),
-        tokens: Some(crate::api::TokenUsage { prompt: 10, completion: 5 }),
+        tokens: Some(crate::api::TokenUsage { prompt: 10, completion: 5, ..Default::default() }),
         cached: true,
-        transcript: None,
+        ..Default::default()
     };
     h.in_flight.clear();
     h.advance(vec![Event::Succeeded { key: "a".into(), attempt: 1, output: "o".into(), info }]);

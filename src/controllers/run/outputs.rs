@@ -121,6 +121,7 @@ impl Outputs {
             }
             row.output = None;
         }
+        status.usage = crate::engine::usage::totals(&status.steps);
         Ok(())
     }
 
