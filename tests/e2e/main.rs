@@ -3,6 +3,7 @@ mod agents;
 mod cache;
 mod control_flow;
 mod corpus;
+mod cost;
 mod foundation;
 mod harness;
 #[path = "../kit/mod.rs"]
