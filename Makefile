@@ -79,5 +79,6 @@ local-demo: ## Run examples/local/pipeline.yaml on this machine (no cluster) twi
 BENCH_ARGS ?=
 
 bench: deps ## Benchmarks (release build against a local control plane): prints a table and one JSON line per scenario; BENCH_ARGS="--scale 0.1" for a quick look
-	$(CARGO) build --release --bin volt-operator --example bench
+	$(CARGO) build --release --bin volt-operator --example bench --example cost_bench
 	./target/release/examples/bench $(BENCH_ARGS)
+	./target/release/examples/cost_bench $(BENCH_ARGS)

@@ -1,7 +1,7 @@
 //! volt-operator: a Kubernetes operator that orchestrates AI-agent workflows.
 //!
 //! - [`agents`]: agents at run time: replica registry, load balancer, LLM calls.
-//! - [`api`]: the custom resources (Agent, Workflow, WorkflowRun).
+//! - [`api`]: the custom resources (Agent, Workflow, WorkflowRun, Budget).
 //! - [`engine`]: the pure workflow engine: DAG validation, templating, scheduling decisions.
 //! - [`controllers`]: thin reconcilers that read, decide with the engine, apply and write status.
 //! - [`executors`]: how steps run (pods, HTTP, agent calls; templates run in the engine).

@@ -6,7 +6,8 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the operator exports.
@@ -225,6 +226,19 @@ pub struct LlmMetrics {
     pub picks: IntCounterVec,
     /// `volt_lb_queue_wait_seconds{strategy}`: time calls waited for a free replica.
     pub queue_wait: HistogramVec,
+    /// `volt_llm_usage_tokens_total{exported_namespace, workflow, agent, kind}`; kind is `input`
+    /// or `output`; `workflow` is empty for runs of an inline Workflow.
+    pub usage_tokens: IntCounterVec,
+    /// `volt_llm_cost_total{exported_namespace, workflow, agent}`, in the unit of the Agents'
+    /// `spec.pricing`.
+    pub cost: CounterVec,
+    /// `volt_llm_rate_limit_wait_seconds{exported_namespace, agent}`: time calls waited under
+    /// the agent's `spec.rateLimit`.
+    pub rate_limit_wait: HistogramVec,
+    /// `volt_llm_fallbacks_total{exported_namespace, agent, fallback, reason}`.
+    pub fallbacks: IntCounterVec,
+    /// `volt_budget_refusals_total{exported_namespace, budget}`: calls a Budget refused.
+    pub budget_refusals: IntCounterVec,
 }
 
 impl LlmMetrics {
@@ -273,6 +287,39 @@ impl LlmMetrics {
                 "Time calls waited in the load balancer's queue for a free replica, by strategy.",
                 &["strategy"],
                 vec![0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0],
+            ),
+            usage_tokens: new_counter(
+                "volt_llm_usage_tokens_total",
+                "Tokens of answered LLM calls, by namespace, workflow, agent and kind (input, output).",
+                &["exported_namespace", "workflow", "agent", "kind"],
+            ),
+            cost: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "volt_llm_cost_total",
+                        "Cost of answered LLM calls (Agent spec.pricing), by namespace, workflow and agent.",
+                    ),
+                    &["exported_namespace", "workflow", "agent"],
+                )
+                .expect("valid metric");
+                let _ = registry.register(Box::new(c.clone()));
+                c
+            },
+            rate_limit_wait: new_histogram(
+                "volt_llm_rate_limit_wait_seconds",
+                "Time LLM calls waited under their agent's spec.rateLimit, by namespace and agent.",
+                &["exported_namespace", "agent"],
+                vec![0.0005, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0],
+            ),
+            fallbacks: new_counter(
+                "volt_llm_fallbacks_total",
+                "Agent steps answered by a fallback agent, by namespace, agent, fallback and reason.",
+                &["exported_namespace", "agent", "fallback", "reason"],
+            ),
+            budget_refusals: new_counter(
+                "volt_budget_refusals_total",
+                "LLM calls a Budget refused, by namespace and budget.",
+                &["exported_namespace", "budget"],
             ),
         }
     }

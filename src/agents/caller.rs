@@ -52,8 +52,11 @@ use crate::executors::{AgentCaller, Failure, Outcome, Output};
 use crate::metrics::LlmMetrics;
 
 use super::balancer::{AgentKey, BalancerError, CallResult, Lease, PickRequest, ReplicaKey};
+use super::budget::{BudgetError, Budgets, CallScope, Reservation, RunScope, Spend};
+use super::limits::{Limits, Need, Permit, estimate_tokens};
 use super::mcp::{self, ToolError, ToolSet};
 use super::registry::{AgentEntry, Registry, Replica};
+use super::runs::{RunMeta, RunRef, RunSource};
 use super::secrets::{ApiKey, SecretError, SecretSource};
 use super::transcript::{Entry, Transcript};
 
@@ -316,6 +319,11 @@ fn error_message(body: &[u8], key: Option<&str>) -> (String, bool) {
         .and_then(|e| e.get("type").or_else(|| e.get("code")))
         .and_then(|t| t.as_str())
         .is_some_and(|t| t == "insufficient_quota");
+    // The code tells a context too long or a content filter apart (for fallbacks).
+    let message = match error.and_then(|e| e.get("code")).and_then(|c| c.as_str()) {
+        Some(code) if !code.is_empty() && !message.contains(code) => format!("{message} ({code})"),
+        _ => message,
+    };
     let message = match key.filter(|k| !k.is_empty()) {
         Some(key) => message.replace(key, "[redacted]"),
         None => message,
@@ -349,6 +357,120 @@ pub struct LlmCaller {
     metrics: Option<LlmMetrics>,
     retry: RetrySettings,
     max_reply: usize,
+    limits: Arc<Limits>,
+    budgets: Arc<Budgets>,
+    runs: Option<Arc<dyn RunSource>>,
+}
+
+/// The run an agent step belongs to, as its calls need it.
+#[derive(Debug, Clone, Default)]
+struct CallRun {
+    run: Option<RunRef>,
+    meta: RunMeta,
+}
+
+impl CallRun {
+    fn scope(&self, agent: &AgentKey) -> CallScope {
+        CallScope {
+            namespace: agent.namespace.clone(),
+            workflow: self.meta.workflow.clone(),
+            agent: agent.name.clone(),
+            run: self.run.as_ref().map(|r| RunScope {
+                uid: r.uid.clone(),
+                budget: self.meta.budget.clone(),
+                used_before: Spend { tokens: self.meta.used.0, cost: self.meta.used.1 },
+            }),
+        }
+    }
+}
+
+/// A call's room under its agent's rate limit and its budgets, until it settles.
+struct Hold {
+    permit: Option<Permit>,
+    reservation: Reservation,
+}
+
+impl Hold {
+    /// The call answered with `tokens` (the worst case stays spent when the reply says none).
+    fn settle(self, tokens: Option<TokenUsage>) {
+        let Hold { permit, reservation } = self;
+        match tokens {
+            Some(t) => {
+                if let Some(p) = permit {
+                    p.settle(t.prompt + t.completion);
+                }
+                reservation.settle(Spend { tokens: t.prompt + t.completion, cost: t.cost });
+            }
+            None => {
+                let need = reservation.need();
+                if let Some(p) = permit {
+                    p.settle(need.tokens);
+                }
+                reservation.settle(need);
+            }
+        }
+    }
+}
+
+/// Why an agent cannot answer, so that its fallbacks are asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exhausted {
+    RateLimited,
+    NoReplica,
+    ContextTooLong,
+    ContentFiltered,
+}
+
+impl Exhausted {
+    fn as_str(self) -> &'static str {
+        match self {
+            Exhausted::RateLimited => "rate limited past its retries",
+            Exhausted::NoReplica => "no healthy replica (circuits open or replicas down)",
+            Exhausted::ContextTooLong => "the context is too long for its model",
+            Exhausted::ContentFiltered => "its content filter withheld the reply",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Exhausted::RateLimited => "rate_limited",
+            Exhausted::NoReplica => "no_replica",
+            Exhausted::ContextTooLong => "context_length",
+            Exhausted::ContentFiltered => "content_filter",
+        }
+    }
+
+    /// A refused request that another model may take: a context too long, a content filter.
+    fn of_rejection(message: &str) -> Option<Exhausted> {
+        let m = message.to_ascii_lowercase();
+        if m.contains("context_length_exceeded") || m.contains("maximum context length") || m.contains("context length")
+        {
+            Some(Exhausted::ContextTooLong)
+        } else if m.contains("content_filter")
+            || m.contains("content_policy")
+            || m.contains("content management policy")
+        {
+            Some(Exhausted::ContentFiltered)
+        } else {
+            None
+        }
+    }
+}
+
+/// Completion tokens reserved for a call whose Agent sets no `parameters.maxTokens`.
+pub const DEFAULT_COMPLETION_RESERVE: u64 = 4096;
+
+/// The worst case of the next call of `conv` to `entry`: the prompt's estimate plus
+/// `maxTokens`, in tokens and at the agent's prices.
+fn worst_case(entry: &AgentEntry, conv: &Conversation) -> (u64, f64) {
+    let chars = entry.spec.instructions.len()
+        + conv.messages.iter().map(|m| m.to_string().len()).sum::<usize>()
+        + conv.tool_defs.get(&entry.key).map_or(0, |t| t.iter().map(|d| d.to_string().len()).sum())
+        + conv.response_format.as_ref().map_or(0, |f| f.to_string().len());
+    let prompt = estimate_tokens(chars);
+    let completion = entry.spec.parameters.max_tokens.map_or(DEFAULT_COMPLETION_RESERVE, u64::from);
+    let cost = entry.spec.pricing.as_ref().map_or(0.0, |p| p.cost(prompt, completion));
+    (prompt + completion, cost)
 }
 
 /// The name of a strategy, as in the API.
@@ -476,7 +598,37 @@ impl LlmCaller {
             metrics: None,
             retry: RetrySettings::default(),
             max_reply: MAX_REPLY_BYTES,
+            limits: Arc::new(Limits::default()),
+            budgets: Arc::new(Budgets::default()),
+            runs: None,
         }
+    }
+
+    /// Counts calls against `budgets` (the Budget controller's ledger).
+    pub fn with_budgets(mut self, budgets: Arc<Budgets>) -> Self {
+        self.budgets = budgets;
+        self
+    }
+
+    /// Reads the run of each step (priority, Workflow, `spec.budget`) from `runs`.
+    pub fn with_runs(mut self, runs: Arc<dyn RunSource>) -> Self {
+        self.runs = Some(runs);
+        self
+    }
+
+    /// The rate limiters of the agents.
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    /// The run of the attempt this task runs, with what the caller needs of it.
+    async fn call_run(&self) -> CallRun {
+        let Some(run) = super::runs::current() else { return CallRun::default() };
+        let meta = match &self.runs {
+            Some(source) => source.get(&run).await.unwrap_or_default(),
+            None => RunMeta::default(),
+        };
+        CallRun { run: Some(run), meta }
     }
 
     /// Records calls, tokens and picks in `metrics`.
@@ -632,7 +784,8 @@ impl LlmCaller {
                 }
             }
         }
-        let result = self.converse(&agents, strategy, deadline, &mut conv, &tools, validator.as_ref(), llm).await;
+        let run = self.call_run().await;
+        let result = self.converse(&agents, strategy, deadline, &mut conv, &tools, validator.as_ref(), llm, &run).await;
         close_all(tools).await;
         result.map(|(text, info)| Output { info: conv.info(info, "Succeeded", None), text }).map_err(|mut f| {
             f.info = conv.info(std::mem::take(&mut f.info), "Failed", Some(&f.message));
@@ -652,12 +805,13 @@ impl LlmCaller {
         tools: &HashMap<AgentKey, ToolSet>,
         validator: Option<&jsonschema::Validator>,
         llm: &LlmWork,
+        run: &CallRun,
     ) -> Result<(String, TaskInfo), Failure> {
         let mut info = TaskInfo::default();
         let mut repairs = 0u32;
         let mut turns = 0u32;
         loop {
-            let answer = self.complete(agents, strategy, deadline, conv, &mut info).await?;
+            let answer = self.complete(agents, strategy, deadline, conv, &mut info, run).await?;
             info.tokens = Some(conv.transcript.tokens());
             let message = answer.message.clone();
             conv.push(message);
@@ -701,7 +855,7 @@ impl LlmCaller {
                             });
                             // The attempt waits for a person; a decision starts the step over.
                             if let ToolError::NeedsApproval { tool, .. } = &e {
-                                info.waits_for = Some(tool.clone());
+                                info.waits_for = Some(Box::new(tool.clone()));
                             }
                             return Err(Failure { message, retryable: e.retryable(), info });
                         }
@@ -731,7 +885,8 @@ impl LlmCaller {
         }
     }
 
-    /// One chat completion of the conversation so far, retried across replicas.
+    /// One chat completion of the conversation so far: on the step's agents, then on their
+    /// fallbacks (`spec.fallbacks`, in order, then theirs) while the agent asked is exhausted.
     async fn complete(
         &self,
         agents: &[Arc<AgentEntry>],
@@ -739,7 +894,134 @@ impl LlmCaller {
         deadline: Option<Instant>,
         conv: &mut Conversation,
         info: &mut TaskInfo,
+        run: &CallRun,
     ) -> Result<Answer, Failure> {
+        let mut current: Vec<Arc<AgentEntry>> = agents.to_vec();
+        let mut tried: Vec<AgentKey> = agents.iter().map(|a| a.key.clone()).collect();
+        // Steps with tools keep to their agents: the tool sessions are theirs.
+        let mut queue: std::collections::VecDeque<String> = if conv.tool_defs.is_empty() {
+            agents.iter().flat_map(|a| a.spec.fallbacks.iter().cloned()).collect()
+        } else {
+            Default::default()
+        };
+        let namespace = agents.first().map(|a| a.key.namespace.clone()).unwrap_or_default();
+        loop {
+            let (failure, why) = match self.complete_on(&current, strategy, deadline, conv, info, run).await {
+                Ok(answer) => return Ok(answer),
+                Err((failure, None)) => return Err(failure),
+                Err((failure, Some(why))) => (failure, why),
+            };
+            let from = current.iter().map(|a| a.key.name.as_str()).collect::<Vec<_>>().join(", ");
+            let mut skipped = Vec::new();
+            let next = loop {
+                let Some(name) = queue.pop_front() else { break None };
+                let key = AgentKey::new(&namespace, &name);
+                if tried.contains(&key) {
+                    continue;
+                }
+                tried.push(key);
+                match self.registry.get(&namespace, &name) {
+                    Some(a) if a.invalid.is_none() => break Some(a),
+                    Some(_) => skipped.push(format!("{name:?} is invalid")),
+                    None => skipped.push(format!("{name:?} not found")),
+                }
+            };
+            let Some(next) = next else {
+                let mut message = failure.message;
+                if !skipped.is_empty() {
+                    message.push_str(&format!("; fallbacks not usable: {}", skipped.join(", ")));
+                }
+                return Err(Failure { message, ..failure });
+            };
+            let reason = format!("{}: {}", why.as_str(), clip(&failure.message, 200));
+            debug!(from = %from, to = %next.key.name, reason = %reason, "falling back");
+            if let Some(m) = &self.metrics {
+                m.fallbacks.with_label_values(&[&namespace, &from, &next.key.name, why.label()]).inc();
+            }
+            conv.transcript.push(Entry::Fallback {
+                from: from.clone(),
+                to: next.key.name.clone(),
+                model: next.spec.model.clone(),
+                reason: reason.clone(),
+            });
+            info.fallback = Some(Box::new(format!(
+                "{} (model {}) answered instead of {from}: {}",
+                next.key.name,
+                next.spec.model,
+                why.as_str()
+            )));
+            queue.extend(next.spec.fallbacks.iter().cloned());
+            current = vec![next];
+        }
+    }
+
+    /// Holds room for one call to `entry` under its rate limit and the budgets it counts
+    /// against.
+    async fn hold(
+        &self,
+        entry: &AgentEntry,
+        conv: &mut Conversation,
+        deadline: Option<Instant>,
+        run: &CallRun,
+        info: &TaskInfo,
+    ) -> Result<Hold, Failure> {
+        let (tokens, cost) = worst_case(entry, conv);
+        let limiter = self.limits.for_agent(&entry.key, entry.spec.rate_limit.as_ref());
+        let scope = run.scope(&entry.key);
+        let reservation = self
+            .budgets
+            .reserve(&scope, Spend { tokens, cost }, deadline, |e| {
+                if let (Some(s), Some(r)) = (self.budgets.suspender(), &run.run) {
+                    let (s, ns, name, why) = (s.clone(), r.namespace.clone(), r.name.clone(), e.to_string());
+                    tokio::spawn(async move { s.suspend(&ns, &name, &why).await });
+                }
+            })
+            .await;
+        let reservation = match reservation {
+            Ok(r) => r,
+            Err(e) => {
+                if let (Some(m), BudgetError::Exceeded { budget: Some((ns, name)), .. }) = (&self.metrics, &e) {
+                    m.budget_refusals.with_label_values(&[ns, name]).inc();
+                }
+                let message = format!("agent {:?}: {e}", entry.key.name);
+                return Err(Failure { message, retryable: false, info: info.clone() });
+            }
+        };
+        let permit = match limiter {
+            Some(l) => {
+                let need = Need { requests: 1.0, tokens: tokens as f64 };
+                match l.acquire(need, run.meta.priority, deadline).await {
+                    Ok(p) => {
+                        if let Some(m) = &self.metrics {
+                            m.rate_limit_wait
+                                .with_label_values(&[&entry.key.namespace, &entry.key.name])
+                                .observe(p.waited.as_secs_f64());
+                        }
+                        if p.waited >= Duration::from_millis(1) {
+                            conv.transcript
+                                .push(Entry::RateLimitWait { agent: entry.key.name.clone(), waited_ms: ms(p.waited) });
+                        }
+                        Some(p)
+                    }
+                    Err(e) => return Err(Failure { message: e.to_string(), retryable: true, info: info.clone() }),
+                }
+            }
+            None => None,
+        };
+        Ok(Hold { permit, reservation })
+    }
+
+    /// One chat completion on `agents`, retried across replicas; with why the agents are
+    /// exhausted, when they are (for fallbacks).
+    async fn complete_on(
+        &self,
+        agents: &[Arc<AgentEntry>],
+        strategy: &Option<Strategy>,
+        deadline: Option<Instant>,
+        conv: &mut Conversation,
+        info: &mut TaskInfo,
+        run: &CallRun,
+    ) -> Result<Answer, (Failure, Option<Exhausted>)> {
         let strategy = strategy.unwrap_or(self.default_strategy);
         let keys = agents.iter().map(|a| a.key.clone()).collect();
         let names = agents.iter().map(|a| a.key.name.as_str()).collect::<Vec<_>>().join(", ");
@@ -753,17 +1035,25 @@ impl LlmCaller {
                     attempts: failures + rate_limited,
                     last: last.map(|e| e.to_string()).unwrap_or_else(|| "none".into()),
                 };
-                return Err(failure(&err, info.clone()));
+                return Err((failure(&err, info.clone()), None));
             }
+            // One agent: its limits are waited for before a replica is taken, so that waiting
+            // calls hold no replica slot and the limiter's queue (by priority) decides.
+            let mut hold = match agents {
+                [only] => Some(self.hold(only, conv, deadline, run, info).await.map_err(|f| (f, None))?),
+                _ => None,
+            };
             let lease = match self.registry.balancer().acquire(request.clone(), deadline).await {
                 Ok(lease) => lease,
                 Err(source) => {
+                    let exhausted =
+                        matches!(source, BalancerError::NoHealthyReplica { .. }).then_some(Exhausted::NoReplica);
                     let err = CallError::NoReplica { agents: names.clone(), source };
                     let message = match &last {
                         Some(prev) => format!("{err}; last attempt: {prev}"),
                         None => err.to_string(),
                     };
-                    return Err(Failure { message, retryable: err.retryable(), info: info.clone() });
+                    return Err((Failure { message, retryable: err.retryable(), info: info.clone() }, exhausted));
                 }
             };
             let key = lease.key().clone();
@@ -774,7 +1064,8 @@ impl LlmCaller {
             }
             let Some(entry) = agents.iter().find(|a| a.key == key.agent) else {
                 // Cannot happen: the balancer only gives replicas of the agents asked for.
-                return Err(Failure::retryable(format!("agent {names}: the balancer gave an unknown replica {key}")));
+                let f = Failure::retryable(format!("agent {names}: the balancer gave an unknown replica {key}"));
+                return Err((f, None));
             };
             // The registry may have a newer view of the replica than the agents resolved above
             // (or, for an instant during an update, an older one).
@@ -785,11 +1076,20 @@ impl LlmCaller {
                 drop(lease);
                 vanished += 1;
                 if vanished > 100 {
-                    return Err(Failure::retryable(format!("agent {names}: replica {key} keeps vanishing")));
+                    return Err((Failure::retryable(format!("agent {names}: replica {key} keeps vanishing")), None));
                 }
                 tokio::task::yield_now().await;
                 continue;
             };
+            if hold.is_none() {
+                match self.hold(entry, conv, deadline, run, info).await {
+                    Ok(h) => hold = Some(h),
+                    Err(f) => {
+                        drop(lease);
+                        return Err((f, None));
+                    }
+                }
+            }
             info.agent = Some(key.agent.name.clone());
             info.replica = Some(key.replica.clone());
             let secret = entry.spec.api_key_secret_ref.as_ref();
@@ -797,7 +1097,8 @@ impl LlmCaller {
                 Ok(k) => k,
                 Err(source) => {
                     drop(lease);
-                    return Err(failure(&CallError::Secret { agent: key.agent.name.clone(), source }, info.clone()));
+                    let err = CallError::Secret { agent: key.agent.name.clone(), source };
+                    return Err((failure(&err, info.clone()), None));
                 }
             };
             let agent_timeout = Duration::from_secs(u64::from(entry.spec.timeout_seconds.max(1)));
@@ -815,8 +1116,16 @@ impl LlmCaller {
             let attempt = Attempt { entry, replica: &replica, key: api_key.as_ref(), turn, timeout, step_bound };
             match self.attempt(attempt, lease).await {
                 Ok(mut answer) => {
+                    if let Some(t) = &mut answer.tokens {
+                        t.cost = entry.spec.pricing.as_ref().map_or(0.0, |p| p.cost(t.prompt, t.completion));
+                    }
+                    if let Some(h) = hold.take() {
+                        h.settle(answer.tokens);
+                    }
+                    self.count_usage(entry, run, answer.tokens);
                     conv.transcript.push(Entry::Call {
                         agent: key.agent.name.clone(),
+                        model: entry.spec.model.clone(),
                         replica: key.replica.clone(),
                         latency_ms: ms(started.elapsed()),
                         http_ms: ms(answer.http),
@@ -826,23 +1135,32 @@ impl LlmCaller {
                     return Ok(answer);
                 }
                 Err(err) => {
+                    drop(hold.take());
                     let err = redact(err, api_key.as_ref());
                     let kind = match &err {
                         CallError::Replica { kind, .. } => *kind,
                         CallError::OutOfTime { last, .. } => {
                             let attempts = failures + rate_limited + 1;
                             let err = CallError::OutOfTime { agent: names.clone(), attempts, last: last.clone() };
-                            return Err(failure(&err, info.clone()));
+                            return Err((failure(&err, info.clone()), None));
                         }
                         _ => FailureKind::Rejected,
                     };
                     debug!(agent = %key.agent, replica = %key.replica, error = %err, "agent call failed");
                     match kind {
-                        FailureKind::Rejected => return Err(failure(&err, info.clone())),
+                        FailureKind::Rejected => {
+                            let exhausted = Exhausted::of_rejection(&err.to_string());
+                            return Err((failure(&err, info.clone()), exhausted));
+                        }
                         FailureKind::RateLimited(wait) => {
                             rate_limited += 1;
                             self.count_retry(&key, "rate_limited");
                             let wait = wait.unwrap_or_else(|| self.backoff(rate_limited));
+                            // The agent's own limit was too generous for the provider: lower it
+                            // for a while (every run that uses the agent slows down).
+                            if let Some(l) = self.limits.get(&key.agent) {
+                                l.rate_limited(Some(wait));
+                            }
                             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                             let limit = remaining.unwrap_or(self.retry.max_retry_after);
                             if rate_limited > self.retry.max_rate_limited || wait > limit {
@@ -850,7 +1168,8 @@ impl LlmCaller {
                                     "{err}; gave up after {rate_limited} rate-limited attempts (the replica asks to wait {:.1}s)",
                                     wait.as_secs_f64()
                                 );
-                                return Err(Failure { message, retryable: true, info: info.clone() });
+                                let f = Failure { message, retryable: true, info: info.clone() };
+                                return Err((f, Some(Exhausted::RateLimited)));
                             }
                             // The balancer keeps the replica out of rotation for `wait`; the
                             // next acquire goes elsewhere or waits for it.
@@ -859,7 +1178,7 @@ impl LlmCaller {
                             failures += 1;
                             if failures >= self.retry.max_attempts.max(1) {
                                 let message = format!("{err} (after {failures} attempts)");
-                                return Err(Failure { message, retryable: true, info: info.clone() });
+                                return Err((Failure { message, retryable: true, info: info.clone() }, None));
                             }
                             self.count_retry(&key, if kind == FailureKind::Timeout { "timeout" } else { "error" });
                             let pause = self.backoff(failures);
@@ -874,6 +1193,18 @@ impl LlmCaller {
                     last = Some(err);
                 }
             }
+        }
+    }
+
+    /// Tokens and cost of a settled call, by namespace, workflow and agent.
+    fn count_usage(&self, entry: &AgentEntry, run: &CallRun, tokens: Option<TokenUsage>) {
+        let (Some(m), Some(t)) = (&self.metrics, tokens) else { return };
+        let workflow = run.meta.workflow.as_deref().unwrap_or_default();
+        let labels = |kind| [entry.key.namespace.as_str(), workflow, entry.key.name.as_str(), kind];
+        m.usage_tokens.with_label_values(&labels("input")).inc_by(t.prompt);
+        m.usage_tokens.with_label_values(&labels("output")).inc_by(t.completion);
+        if t.cost > 0.0 && t.cost.is_finite() {
+            m.cost.with_label_values(&[&entry.key.namespace, workflow, &entry.key.name]).inc_by(t.cost);
         }
     }
 
@@ -1031,13 +1362,20 @@ fn build_request(entry: &AgentEntry, turn: &Turn<'_>) -> Result<CreateChatComple
 }
 
 fn answer_of(response: CreateChatCompletionResponse) -> Result<Answer, (String, FailureKind)> {
-    let tokens = response
-        .usage
-        .as_ref()
-        .map(|u| TokenUsage { prompt: u64::from(u.prompt_tokens), completion: u64::from(u.completion_tokens) });
+    let tokens = response.usage.as_ref().map(|u| TokenUsage {
+        prompt: u64::from(u.prompt_tokens),
+        completion: u64::from(u.completion_tokens),
+        cost: 0.0,
+    });
     let Some(choice) = response.choices.into_iter().next() else {
         return Err(("the answer has no choices".into(), FailureKind::Transient));
     };
+    if choice.finish_reason == Some(async_openai::types::chat::FinishReason::ContentFilter) {
+        return Err((
+            "the reply was withheld by the content filter (finish_reason content_filter)".into(),
+            FailureKind::Rejected,
+        ));
+    }
     let mut message = serde_json::to_value(&choice.message).unwrap_or_else(|_| json!({}));
     let tool_calls: Vec<ToolCall> = message
         .get("tool_calls")

@@ -27,6 +27,9 @@ pub enum Entry {
     /// A model call: who answered, how long it took, what it cost.
     Call {
         agent: String,
+        /// The model the agent asked for.
+        #[serde(skip_serializing_if = "String::is_empty")]
+        model: String,
         replica: String,
         /// The whole attempt: replica pick, request, reply, parsing.
         latency_ms: f64,
@@ -44,6 +47,10 @@ pub enum Entry {
     },
     /// A reply failed the output schema; the model is asked again.
     Repair { attempt: u32, problem: String },
+    /// The step's agent was exhausted: its fallback `to` is asked instead.
+    Fallback { from: String, to: String, model: String, reason: String },
+    /// The call waited for room under the agent's `spec.rateLimit`.
+    RateLimitWait { agent: String, waited_ms: f64 },
 }
 
 /// A transcript being written.
@@ -62,6 +69,7 @@ impl Transcript {
         if let Entry::Call { tokens: Some(t), .. } = &entry {
             self.tokens.prompt += t.prompt;
             self.tokens.completion += t.completion;
+            self.tokens.cost += t.cost;
         }
         if matches!(entry, Entry::Repair { .. }) {
             self.repairs += 1;
@@ -98,7 +106,7 @@ impl Transcript {
                 "outcome": outcome,
                 "turns": self.turns,
                 "repairs": self.repairs,
-                "usage": {"prompt": self.tokens.prompt, "completion": self.tokens.completion},
+                "usage": usage_json(&self.tokens),
                 "entries": entries,
             });
             if let Some(e) = error {
@@ -142,6 +150,14 @@ fn clip_strings(value: Value) -> Value {
     }
 }
 
+fn usage_json(t: &TokenUsage) -> Value {
+    let mut u = json!({"prompt": t.prompt, "completion": t.completion});
+    if t.cost > 0.0 {
+        u["cost"] = json!(crate::engine::usage::round_cost(t.cost));
+    }
+    u
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,10 +172,11 @@ mod tests {
         }
         t.push(Entry::Call {
             agent: "a".into(),
+            model: String::new(),
             replica: "r".into(),
             latency_ms: 3.0,
             http_ms: 2.5,
-            tokens: Some(TokenUsage { prompt: 2, completion: 1 }),
+            tokens: Some(TokenUsage { prompt: 2, completion: 1, cost: 0.0 }),
         });
         t.message(&json!({"role": "assistant", "content": "done"}));
         let out = t.finish("Succeeded", None);

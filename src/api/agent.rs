@@ -85,6 +85,60 @@ pub struct AgentSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub tools: Vec<McpServer>,
+
+    /// Calls and tokens per minute allowed to this agent, shared by every run and step that
+    /// uses it (in this operator). Calls over the limit wait in a fair queue (higher run
+    /// priority first, then first come) instead of meeting the provider's 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+
+    /// Agents (by name, in this namespace) tried in order when this one is exhausted: rate
+    /// limited past its retries, every replica's circuit open, context too long, content
+    /// filtered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 253)))]
+    pub fallbacks: Vec<String>,
+
+    /// Prices of this agent's tokens, in a currency unit of your choice: the cost of each step
+    /// and run, and what Budgets' `maxCost` counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
+}
+
+/// Requests and tokens per minute allowed to an agent. Each call reserves its worst case (an
+/// estimate of the prompt plus `maxTokens`) and gives back what the reply's usage did not use.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Chat completion requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt plus completion tokens per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000000000u64))]
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Prices per million tokens.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Pricing {
+    /// Price of a million prompt (input) tokens.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub input_per_million_tokens: f64,
+    /// Price of a million completion (output) tokens.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
+    pub output_per_million_tokens: f64,
+}
+
+impl Pricing {
+    /// The cost of `input` prompt and `output` completion tokens.
+    pub fn cost(&self, input: u64, output: u64) -> f64 {
+        (input as f64 * self.input_per_million_tokens + output as f64 * self.output_per_million_tokens) / 1e6
+    }
 }
 
 /// An MCP server reached over the streamable HTTP transport, and the tools allowed from it.

@@ -9,12 +9,14 @@ pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 /// `Degraded` (Agents): some replicas are unhealthy or failing calls.
 pub const DEGRADED: &str = "Degraded";
+/// `Exceeded` (Budgets): a call was refused because it would go over the budget.
+pub const EXCEEDED: &str = "Exceeded";
 
 /// The condition types the operator writes. Status is written with server-side apply, which
 /// makes the writer an owner of every field it sends: sending back every condition read from the
 /// object would take over the conditions other writers keep there (a policy engine's, say) and,
 /// from a stale read, undo their updates. So a status apply sends only these.
-pub const OWN_CONDITIONS: [&str; 4] = [READY, RECONCILING, STALLED, DEGRADED];
+pub const OWN_CONDITIONS: [&str; 5] = [READY, RECONCILING, STALLED, DEGRADED, EXCEEDED];
 
 /// The conditions of `conditions` the operator writes (see [`OWN_CONDITIONS`]), for a status
 /// apply.

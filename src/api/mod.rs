@@ -1,15 +1,17 @@
-//! The three custom resources of `volt.dev/v1alpha1` and the types they share.
+//! The custom resources of `volt.dev/v1alpha1` and the types they share.
 //!
 //! Nothing here talks to the API server: these are plain data types whose doc comments become
 //! the `kubectl explain` text of the generated CRDs.
 
 mod agent;
+mod budget;
 mod conditions;
 mod control_flow;
 mod run;
 mod workflow;
 
 pub use agent::*;
+pub use budget::*;
 pub use conditions::*;
 pub use control_flow::*;
 pub use run::*;
@@ -27,7 +29,7 @@ pub const FIELD_MANAGER: &str = "volt-operator";
 
 /// All CRDs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Agent::crd(), Workflow::crd(), WorkflowRun::crd()]
+    vec![Agent::crd(), Workflow::crd(), WorkflowRun::crd(), Budget::crd()]
 }
 
 /// File name under `crds/` for a CRD.
@@ -84,7 +86,10 @@ mod tests {
     fn crds_have_names_columns_and_categories() {
         let crds = crds();
         let names: Vec<_> = crds.iter().map(|c| c.spec.names.short_names.clone().unwrap_or_default()).collect();
-        assert_eq!(names, vec![vec!["ag".to_string()], vec!["vwf".to_string()], vec!["wfr".to_string()]]);
+        assert_eq!(
+            names,
+            vec![vec!["ag".to_string()], vec!["vwf".to_string()], vec!["wfr".to_string()], vec!["vbud".to_string()]]
+        );
         for crd in &crds {
             assert_eq!(crd.spec.names.categories, Some(vec!["volt".to_string()]));
             let v = &crd.spec.versions[0];
@@ -92,7 +97,10 @@ mod tests {
         }
         let run_cols: Vec<String> =
             crds[2].spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
-        assert_eq!(run_cols, ["Workflow", "Phase", "Progress", "Started", "Age", "Message"]);
+        assert_eq!(run_cols, ["Workflow", "Phase", "Progress", "Started", "Age", "Cost", "Message"]);
+        let budget_cols: Vec<String> =
+            crds[3].spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
+        assert_eq!(budget_cols, ["Window", "Tokens", "Max-Tokens", "Cost", "Max-Cost", "Exceeded", "Age", "Message"]);
         // Conditions are a list map keyed by type, as kstatus expects.
         let schema = serde_json::to_value(&crds[2].spec.versions[0].schema).unwrap();
         let conds = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];

@@ -24,6 +24,7 @@ use super::workflow::WorkflowSpec;
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
     printcolumn = r#"{"name":"Started","type":"date","jsonPath":".status.startedAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Cost","type":"number","priority":1,"jsonPath":".status.usage.cost"}"#,
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.message"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -73,6 +74,11 @@ pub struct WorkflowRunSpec {
     /// reads them and never writes them; RBAC on `workflowruns` decides who may patch them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub decisions: BTreeMap<String, StepDecision>,
+
+    /// Limits on the tokens and cost of this run's agent steps, checked before every call
+    /// (reserving its worst case); a call that would go over fails its step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RunBudget>,
 }
 
 /// A person's decision on a waiting step.
@@ -232,6 +238,9 @@ pub struct WorkflowRunStatus {
     /// iteration (`loop.iteration.step`, iterations from 1).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub steps: BTreeMap<String, StepStatus>,
+    /// Tokens and cost of the run's agent steps so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<RunUsage>,
 }
 
 /// Observed state of a step.
@@ -269,9 +278,12 @@ pub struct StepStatus {
     /// True when the result came from the cache and the step did not run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cached: bool,
-    /// Token usage (agent steps).
+    /// Token usage and cost (agent steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokenUsage>,
+    /// Which agent answered instead of the step's, and why (agent steps that fell back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
     /// Number of `forEach` children (fan-out steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<u32>,
@@ -304,17 +316,52 @@ pub struct StepStatus {
     pub transcript: Option<std::sync::Arc<String>>,
 }
 
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
+
 fn is_zero_u32(v: &u32) -> bool {
     *v == 0
 }
 
 /// Token usage of an LLM call.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 pub struct TokenUsage {
     /// Prompt tokens.
     pub prompt: u64,
     /// Completion tokens.
     pub completion: u64,
+    /// What the tokens cost, from the answering Agents' `spec.pricing` (absent when none of
+    /// them has prices).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub cost: f64,
+}
+
+/// A run's limits on what its agent steps spend.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunBudget {
+    /// Most prompt plus completion tokens the run may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tokens: Option<u64>,
+    /// Most the run may spend, in the unit of the Agents' `spec.pricing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub max_cost: Option<f64>,
+}
+
+/// What a run's agent steps used: the sum over its step rows (the last attempt of each step;
+/// results from the cache cost nothing).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunUsage {
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+    /// Cost, in the unit of the Agents' `spec.pricing` (0 when no Agent has prices).
+    pub cost: f64,
 }
 
 /// A ConfigMap key holding a step's output.

@@ -49,7 +49,7 @@ impl Entry {
         let info = crate::engine::TaskInfo {
             agent: self.agent,
             replica: self.replica,
-            tokens: self.tokens.map(|(prompt, completion)| crate::api::TokenUsage { prompt, completion }),
+            tokens: self.tokens.map(|(prompt, completion)| crate::api::TokenUsage { prompt, completion, cost: 0.0 }),
             cached: true,
             ..Default::default()
         };

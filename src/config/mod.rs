@@ -85,6 +85,11 @@ pub struct RunArgs {
     #[arg(long, env = "VOLT_EVENT_WINDOW", default_value = "5", value_parser = parse_secs)]
     pub event_window: Duration,
 
+    /// Budget usage is written to each Budget's status at most once in this many seconds
+    /// (what a crash can lose of it).
+    #[arg(long, env = "VOLT_BUDGET_FLUSH_INTERVAL", default_value = "5", value_parser = parse_secs)]
+    pub budget_flush_interval: Duration,
+
     /// Step outputs larger than this many bytes go to a ConfigMap instead of the run's status.
     #[arg(long, env = "VOLT_INLINE_OUTPUT_LIMIT", default_value_t = 4096)]
     pub inline_output_limit: usize,

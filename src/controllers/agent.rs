@@ -50,6 +50,8 @@ struct Ctx {
     registry: Arc<Registry>,
     pods: Store<Pod>,
     deployments: Store<Deployment>,
+    /// Every Agent of the scope (fallbacks name them).
+    agents: Store<Agent>,
     /// Deployments applied, by Agent uid. The Deployment is applied again when either
     /// generation changes.
     applied: Mutex<HashMap<String, Applied>>,
@@ -118,6 +120,55 @@ pub fn endpoint_kind(agent: &Agent) -> Result<&'static str, String> {
     };
     crate::agents::mcp::validate(s)?;
     Ok(kind)
+}
+
+/// Checks an Agent's `spec.fallbacks` against the other Agents of its namespace: no
+/// duplicates, not itself, each one exists, and no cycle through their own fallbacks.
+pub fn check_fallbacks(agent: &Agent, others: &[Arc<Agent>]) -> Result<(), String> {
+    let name = agent.name_any();
+    let ns = agent.namespace();
+    let find = |n: &str| others.iter().find(|a| a.name_any() == n && a.namespace() == ns);
+    for (i, f) in agent.spec.fallbacks.iter().enumerate() {
+        if *f == name {
+            return Err(format!("spec.fallbacks[{i}]: {f:?} is the agent itself"));
+        }
+        if agent.spec.fallbacks[..i].contains(f) {
+            return Err(format!("spec.fallbacks[{i}]: {f:?} is listed twice"));
+        }
+        if find(f).is_none() {
+            return Err(format!("spec.fallbacks[{i}]: no Agent {f:?} in namespace {:?}", ns.as_deref().unwrap_or("")));
+        }
+    }
+    // A cycle back to this agent through the fallbacks' own fallbacks.
+    let mut path = vec![name.clone()];
+    fn walk<'a>(
+        at: &[String],
+        start: &str,
+        path: &mut Vec<String>,
+        find: &dyn Fn(&str) -> Option<&'a Arc<Agent>>,
+    ) -> Option<Vec<String>> {
+        for f in at {
+            if f == start {
+                let mut cycle = path.clone();
+                cycle.push(f.clone());
+                return Some(cycle);
+            }
+            if path.contains(f) {
+                continue;
+            }
+            let Some(a) = find(f) else { continue };
+            path.push(f.clone());
+            if let Some(c) = walk(&a.spec.fallbacks, start, path, find) {
+                return Some(c);
+            }
+            path.pop();
+        }
+        None
+    }
+    if let Some(cycle) = walk(&agent.spec.fallbacks, &name, &mut path, &find) {
+        return Err(format!("spec.fallbacks: a cycle of fallbacks: {}", cycle.join(" -> ")));
+    }
+    Ok(())
 }
 
 /// The pods of an agent: its Deployment's (by the operator's label) or those its selector
@@ -263,6 +314,15 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     };
     status.endpoint_kind = kind.into();
+    if !agent.spec.fallbacks.is_empty()
+        && tokio::time::timeout(POD_CACHE_WAIT, crate::kube_util::wait_ready(&ctx.agents)).await.is_err()
+    {
+        return Err(Error::Other("the agent watch has not listed agents yet".into()));
+    }
+    if let Err(msg) = check_fallbacks(&agent, &ctx.agents.state()) {
+        stall(&mut status, &msg);
+        return write_status(&agent, &ctx, &old, status).await;
+    }
     let (desired, replicas) = match kind {
         "endpoint" => {
             let url = agent.spec.endpoint.as_ref().map(|e| e.base_url.as_str()).unwrap_or_default();
@@ -467,6 +527,7 @@ pub async fn controller(
         registry: registry.clone(),
         pods: pod_store,
         deployments: dep_store,
+        agents: agent_store.clone(),
         applied: Mutex::default(),
     });
 

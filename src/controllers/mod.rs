@@ -1,7 +1,8 @@
 //! The controllers: thin reconcilers that read, decide (with [`crate::engine`]), apply and write
-//! status. [`run`] starts all three and the HTTP server's readiness follows them.
+//! status. [`run`] starts them all and the HTTP server's readiness follows them.
 
 pub mod agent;
+pub mod budget;
 pub mod run;
 pub mod workflow;
 
@@ -112,12 +113,17 @@ const EVENT_LOG_SIZE: usize = 10_000;
 pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<Health>, shutdown: CancellationToken) {
     // Agent steps: the Agent controllers feed the registry, the run controllers call through it.
     let registry = Arc::new(crate::agents::Registry::default());
+    // Budgets: the Budget controllers feed the ledger; calls wait until every scope listed.
+    let budgets = Arc::new(crate::agents::Budgets::waiting_for(scopes(&args).len()));
+    budgets.set_suspender(Arc::new(crate::agents::runs::KubeSuspender { client: client.clone() }));
     let caller = crate::agents::LlmCaller::new(
         registry.clone(),
         Arc::new(crate::agents::KubeSecrets::new(client.clone())),
         args.lb_strategy,
     )
-    .with_metrics(metrics.llm.clone());
+    .with_metrics(metrics.llm.clone())
+    .with_budgets(budgets.clone())
+    .with_runs(crate::agents::runs::KubeRuns::new(client.clone()));
     let agents: Option<Arc<dyn AgentCaller>> = Some(Arc::new(caller));
     let events = crate::events::EventSink::start(client.clone(), metrics.clone());
     let cache = health
@@ -172,6 +178,18 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
                 events.clone(),
                 registry.clone(),
                 agent::AgentSettings { resync: args.health_check_interval, load_interval: args.metrics_interval },
+                shutdown.clone(),
+            ),
+        )));
+        tasks.push(tokio::spawn(supervised(
+            health.clone(),
+            name("budget"),
+            budget::controller(
+                client.clone(),
+                scope.clone(),
+                metrics.clone(),
+                budgets.clone(),
+                args.budget_flush_interval,
                 shutdown.clone(),
             ),
         )));

@@ -5,12 +5,14 @@
 //! - [`template`]: the one template language (Jinja, strict about undefined names).
 //! - [`scheduler`]: decides what to start, retry, time out, skip and finish.
 //! - [`params`]: a run's parameters checked against the Workflow's.
+//! - [`usage`]: a run's tokens and cost, summed over its step rows.
 
 pub mod dag;
 pub mod output_schema;
 pub mod params;
 pub mod scheduler;
 pub mod template;
+pub mod usage;
 
 #[cfg(test)]
 mod scheduler_tests;

@@ -125,7 +125,9 @@ pub struct TaskInfo {
     pub transcript: Option<std::sync::Arc<String>>,
     /// A failed attempt that stopped to wait for a person: what it waits for, the last part of
     /// its decision key (`<step key>/<tool>` for a tool call in `requireApproval`).
-    pub waits_for: Option<String>,
+    pub waits_for: Option<Box<String>>,
+    /// Which agent answered instead of the step's, and why (agent steps that fell back).
+    pub fallback: Option<Box<String>>,
 }
 
 /// What just happened to a task.
@@ -433,7 +435,7 @@ impl Pass<'_, '_> {
             }
             Event::Failed { message, info, .. } if info.waits_for.is_some() => {
                 record_info(self.row(&key), &info);
-                let decision_key = format!("{}/{}", self.decision_key(&key), info.waits_for.unwrap_or_default());
+                let decision_key = format!("{}/{}", self.decision_key(&key), info.waits_for.map(|w| *w).unwrap_or_default());
                 self.row(&key).decision_key = Some(decision_key);
                 self.transition(&key, StepPhase::Waiting, message);
                 self.check_waiting(&key, &step);
@@ -1224,6 +1226,7 @@ fn record_info(row: &mut StepStatus, info: &TaskInfo) {
     if info.tokens.is_some() {
         row.tokens = info.tokens;
     }
+    row.fallback = info.fallback.as_deref().cloned();
     row.cached = info.cached;
     if info.transcript.is_some() {
         row.transcript = info.transcript.clone();

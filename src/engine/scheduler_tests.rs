@@ -1408,7 +1408,7 @@ fn task_info_is_recorded() {
     let info = TaskInfo {
         agent: Some("coder".into()),
         replica: Some("vllm-0".into()),
-        tokens: Some(crate::api::TokenUsage { prompt: 10, completion: 5 }),
+        tokens: Some(crate::api::TokenUsage { prompt: 10, completion: 5, ..Default::default() }),
         cached: true,
         ..Default::default()
     };

@@ -79,7 +79,7 @@ impl TaskPool {
         let attempt = task.attempt;
         let handle = tokio::spawn(async move {
             let permit = pool.permits.clone().acquire_owned().await;
-            let outcome = AssertUnwindSafe(pool.runner.run(&run, &task))
+            let outcome = AssertUnwindSafe(crate::agents::in_run(&run, &task.key, pool.runner.run(&run, &task)))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| Err(Failure::retryable(panic_message(panic.as_ref()))));

@@ -219,6 +219,7 @@ fn finish_status(plan: &Plan, status: &mut WorkflowRunStatus) {
     let now = Timestamp::now();
     status.finished_at.get_or_insert(Time(now));
     pass::set_conditions(status, None, now);
+    status.usage = engine::usage::totals(&status.steps);
     for (key, row) in status.steps.iter_mut() {
         let Some(i) = plan.dag.index_of(crate::naming::step_id_of(key)) else { continue };
         if let Some(c) = &engine::dag::step_at(&plan.spec, i).container

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
-use volt_operator::api::{Agent, RunPhase, Workflow, WorkflowRun, condition_status};
+use volt_operator::api::{Agent, Budget, RunPhase, Workflow, WorkflowRun, condition_status};
 
 use crate::kit::{Operator, control_plane, kubectl_stdin, wait_for};
 
@@ -67,6 +67,15 @@ async fn every_bad_object_is_rejected_or_reported() {
                 .await;
                 let s = a.status.unwrap_or_default();
                 s.conditions.iter().map(|c| c.message.clone()).collect::<Vec<_>>().join("; ")
+            }
+            "Budget" => {
+                let api: Api<Budget> = Api::namespaced(client.clone(), &ns);
+                let b = wait_for(&api, &name, timeout, |b| {
+                    b.status.as_ref().is_some_and(|s| s.observed_generation.is_some())
+                })
+                .await;
+                let s = b.status.unwrap_or_default();
+                condition_status(&s.conditions, "Ready").map(|c| c.message.clone()).unwrap_or_default()
             }
             "WorkflowRun" => {
                 let api: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);

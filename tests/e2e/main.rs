@@ -4,6 +4,7 @@ mod cache;
 mod children;
 mod control_flow;
 mod corpus;
+mod cost;
 mod foundation;
 mod harness;
 #[path = "../kit/mod.rs"]

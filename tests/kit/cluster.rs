@@ -24,6 +24,7 @@ pub async fn apply_as(client: &Client, ns: &str, obj: Value, manager: &str) {
         "WorkflowRun" => ApiResource::erase::<WorkflowRun>(&()),
         "Workflow" => ApiResource::erase::<Workflow>(&()),
         "Agent" => ApiResource::erase::<Agent>(&()),
+        "Budget" => ApiResource::erase::<volt_operator::api::Budget>(&()),
         other => panic!("unexpected kind {other}"),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);

@@ -69,6 +69,8 @@ pub enum Reply {
     /// Asks for tool `name` with `args` until the request holds `turns` tool results, then
     /// answers as [`Reply::EchoTool`]: a conversation of its own for each concurrent step.
     ToolLoop { name: String, args: Value, turns: usize },
+    /// 400 with OpenAI's `context_length_exceeded` error.
+    ContextTooLong,
 }
 
 /// One request a stub saw.
@@ -96,6 +98,11 @@ struct Shared {
     body_sent: Arc<AtomicUsize>,
     seen: Mutex<Vec<Seen>>,
     kill: CancellationToken,
+    /// A provider's limit: (requests per minute, bucket level, last refill), a token bucket
+    /// holding a minute's worth, as OpenAI's limits replenish.
+    rpm: Mutex<Option<(f64, f64, Instant)>>,
+    rpm_cap: Mutex<Option<f64>>,
+    rate_limited: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +177,9 @@ impl Stub {
             body_sent: Arc::default(),
             seen: Mutex::default(),
             kill: CancellationToken::new(),
+            rpm: Mutex::new(None),
+            rpm_cap: Mutex::new(None),
+            rate_limited: AtomicUsize::new(0),
         });
         let router = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -215,6 +225,25 @@ impl Stub {
     /// The reply to every request once the script is used up (default: [`Reply::Ok`]).
     pub fn always(&self, reply: Reply) {
         *lock(&self.shared.always) = Some(reply);
+    }
+
+    /// Limits the stub to `rpm` requests per minute, as a provider does: a bucket of a minute's
+    /// worth, refilled continuously; a request that finds it empty gets 429 with `Retry-After`.
+    pub fn limit_rpm(&self, rpm: u32) {
+        *lock(&self.shared.rpm) = Some((f64::from(rpm), f64::from(rpm), Instant::now()));
+    }
+
+    /// Like [`Stub::limit_rpm`] with a bucket of `seconds` of the rate (at least 1 request)
+    /// instead of a minute: a provider that refuses bursts.
+    pub fn limit_rpm_burst(&self, rpm: u32, seconds: f64) {
+        let cap = (f64::from(rpm) / 60.0 * seconds).max(1.0);
+        *lock(&self.shared.rpm_cap) = Some(cap);
+        *lock(&self.shared.rpm) = Some((f64::from(rpm), cap, Instant::now()));
+    }
+
+    /// Requests answered 429 by the [`Stub::limit_rpm`] limit.
+    pub fn rate_limited(&self) -> usize {
+        self.shared.rate_limited.load(Ordering::Relaxed)
     }
 
     /// Dies like a crashed replica: no new connections, open ones fail.
@@ -285,7 +314,20 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     let model = request["model"].as_str().unwrap_or_default().to_string();
     let user = content_of(&messages, "user").unwrap_or_default();
     let system = content_of(&messages, "system");
-    let reply = lock(&s.script).pop_front().or_else(|| lock(&s.always).clone()).unwrap_or(Reply::Ok);
+    let mut reply = lock(&s.script).pop_front().or_else(|| lock(&s.always).clone()).unwrap_or(Reply::Ok);
+    if let Some((rpm, level, at)) = lock(&s.rpm).as_mut() {
+        let now = Instant::now();
+        let cap = lock(&s.rpm_cap).unwrap_or(*rpm);
+        *level = (*level + now.duration_since(*at).as_secs_f64() * *rpm / 60.0).min(cap);
+        *at = now;
+        if *level >= 1.0 {
+            *level -= 1.0;
+        } else {
+            s.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let wait = Duration::from_secs_f64((1.0 - *level) * 60.0 / *rpm);
+            reply = Reply::RateLimited { retry_after: wait };
+        }
+    }
     let reply = match reply {
         Reply::ToolLoop { name, args, turns } => {
             if messages.iter().filter(|m| m["role"] == "tool").count() < turns {
@@ -307,6 +349,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         | Reply::EchoTool
         | Reply::ToolLoop { .. } => 200,
         Reply::Status(code) => *code,
+        Reply::ContextTooLong => 400,
         Reply::RateLimited { .. } => 429,
         Reply::Hang => 0,
     };
@@ -330,6 +373,11 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     }
     match reply {
         Reply::Status(code) => error_body(code, &format!("stub {} fails on purpose", s.name), "server_error"),
+        Reply::ContextTooLong => {
+            let body = json!({"error": {"message": "This model's maximum context length is 8 tokens.",
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}});
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        }
         Reply::RateLimited { retry_after } => {
             let secs = retry_after.as_millis().div_ceil(1000).to_string();
             let mut response = error_body(429, "Rate limit reached for requests", "requests");

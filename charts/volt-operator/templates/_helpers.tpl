@@ -110,16 +110,18 @@ The subjects bound to the operator's roles: its ServiceAccount and rbac.extraSub
 What the operator does in the namespaces it watches (see the README's RBAC section).
 */}}
 {{- define "volt-operator.rules" -}}
-# Agents, Workflows and WorkflowRuns: watched, and their status written with server-side apply.
+# Agents, Workflows, WorkflowRuns and Budgets: watched, and their status written with
+# server-side apply.
 - apiGroups: ["volt.dev"]
-  resources: ["agents", "workflows", "workflowruns"]
+  resources: ["agents", "workflows", "workflowruns", "budgets"]
   verbs: ["get", "list", "watch"]
 - apiGroups: ["volt.dev"]
-  resources: ["agents/status", "workflows/status", "workflowruns/status"]
+  resources: ["agents/status", "workflows/status", "workflowruns/status", "budgets/status"]
   verbs: ["patch"]
 # Finished runs are labelled volt.dev/finished (the operator then tracks them by metadata
 # only) and deleted after their spec.ttlSecondsAfterFinished; workflow steps create child
-# runs, and cancel or suspend them with their parent.
+# runs, and cancel or suspend them with their parent; a Budget with onExceeded: Suspend sets a
+# run's spec.suspend.
 - apiGroups: ["volt.dev"]
   resources: ["workflowruns"]
   verbs: ["create", "patch", "delete"]

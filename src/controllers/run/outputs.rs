@@ -149,6 +149,7 @@ impl Outputs {
             }
             row.output = None;
         }
+        status.usage = crate::engine::usage::totals(&status.steps);
         Ok(())
     }
 
