@@ -107,7 +107,7 @@ The subjects bound to the operator's roles: its ServiceAccount and rbac.extraSub
 {{- end }}
 
 {{/*
-What the operator does in the namespaces it watches (see the README's RBAC section).
+What the operator does in the namespaces it watches (see docs/security.md).
 */}}
 {{- define "volt-operator.rules" -}}
 # Agents, Workflows, WorkflowRuns and Budgets: watched, and their status written with
