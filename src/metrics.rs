@@ -101,6 +101,16 @@ impl Metrics {
         .expect("valid metric");
         registry.register(Box::new(status_writes_deferred.clone())).expect("metric registered once");
         let llm = LlmMetrics::register(&registry);
+        // What is running, and the process's CPU, memory and file descriptors (process_*).
+        let build_info = IntGaugeVec::new(
+            Opts::new("volt_build_info", "The operator's version (the value is always 1)."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build_info)).expect("metric registered once");
+        #[cfg(target_os = "linux")]
+        let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         let events_dropped = counter(
             &registry,
             "volt_events_dropped_total",
@@ -213,16 +223,16 @@ where
 /// load balancer's picks (part of [`Metrics`], as `metrics.llm`).
 #[derive(Clone)]
 pub struct LlmMetrics {
-    /// `volt_llm_calls_total{namespace, agent, replica, outcome}`; outcome is `success`,
+    /// `volt_llm_calls_total{exported_namespace, agent, replica, outcome}`; outcome is `success`,
     /// `error`, `rate_limited`, `timeout` or `rejected`.
     pub calls: IntCounterVec,
-    /// `volt_llm_call_duration_seconds{namespace, agent, replica}`, successful calls.
+    /// `volt_llm_call_duration_seconds{exported_namespace, agent, replica}`, successful calls.
     pub latency: HistogramVec,
-    /// `volt_llm_tokens_total{namespace, agent, replica, kind}`; kind is `prompt` or `completion`.
+    /// `volt_llm_tokens_total{exported_namespace, agent, replica, kind}`; kind is `prompt` or `completion`.
     pub tokens: IntCounterVec,
-    /// `volt_llm_retries_total{namespace, agent, reason}`.
+    /// `volt_llm_retries_total{exported_namespace, agent, reason}`.
     pub retries: IntCounterVec,
-    /// `volt_lb_picks_total{namespace, agent, replica, strategy}`.
+    /// `volt_lb_picks_total{exported_namespace, agent, replica, strategy}`.
     pub picks: IntCounterVec,
     /// `volt_lb_queue_wait_seconds{strategy}`: time calls waited for a free replica.
     pub queue_wait: HistogramVec,
@@ -241,10 +251,42 @@ pub struct LlmMetrics {
     pub budget_refusals: IntCounterVec,
 }
 
+/// Removes the series of `vec` whose `exported_namespace` and `agent` labels are these and
+/// whose `replica` is not in `keep` (replicas that are gone).
+fn drop_replica_series<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    namespace: &str,
+    agent: &str,
+    keep: &[&str],
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: std::collections::HashMap<&str, &str> =
+                m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+            let gone = labels.get("exported_namespace") == Some(&namespace)
+                && labels.get("agent") == Some(&agent)
+                && labels.get("replica").is_some_and(|r| !keep.contains(r));
+            if gone {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
 impl LlmMetrics {
+    /// Drops the per-replica series of an Agent's replicas that are gone (all of them when the
+    /// Agent is): a scaled-down or rescheduled replica's pod name never comes back.
+    pub fn forget_replicas(&self, namespace: &str, agent: &str, keep: &[&str]) {
+        drop_replica_series(&self.calls, namespace, agent, keep);
+        drop_replica_series(&self.latency, namespace, agent, keep);
+        drop_replica_series(&self.tokens, namespace, agent, keep);
+        drop_replica_series(&self.picks, namespace, agent, keep);
+    }
+
     /// Registers the metrics in `registry` (a metric already registered there is left as is).
     pub fn register(registry: &Registry) -> Self {
-        let replica = &["namespace", "agent", "replica"];
+        let replica = &["exported_namespace", "agent", "replica"];
         let new_counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             let _ = registry.register(Box::new(c.clone()));
@@ -259,7 +301,7 @@ impl LlmMetrics {
             calls: new_counter(
                 "volt_llm_calls_total",
                 "LLM call attempts, by agent, replica and outcome.",
-                &["namespace", "agent", "replica", "outcome"],
+                &["exported_namespace", "agent", "replica", "outcome"],
             ),
             latency: new_histogram(
                 "volt_llm_call_duration_seconds",
@@ -270,17 +312,17 @@ impl LlmMetrics {
             tokens: new_counter(
                 "volt_llm_tokens_total",
                 "Tokens used by LLM calls, by agent, replica and kind (prompt, completion).",
-                &["namespace", "agent", "replica", "kind"],
+                &["exported_namespace", "agent", "replica", "kind"],
             ),
             retries: new_counter(
                 "volt_llm_retries_total",
                 "LLM calls retried within a step attempt, by agent and reason.",
-                &["namespace", "agent", "reason"],
+                &["exported_namespace", "agent", "reason"],
             ),
             picks: new_counter(
                 "volt_lb_picks_total",
                 "Replicas picked by the load balancer, by agent, replica and strategy.",
-                &["namespace", "agent", "replica", "strategy"],
+                &["exported_namespace", "agent", "replica", "strategy"],
             ),
             queue_wait: new_histogram(
                 "volt_lb_queue_wait_seconds",
@@ -322,5 +364,45 @@ impl LlmMetrics {
                 &["exported_namespace", "budget"],
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn families(m: &Metrics) -> Vec<prometheus::proto::MetricFamily> {
+        m.registry.gather()
+    }
+
+    fn replicas_of(m: &Metrics, name: &str) -> Vec<String> {
+        let mut out: Vec<String> = families(m)
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter_map(|m| m.get_label().iter().find(|l| l.name() == "replica").map(|l| l.value().to_string()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn series_of_gone_replicas_are_removed_and_the_build_and_process_are_exported() {
+        let m = Metrics::new();
+        for r in ["r-0", "r-1", "r-2"] {
+            m.llm.calls.with_label_values(&["ns", "coder", r, "success"]).inc();
+            m.llm.picks.with_label_values(&["ns", "coder", r, "round_robin"]).inc();
+        }
+        m.llm.calls.with_label_values(&["other", "coder", "r-1", "success"]).inc();
+        m.llm.forget_replicas("ns", "coder", &["r-0"]);
+        assert_eq!(replicas_of(&m, "volt_llm_calls_total"), ["r-0", "r-1"], "other namespaces keep theirs");
+        assert_eq!(replicas_of(&m, "volt_lb_picks_total"), ["r-0"]);
+        m.llm.forget_replicas("ns", "coder", &[]);
+        assert_eq!(replicas_of(&m, "volt_lb_picks_total"), Vec::<String>::new());
+
+        let names: Vec<String> = families(&m).iter().map(|f| f.name().to_string()).collect();
+        assert!(names.iter().any(|n| n == "volt_build_info"), "{names:?}");
+        #[cfg(target_os = "linux")]
+        assert!(names.iter().any(|n| n == "process_resident_memory_bytes"), "{names:?}");
     }
 }

@@ -357,6 +357,8 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     };
     ctx.registry.update(&agent, replicas.clone());
+    let names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
+    ctx.metrics.llm.forget_replicas(&agent.namespace().unwrap_or_default(), &agent.name_any(), &names);
     let load = ctx.registry.load(&agent.namespace().unwrap_or_default(), &agent.name_any());
     let rows = endpoint_rows(&replicas, &load);
 
@@ -485,14 +487,17 @@ pub async fn controller(
 ) {
     // Agents: deleted ones leave the registry at once.
     let (agent_store, agent_writer) = reflector::store();
-    let forget = registry.clone();
+    let (forget, llm_metrics) = (registry.clone(), metrics.llm.clone());
     let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listed_now = listed.clone();
     let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().served_from_watch_cache())
         .backoff(WatchBackoff::default())
         .reflect(agent_writer)
         .inspect_ok(move |event| match event {
-            watcher::Event::Delete(a) => forget.remove(&a.namespace().unwrap_or_default(), &a.name_any()),
+            watcher::Event::Delete(a) => {
+                forget.remove(&a.namespace().unwrap_or_default(), &a.name_any());
+                llm_metrics.forget_replicas(&a.namespace().unwrap_or_default(), &a.name_any(), &[]);
+            }
             watcher::Event::InitDone => listed_now.store(true, std::sync::atomic::Ordering::Relaxed),
             _ => {}
         })
