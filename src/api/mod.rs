@@ -7,12 +7,14 @@ mod agent;
 mod conditions;
 mod control_flow;
 mod run;
+mod schedule;
 mod workflow;
 
 pub use agent::*;
 pub use conditions::*;
 pub use control_flow::*;
 pub use run::*;
+pub use schedule::*;
 pub use workflow::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -27,7 +29,7 @@ pub const FIELD_MANAGER: &str = "volt-operator";
 
 /// All CRDs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Agent::crd(), Workflow::crd(), WorkflowRun::crd()]
+    vec![Agent::crd(), Workflow::crd(), WorkflowRun::crd(), WorkflowSchedule::crd()]
 }
 
 /// File name under `crds/` for a CRD.
@@ -84,7 +86,10 @@ mod tests {
     fn crds_have_names_columns_and_categories() {
         let crds = crds();
         let names: Vec<_> = crds.iter().map(|c| c.spec.names.short_names.clone().unwrap_or_default()).collect();
-        assert_eq!(names, vec![vec!["ag".to_string()], vec!["vwf".to_string()], vec!["wfr".to_string()]]);
+        assert_eq!(
+            names,
+            vec![vec!["ag".to_string()], vec!["vwf".to_string()], vec!["wfr".to_string()], vec!["wfs".to_string()]]
+        );
         for crd in &crds {
             assert_eq!(crd.spec.names.categories, Some(vec!["volt".to_string()]));
             let v = &crd.spec.versions[0];

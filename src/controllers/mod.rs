@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod run;
+pub mod schedule;
 pub mod workflow;
 
 use std::sync::Arc;
@@ -174,6 +175,11 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
                 agent::AgentSettings { resync: args.health_check_interval, load_interval: args.metrics_interval },
                 shutdown.clone(),
             ),
+        )));
+        tasks.push(tokio::spawn(supervised(
+            health.clone(),
+            name("workflowschedule"),
+            schedule::controller(client.clone(), scope.clone(), metrics.clone(), events.clone(), shutdown.clone()),
         )));
         tasks.push(tokio::spawn(supervised(
             health.clone(),
