@@ -14,4 +14,5 @@ mod observability;
 mod packaging;
 mod pipeline;
 mod runs;
+mod schedules;
 mod security;
