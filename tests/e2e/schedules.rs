@@ -144,7 +144,7 @@ async fn a_schedule_starts_the_run_of_each_minute_forbids_overlap_and_prunes_his
     let s = wait_for(&schedules, "minutely", SLOT, |s| s.status.as_ref().is_some_and(|st| st.missed >= 1)).await;
     let st = s.status.clone().unwrap_or_default();
     assert_eq!(st.last_schedule_time.map(|t| t.0), Some(second));
-    assert_eq!(st.active, [first.clone()]);
+    assert_eq!(st.active, std::slice::from_ref(&first));
     assert_eq!(run_names(&e.runs, &selector).await, [first.as_str(), "old-bad-2", "old-ok-2"]);
     let events = kubectl(&["get", "events", "-n", &e.ns, "-o", "jsonpath={.items[*].message}"]);
     assert!(events.stdout.contains("concurrencyPolicy Forbid"), "a SkippedForbid event: {}", events.stdout);
