@@ -232,6 +232,16 @@ mod tests {
     }
 
     #[test]
+    fn restricted_day_fields_match_either_as_in_vixie_cron() {
+        // The 13th or a Friday: 2025-06-06 is a Friday, 2025-06-13 both, 2025-06-20 a Friday.
+        let s = CronSchedule::parse("0 0 13 * FRI", None).expect("valid");
+        let slots: Vec<String> = s.slots_after(ts("2025-06-01T00:00:00Z"), 3).iter().map(|t| t.to_string()).collect();
+        assert_eq!(slots, ["2025-06-06T00:00:00Z", "2025-06-13T00:00:00Z", "2025-06-20T00:00:00Z"]);
+        let s = CronSchedule::parse("0 0 1 * *", None).expect("valid");
+        assert_eq!(s.next_after(ts("2025-06-01T00:00:00Z")), Some(ts("2025-07-01T00:00:00Z")));
+    }
+
+    #[test]
     fn latest_and_counts() {
         let s = CronSchedule::parse("*/15 * * * *", None).expect("valid");
         assert_eq!(s.latest_until(ts("2025-01-01T10:44:59Z")), Some(ts("2025-01-01T10:30:00Z")));
