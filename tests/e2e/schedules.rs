@@ -172,3 +172,61 @@ async fn a_schedule_starts_the_run_of_each_minute_forbids_overlap_and_prunes_his
         .await;
     assert!(s.status.is_some_and(|st| st.missed >= 1));
 }
+
+#[tokio::test]
+async fn a_restart_that_lost_the_status_does_not_start_a_slot_twice_and_replace_cancels() {
+    let e = Env::new("sched-restart").await;
+    let op = Operator::start(&e.ns).await;
+    let schedules: Api<WorkflowSchedule> = Api::namespaced(e.client.clone(), &e.ns);
+    e.apply(json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "gate"},
+        "spec": {"steps": [{"id": "ok", "approval": {}}]}}))
+        .await;
+    apply_schedule(
+        &schedules,
+        "again",
+        json!({"schedule": "* * * * *", "workflowRef": {"name": "gate"}, "concurrencyPolicy": "Replace"}),
+    )
+    .await;
+    let s =
+        wait_for(&schedules, "again", SLOT, |s| s.status.as_ref().is_some_and(|st| st.next_schedule_time.is_some()))
+            .await;
+    let next = s.status.and_then(|st| st.next_schedule_time).map(|t| t.0).expect("next");
+    let first = naming::schedule_run_name("again", next.as_second());
+    wait_for(&e.runs, &first, SLOT, |_| true).await;
+    wait_for(&schedules, "again", SLOT, |s| s.status.as_ref().is_some_and(|st| st.last_run.as_ref() == Some(&first)))
+        .await;
+
+    // The operator stops, and the status loses the slot (as if its write had never landed).
+    op.stop().await;
+    let forget = json!({"status": {"lastScheduleTime": null, "lastRun": null, "active": null, "activeCount": 0}});
+    schedules.patch_status("again", &PatchParams::default(), &Patch::Merge(&forget)).await.expect("forget the slot");
+    let s = schedules.get("again").await.expect("schedule");
+    assert!(s.status.as_ref().is_some_and(|st| st.last_schedule_time.is_none()), "{:?}", s.status);
+    assert!(
+        Timestamp::now().as_second() < next.as_second() + 60,
+        "still in the slot's minute: the restarted operator finds the slot due again"
+    );
+    let _op = Operator::start(&e.ns).await;
+    let s = wait_for(&schedules, "again", SLOT, |s| {
+        s.status.as_ref().is_some_and(|st| st.last_schedule_time.as_ref().map(|t| t.0) == Some(next))
+    })
+    .await;
+    let st = s.status.unwrap_or_default();
+    assert_eq!(st.active, std::slice::from_ref(&first), "the run of the slot, found again");
+    assert_eq!(st.missed, 0);
+    let selector = format!("{}=again", naming::LABEL_SCHEDULE);
+    assert_eq!(run_names(&e.runs, &selector).await, std::slice::from_ref(&first), "one run for the slot");
+
+    // Replace: the next minute cancels the waiting run and starts its own.
+    let second = naming::schedule_run_name("again", next.as_second() + 60);
+    wait_for(&e.runs, &second, SLOT, |_| true).await;
+    let cancelled = e.finished(&first, SLOT).await;
+    assert_eq!(cancelled.phase, RunPhase::Cancelled, "{}", cancelled.message);
+    let s = wait_for(&schedules, "again", SLOT, |s| {
+        s.status.as_ref().is_some_and(|st| st.active == std::slice::from_ref(&second))
+    })
+    .await;
+    assert_eq!(s.status.map(|st| st.missed), Some(0));
+    let events = kubectl(&["get", "events", "-n", &e.ns, "-o", "jsonpath={.items[*].message}"]);
+    assert!(events.stdout.contains(&format!("cancelled run {first}")), "a Replaced event: {}", events.stdout);
+}
