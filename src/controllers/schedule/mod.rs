@@ -318,13 +318,17 @@ async fn reconcile(sched: Arc<WorkflowSchedule>, ctx: Arc<Ctx>) -> Result<Action
     write_status(&sched, &ctx, &old, &status).await?;
 
     Ok(match decided.next {
-        // Exactly at the next slot; an early wake-up (clock drift) finds nothing due and
-        // requeues for the rest.
-        Some(next) => {
-            Action::requeue(next.duration_since(ctx.clock.now()).unsigned_abs().max(Duration::from_millis(1)))
-        }
+        Some(next) => Action::requeue(until(next, ctx.clock.now())),
         None => Action::await_change(),
     })
+}
+
+/// How long from `now` until `slot`: exactly, and at least 1 ms (a slot already reached, as
+/// after slow API calls, is taken at once). An early wake-up (clock drift) finds nothing due
+/// and requeues for the rest.
+fn until(slot: Timestamp, now: Timestamp) -> Duration {
+    let wait = slot.duration_since(now);
+    if wait.is_negative() { Duration::from_millis(1) } else { wait.unsigned_abs().max(Duration::from_millis(1)) }
 }
 
 /// An Event on the schedule.
@@ -463,6 +467,15 @@ mod tests {
         assert_eq!(json!(merged), json!({"topic": "cron", "lang": "Rust", "depth": 3}));
         let err = merged_params(&wf, &BTreeMap::new()).expect_err("topic is required");
         assert_eq!(err.to_string(), "spec.params: required parameter \"topic\" is missing");
+    }
+
+    #[test]
+    fn the_requeue_is_the_time_until_the_slot() {
+        let slot: Timestamp = "2025-01-01T10:01:00Z".parse().expect("time");
+        let at = |s: &str| s.parse::<Timestamp>().expect("time");
+        assert_eq!(until(slot, at("2025-01-01T10:00:00.250Z")), Duration::from_millis(59_750));
+        assert_eq!(until(slot, at("2025-01-01T10:01:00Z")), Duration::from_millis(1));
+        assert_eq!(until(slot, at("2025-01-01T10:01:02Z")), Duration::from_millis(1));
     }
 
     #[test]

@@ -328,6 +328,31 @@ mod tests {
     }
 
     #[test]
+    fn an_interval_in_paris_starts_both_copies_of_the_repeated_hour_once_each() {
+        let mut sim = Sim::new("*/30 * * * *", Some("Europe/Paris"), "2025-10-25T23:45:00Z");
+        sim.follow_requeues(ts("2025-10-26T02:00:00Z"));
+        // 02:00 and 02:30 CEST, 02:00 and 02:30 CET, 03:00 CET: five runs, half an hour apart in UTC.
+        let expected: Vec<String> = [
+            "2025-10-26T00:00:00Z",
+            "2025-10-26T00:30:00Z",
+            "2025-10-26T01:00:00Z",
+            "2025-10-26T01:30:00Z",
+            "2025-10-26T02:00:00Z",
+        ]
+        .into_iter()
+        .map(|t| name(ts(t)))
+        .collect();
+        assert_eq!(sim.started, expected);
+        assert_eq!(sim.missed, 0);
+        // Down across the repeated hour: the latest slot starts, the four before it are missed.
+        let mut sim = Sim::new("*/30 * * * *", Some("Europe/Paris"), "2025-10-25T23:45:00Z");
+        sim.clock.set(ts("2025-10-26T02:10:00Z"));
+        let p = sim.pass();
+        assert!(matches!(p.action, SlotAction::Start { slot, .. } if slot == ts("2025-10-26T02:00:00Z")), "{p:?}");
+        assert_eq!(p.missed, 4);
+    }
+
+    #[test]
     fn history_limits_delete_the_oldest_beyond_each_limit() {
         let run = |name: &str, minute: i64, succeeded: bool| FinishedRun {
             name: name.into(),
