@@ -239,3 +239,22 @@ async fn a_restart_that_lost_the_status_does_not_start_a_slot_twice_and_replace_
     let events = kubectl(&["get", "events", "-n", &e.ns, "-o", "jsonpath={.items[*].message}"]);
     assert!(events.stdout.contains(&format!("cancelled run {first}")), "a Replaced event: {}", events.stdout);
 }
+
+#[tokio::test]
+async fn the_spec_example_is_ready_with_its_next_slot_in_paris() {
+    let e = Env::new("sched-example").await;
+    let _op = Operator::start(&e.ns).await;
+    for f in ["examples/spec/workflow.yaml", "examples/spec/schedule.yaml"] {
+        let ran = kubectl(&["apply", "-n", &e.ns, "-f", f]);
+        assert!(ran.ok, "kubectl apply {f}: {}", ran.stderr);
+    }
+    let schedules: Api<WorkflowSchedule> = Api::namespaced(e.client.clone(), &e.ns);
+    let s = wait_for(&schedules, "nightly-pipeline", SLOT, |s| ready(s).is_some()).await;
+    assert_eq!(ready(&s), Some(("True".to_string(), "30 2 * * MON-FRI in Europe/Paris".to_string())));
+    let next = s.status.and_then(|st| st.next_schedule_time).map(|t| t.0).expect("next slot");
+    let paris = next.to_zoned(jiff::tz::TimeZone::get("Europe/Paris").expect("the tz database"));
+    assert_eq!((paris.hour(), paris.minute()), (2, 30), "{paris}");
+    assert!(!matches!(paris.weekday(), jiff::civil::Weekday::Saturday | jiff::civil::Weekday::Sunday), "{paris}");
+    let wide = kubectl(&["get", "wfs", "-n", &e.ns, "-o", "wide"]);
+    assert!(wide.stdout.contains("30 2 * * MON-FRI in Europe/Paris"), "{}", wide.stdout);
+}
