@@ -23,6 +23,11 @@ pub const LABEL_PARENT_RUN: &str = "volt.dev/parent-run";
 /// On a child WorkflowRun: the Workflows of the runs above it, root first, joined by `/`.
 pub const ANNOTATION_CHAIN: &str = "volt.dev/workflow-chain";
 
+/// On a WorkflowRun a WorkflowSchedule started: the schedule's name (as a label value).
+pub const LABEL_SCHEDULE: &str = "volt.dev/schedule";
+/// On a WorkflowRun a WorkflowSchedule started: the slot it is the run of (RFC 3339, UTC).
+pub const ANNOTATION_SCHEDULED_AT: &str = "volt.dev/scheduled-at";
+
 /// Longest DNS label (pod hostnames, label values).
 pub const MAX_LABEL: usize = 63;
 
@@ -113,6 +118,21 @@ pub fn resource_name(prefix: &str, key: &str, attempt: u32) -> String {
     fit(&format!("{prefix}-{}-{attempt}", key_fragment(key)), MAX_LABEL)
 }
 
+/// Name of the WorkflowRun schedule `schedule` starts for the slot at `slot_unix_seconds`:
+/// `<schedule>-<unix minute of the slot>`. Deterministic, so a restart or a second replica
+/// creating it again gets a conflict instead of a second run.
+pub fn schedule_run_name(schedule: &str, slot_unix_seconds: i64) -> String {
+    fit(&format!("{schedule}-{}", slot_unix_seconds.div_euclid(60)), 253)
+}
+
+/// Labels of a run a schedule starts.
+pub fn schedule_labels(schedule: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+        (LABEL_SCHEDULE.to_string(), label_value(schedule)),
+    ])
+}
+
 /// The chain of a child run's annotation, as a list.
 pub fn parse_chain(annotation: &str) -> Vec<String> {
     annotation.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect()
@@ -191,5 +211,14 @@ mod tests {
         assert_eq!(a, pod_name(&long, "a", 1), "deterministic");
         assert!(label_value(&long).len() <= 63);
         assert!(!fit(&format!("{}-{}", "a".repeat(54), "b".repeat(20)), 63).contains("--"));
+    }
+
+    #[test]
+    fn schedule_runs_are_named_for_their_minute() {
+        // 2025-01-01T00:00:00Z is unix second 1735689600, minute 28928160.
+        assert_eq!(schedule_run_name("nightly", 1_735_689_600), "nightly-28928160");
+        assert_eq!(schedule_run_name("nightly", 1_735_689_659), "nightly-28928160");
+        assert!(schedule_run_name(&"s".repeat(300), 0).len() <= 253);
+        assert_eq!(schedule_labels("nightly")[LABEL_SCHEDULE], "nightly");
     }
 }

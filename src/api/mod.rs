@@ -8,6 +8,7 @@ mod budget;
 mod conditions;
 mod control_flow;
 mod run;
+mod schedule;
 mod workflow;
 
 pub use agent::*;
@@ -15,6 +16,7 @@ pub use budget::*;
 pub use conditions::*;
 pub use control_flow::*;
 pub use run::*;
+pub use schedule::*;
 pub use workflow::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -29,7 +31,7 @@ pub const FIELD_MANAGER: &str = "volt-operator";
 
 /// All CRDs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Agent::crd(), Workflow::crd(), WorkflowRun::crd(), Budget::crd()]
+    vec![Agent::crd(), Workflow::crd(), WorkflowRun::crd(), Budget::crd(), WorkflowSchedule::crd()]
 }
 
 /// File name under `crds/` for a CRD.
@@ -88,7 +90,13 @@ mod tests {
         let names: Vec<_> = crds.iter().map(|c| c.spec.names.short_names.clone().unwrap_or_default()).collect();
         assert_eq!(
             names,
-            vec![vec!["ag".to_string()], vec!["vwf".to_string()], vec!["wfr".to_string()], vec!["vbud".to_string()]]
+            vec![
+                vec!["ag".to_string()],
+                vec!["vwf".to_string()],
+                vec!["wfr".to_string()],
+                vec!["vbud".to_string()],
+                vec!["wfs".to_string()]
+            ]
         );
         for crd in &crds {
             assert_eq!(crd.spec.names.categories, Some(vec!["volt".to_string()]));

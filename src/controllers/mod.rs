@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod budget;
 pub mod run;
+pub mod schedule;
 pub mod workflow;
 
 use std::sync::Arc;
@@ -192,6 +193,11 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
                 args.budget_flush_interval,
                 shutdown.clone(),
             ),
+        )));
+        tasks.push(tokio::spawn(supervised(
+            health.clone(),
+            name("workflowschedule"),
+            schedule::controller(client.clone(), scope.clone(), metrics.clone(), events.clone(), shutdown.clone()),
         )));
         tasks.push(tokio::spawn(supervised(
             health.clone(),

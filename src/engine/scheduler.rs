@@ -435,7 +435,8 @@ impl Pass<'_, '_> {
             }
             Event::Failed { message, info, .. } if info.waits_for.is_some() => {
                 record_info(self.row(&key), &info);
-                let decision_key = format!("{}/{}", self.decision_key(&key), info.waits_for.map(|w| *w).unwrap_or_default());
+                let decision_key =
+                    format!("{}/{}", self.decision_key(&key), info.waits_for.map(|w| *w).unwrap_or_default());
                 self.row(&key).decision_key = Some(decision_key);
                 self.transition(&key, StepPhase::Waiting, message);
                 self.check_waiting(&key, &step);

@@ -205,6 +205,23 @@ fn load_doc(file: &str, n: usize, doc: Json, bundle: &mut Bundle) {
         bundle.problems.push(err("kind is missing".into()).field("kind"));
         return;
     }
+    // Kinds only a cluster acts on: checked against their types, not run.
+    if matches!(kind.as_str(), "Budget" | "WorkflowSchedule") && api_version == want_version {
+        let name = doc.pointer("/metadata/name").and_then(Json::as_str).unwrap_or_default();
+        let label = format!("{kind}/{name}");
+        let mut problems = Vec::new();
+        let checked = match kind.as_str() {
+            "Budget" => typed::<crate::api::Budget>(file, &label, &doc, &mut problems).is_some(),
+            _ => typed::<crate::api::WorkflowSchedule>(file, &label, &doc, &mut problems).is_some(),
+        };
+        if checked {
+            problems.push(
+                Problem::warning(file, format!("{kind} is checked here and acted on in a cluster only")).object(label),
+            );
+        }
+        bundle.problems.extend(problems);
+        return;
+    }
     if !volt_kind {
         if api_version.starts_with(&format!("{GROUP}/")) {
             bundle

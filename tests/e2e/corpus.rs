@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
-use volt_operator::api::{Agent, Budget, RunPhase, Workflow, WorkflowRun, condition_status};
+use volt_operator::api::{Agent, Budget, RunPhase, Workflow, WorkflowRun, WorkflowSchedule, condition_status};
 
 use crate::kit::{Operator, control_plane, kubectl_stdin, wait_for};
 
@@ -88,6 +88,18 @@ async fn every_bad_object_is_rejected_or_reported() {
                 }
                 let steps: Vec<String> = s.steps.values().map(|r| r.message.clone()).collect();
                 format!("{} | {}", s.message, steps.join(" | "))
+            }
+            "WorkflowSchedule" => {
+                let api: Api<WorkflowSchedule> = Api::namespaced(client.clone(), &ns);
+                let w = wait_for(&api, &name, timeout, |w| {
+                    w.status.as_ref().is_some_and(|s| s.observed_generation.is_some())
+                })
+                .await;
+                let s = w.status.unwrap_or_default();
+                match condition_status(&s.conditions, "Ready") {
+                    Some(c) if c.status == "False" => c.message.clone(),
+                    other => format!("Ready is not False: {other:?}"),
+                }
             }
             other => panic!("unexpected kind {other}"),
         };

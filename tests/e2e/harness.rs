@@ -88,7 +88,7 @@ async fn volt_crds_are_established() {
     let client = kit::shared().client().await;
     let api: Api<CustomResourceDefinition> = Api::all(client);
     let crds = volt_operator::api::crds();
-    assert_eq!(crds.len(), 4);
+    assert_eq!(crds.len(), 5);
     for crd in crds {
         let name = crd.metadata.name.expect("a CRD name");
         let current = api.get(&name).await.expect("the CRD is installed");

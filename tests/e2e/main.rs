@@ -16,4 +16,5 @@ mod packaging;
 mod pipeline;
 mod plugin;
 mod runs;
+mod schedules;
 mod security;

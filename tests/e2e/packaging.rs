@@ -127,7 +127,7 @@ fn the_chart_crds_are_the_repo_crds() {
     };
     let repo_crds = names("crds");
     assert_eq!(repo_crds, names("charts/volt-operator/crds"), "run `make manifests`");
-    assert_eq!(repo_crds.len(), 4, "{repo_crds:?}");
+    assert_eq!(repo_crds.len(), 5, "{repo_crds:?}");
     for name in &repo_crds {
         assert!(
             read(&format!("crds/{name}")) == read(&format!("charts/volt-operator/crds/{name}")),

@@ -118,6 +118,14 @@ What the operator does in the namespaces it watches (see docs/security.md).
 - apiGroups: ["volt.dev"]
   resources: ["agents/status", "workflows/status", "workflowruns/status", "budgets/status"]
   verbs: ["patch"]
+# WorkflowSchedules: watched, and their status written with server-side apply; the runs they
+# start are created, cancelled (Replace) and deleted (history limits) with the rights below.
+- apiGroups: ["volt.dev"]
+  resources: ["workflowschedules"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["volt.dev"]
+  resources: ["workflowschedules/status"]
+  verbs: ["patch"]
 # Finished runs are labelled volt.dev/finished (the operator then tracks them by metadata
 # only) and deleted after their spec.ttlSecondsAfterFinished; workflow steps create child
 # runs, and cancel or suspend them with their parent; a Budget with onExceeded: Suspend sets a
@@ -129,7 +137,7 @@ What the operator does in the namespaces it watches (see docs/security.md).
 # owner's deletion; clusters with the OwnerReferencesPermissionEnforcement admission plugin
 # (OpenShift) require this to set one.
 - apiGroups: ["volt.dev"]
-  resources: ["agents/finalizers", "workflowruns/finalizers"]
+  resources: ["agents/finalizers", "workflowruns/finalizers", "workflowschedules/finalizers"]
   verbs: ["update"]
 # Container steps run as pods, created and deleted by the operator; agent replicas are pods
 # whose status gives their health.
