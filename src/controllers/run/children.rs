@@ -8,10 +8,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 
 use crate::api::{
     RunPhase, StepKind, StepPhase, Workflow, WorkflowRef, WorkflowRun, WorkflowRunSpec, WorkflowRunStatus, WorkflowSpec,
@@ -109,14 +108,7 @@ impl Children {
             ]
             .into(),
         );
-        child.metadata.owner_references = Some(vec![OwnerReference {
-            api_version: WorkflowRun::api_version(&()).into_owned(),
-            kind: WorkflowRun::kind(&()).into_owned(),
-            name: run.name.clone(),
-            uid: run.uid.clone(),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        }]);
+        child.metadata.owner_references = Some(vec![super::pods::run_owner(run)]);
         let object = format!("WorkflowRun.{}.{}/{name}", crate::api::VERSION, crate::api::GROUP);
         match self.api(ns).create(&PostParams::default(), &child).await {
             Ok(_) => {
@@ -140,13 +132,7 @@ impl Children {
         status: &WorkflowRunStatus,
     ) -> Result<Vec<Event>, kube::Error> {
         let mut events = Vec::new();
-        for (key, row) in &status.steps {
-            if row.phase != StepPhase::Running
-                || row.items.is_some()
-                || dag.kind_of(spec, key) != Some(StepKind::Workflow)
-            {
-                continue;
-            }
+        for (key, row) in super::pods::running(spec, dag, status, StepKind::Workflow) {
             let name = naming::child_run_name(&run.name, key, row.attempts);
             let child = match self.runs.get(&ObjectRef::new(&name).within(&run.namespace)) {
                 Some(c) if !c.status.as_ref().is_some_and(|s| s.phase.is_finished()) => {

@@ -50,6 +50,31 @@ fn is_pod(kind: Option<StepKind>) -> bool {
     kind == Some(StepKind::Container)
 }
 
+/// The run as the controlling owner of what it makes (pods, child runs, resource objects):
+/// deleted with it.
+pub(super) fn run_owner(run: &RunInfo) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: WorkflowRun::api_version(&()).into_owned(),
+        kind: WorkflowRun::kind(&()).into_owned(),
+        name: run.name.clone(),
+        uid: run.uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// The rows of `status` whose attempt runs now, of step kind `kind` (not fan-out parents).
+pub(super) fn running<'a>(
+    spec: &'a WorkflowSpec,
+    dag: &'a Dag,
+    status: &'a WorkflowRunStatus,
+    kind: StepKind,
+) -> impl Iterator<Item = (&'a String, &'a StepStatus)> + 'a {
+    status.steps.iter().filter(move |(key, row)| {
+        row.phase == StepPhase::Running && row.items.is_none() && dag.kind_of(spec, key) == Some(kind)
+    })
+}
+
 /// Kinds whose attempts run on the task pool in the cluster.
 fn on_pool(kind: Option<StepKind>) -> bool {
     matches!(kind, Some(StepKind::Agent | StepKind::Http))
@@ -77,10 +102,7 @@ impl ClusterRuntime {
         status: &WorkflowRunStatus,
     ) -> Result<Vec<Event>, kube::Error> {
         let mut events = Vec::new();
-        for (key, row) in &status.steps {
-            if row.phase != StepPhase::Running || row.items.is_some() || !is_pod(dag.kind_of(spec, key)) {
-                continue;
-            }
+        for (key, row) in running(spec, dag, status, StepKind::Container) {
             let pod_name = naming::pod_name(&run.name, key, row.attempts);
             let failed = |message: String| Event::Failed {
                 key: key.clone(),
@@ -144,14 +166,7 @@ impl ClusterRuntime {
                 info: Default::default(),
             })
         };
-        let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-            api_version: WorkflowRun::api_version(&()).into_owned(),
-            kind: WorkflowRun::kind(&()).into_owned(),
-            name: run.name.clone(),
-            uid: run.uid.clone(),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        };
+        let owner = run_owner(run);
         let Some(pod) = build_pod(&run.name, &run.namespace, owner, task) else {
             return Ok(refused(format!("step {}: cannot build a pod for this work", task.key)));
         };

@@ -8,17 +8,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, DynamicObject, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiResource, Scope};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client};
 use serde_json::Value as Json;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::api::{ResourceStep, StepKind, StepPhase, WorkflowRun, WorkflowRunStatus, WorkflowSpec};
+use crate::api::{ResourceStep, StepKind, WorkflowRunStatus, WorkflowSpec};
 use crate::engine::template;
 use crate::engine::{Dag, Event, RunInfo, TaskInfo, TaskStart, Work};
 use crate::naming;
@@ -218,14 +217,7 @@ impl Resources {
         if let Some(a) = annotations.as_object_mut() {
             a.insert(naming::ANNOTATION_STEP_KEY.into(), task.key.clone().into());
         }
-        let owner = OwnerReference {
-            api_version: WorkflowRun::api_version(&()).into_owned(),
-            kind: WorkflowRun::kind(&()).into_owned(),
-            name: run.name.clone(),
-            uid: run.uid.clone(),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        };
+        let owner = super::pods::run_owner(run);
         meta.insert("ownerReferences".into(), serde_json::json!([owner]));
         let object: DynamicObject =
             serde_json::from_value(object).map_err(|e| Refusal::Manifest(format!("not a Kubernetes object: {e}")))?;
@@ -260,13 +252,8 @@ impl Resources {
         status: &WorkflowRunStatus,
     ) -> Result<Vec<Event>, kube::Error> {
         let mut events = Vec::new();
-        for (key, row) in &status.steps {
-            if row.phase != StepPhase::Running || row.items.is_some() {
-                continue;
-            }
-            let Some(step) = dag.step_of_key(spec, key).filter(|s| s.kind() == Some(StepKind::Resource)) else {
-                continue;
-            };
+        for (key, row) in super::pods::running(spec, dag, status, StepKind::Resource) {
+            let Some(step) = dag.step_of_key(spec, key) else { continue };
             let (Some(res), Some(reference)) = (&step.resource, &row.object) else { continue };
             let Some((api_version, kind, name)) = parse_reference(reference) else { continue };
             let ar = match self.kind(&api_version, &kind).await {
