@@ -215,7 +215,17 @@ fn validate_accepts_the_examples_and_checks_runs_and_params() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run = volt(tmp.path(), &["local", "validate", "examples/local", "examples/spec"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stdout.starts_with("valid: 4 files: 3 Agents, 2 Workflows, 1 WorkflowRun"), "{}", run.stdout);
+    assert!(
+        run.stdout.starts_with("valid: 5 files: 3 Agents, 2 Workflows, 1 WorkflowRun (1 warning)"),
+        "{}",
+        run.stdout
+    );
+    // The schedule of examples/spec is checked against its type, and said to act in a cluster only.
+    assert!(
+        run.stderr.contains("WorkflowSchedule/nightly-pipeline: WorkflowSchedule is checked here"),
+        "{}",
+        run.stderr
+    );
 
     let file = write(
         tmp.path(),
