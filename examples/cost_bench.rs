@@ -109,7 +109,8 @@ async fn main() {
             let w = work("limited");
             for i in 0..per {
                 let out =
-                    in_run(&run, &format!("ask[{i}]"), caller.call("bench", &w, Some(Duration::from_secs(600)))).await;
+                    in_run(&run, &format!("ask[{i}]"), 1, caller.call("bench", &w, Some(Duration::from_secs(600))))
+                        .await;
                 if out.is_err() {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -153,7 +154,7 @@ async fn main() {
                 ..Default::default()
             };
             let w = work("budgeted");
-            while in_run(&run, "ask", caller.call("bench", &w, Some(Duration::from_secs(60)))).await.is_ok() {}
+            while in_run(&run, "ask", 1, caller.call("bench", &w, Some(Duration::from_secs(60)))).await.is_ok() {}
         }));
     }
     for t in tasks {

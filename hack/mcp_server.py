@@ -5,7 +5,8 @@
 Tools: search_docs (text), add (structured), fail (a tool error), huge (a result of n bytes),
 hang (never answers), whoami (echoes the request's Authorization header, as a careless tool
 might). With --require-header, every tool call whose request lacks the header fails; the
-server counts calls and prints one line per call on stdout (`CALL <tool> auth=<ok|missing>`).
+server counts calls and prints one line per call on stdout (`CALL <tool> auth=<ok|missing>`),
+after a line with the traceparent of the call's `_meta` (`TRACE <tool> <traceparent or ->`).
 """
 
 import argparse
@@ -32,7 +33,22 @@ def headers_of(ctx: Context) -> dict:
     return {k.lower(): v for k, v in headers.items()}
 
 
+def traceparent_of(ctx: Context) -> str:
+    """The W3C traceparent in the request's `_meta` (MCP SEP-414), or "-"."""
+    rc = ctx.request_context
+    meta = getattr(rc, "meta", None)
+    if isinstance(meta, dict):
+        value = meta.get("traceparent")
+    else:
+        value = getattr(meta, "traceparent", None) or (getattr(meta, "model_extra", None) or {}).get("traceparent")
+    if not value:
+        params = getattr(rc, "params", None) or {}
+        value = (params.get("_meta") or {}).get("traceparent")
+    return value or "-"
+
+
 def check(ctx: Context, tool: str) -> None:
+    print(f"TRACE {tool} {traceparent_of(ctx)}", flush=True)
     ok = True
     if required:
         ok = headers_of(ctx).get(required[0].lower()) == required[1]

@@ -15,6 +15,7 @@
 //! - [`pass`]: one pass of a run over a [`pass::StepRuntime`], shared by the controller and local mode.
 //! - [`kube_util`]: API handles, watch settings and metadata slimming for the controllers.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`telemetry`]: OpenTelemetry traces of runs, steps and their calls, exported over OTLP.
 //! - [`watcher`]: component health and the figures of `/api/v1/stats`.
 
 pub mod agents;
@@ -33,5 +34,6 @@ pub mod metrics;
 pub mod naming;
 pub mod pass;
 pub mod plugin;
+pub mod telemetry;
 pub mod text;
 pub mod watcher;

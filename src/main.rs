@@ -174,9 +174,18 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             init_logging(&cli.log);
-            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(run(*args)),
-                Err(e) => Err(format!("starting the runtime: {e}")),
+            // Set up outside the runtime: the exporter's HTTP client blocks, on its own thread;
+            // dropping the guard after the runtime flushes the last spans.
+            match volt_operator::telemetry::init(args.telemetry) {
+                Ok(traces) => {
+                    let result = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                        Ok(rt) => rt.block_on(run(*args)),
+                        Err(e) => Err(format!("starting the runtime: {e}")),
+                    };
+                    drop(traces);
+                    result
+                }
+                Err(e) => Err(format!("traces (--telemetry, OTEL_EXPORTER_OTLP_*): {e}")),
             }
         }
     };

@@ -23,6 +23,10 @@ pub const LABEL_PARENT_RUN: &str = "volt.dev/parent-run";
 /// On a child WorkflowRun: the Workflows of the runs above it, root first, joined by `/`.
 pub const ANNOTATION_CHAIN: &str = "volt.dev/workflow-chain";
 
+/// The W3C traceparent a run continues: set on child runs (the parent's step span), and by
+/// users on runs submitted from a traced system. The run's spans join that trace.
+pub const ANNOTATION_TRACEPARENT: &str = "volt.dev/traceparent";
+
 /// On a WorkflowRun a WorkflowSchedule started: the schedule's name (as a label value).
 pub const LABEL_SCHEDULE: &str = "volt.dev/schedule";
 /// On a WorkflowRun a WorkflowSchedule started: the slot it is the run of (RFC 3339, UTC).

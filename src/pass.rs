@@ -186,6 +186,9 @@ impl<'a, R: StepRuntime> Pass<'a, R> {
         );
         let mut counts = CacheCounts::default();
         self.remember(run, &events, &mut counts).await;
+        if status.trace_id.is_empty() && crate::telemetry::enabled() {
+            status.trace_id = crate::telemetry::RunTrace::of(&run.uid, run.traceparent.as_deref()).trace_hex();
+        }
 
         let mut decision = engine::advance(input, status, events);
         let mut transitions = std::mem::take(&mut decision.transitions);

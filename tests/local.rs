@@ -28,9 +28,15 @@ impl Run {
 }
 
 fn volt(cache: &Path, args: &[&str]) -> Run {
+    volt_with(cache, args, &[])
+}
+
+/// [`volt`] with more environment variables.
+fn volt_with(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     let started = Instant::now();
     let out: Output = Command::new(operator_bin())
         .args(args)
+        .envs(env.iter().copied())
         .env("XDG_CACHE_HOME", cache)
         .env_remove("VOLT_LOCAL_CACHE_DIR")
         .env_remove("OPENAI_API_KEY")
@@ -526,6 +532,78 @@ async fn llm_steps_use_mcp_tools_repair_their_output_and_write_transcripts() {
     assert_eq!((t["turns"].as_u64(), t["repairs"].as_u64()), (Some(1), Some(1)), "{t:#}");
     let tool = t["entries"].as_array().and_then(|e| e.iter().find(|x| x["kind"] == "tool")).cloned();
     assert_eq!(tool.map(|x| x["name"].clone()), Some(serde_json::json!("add")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_runs_export_traces_that_continue_the_callers_traceparent() {
+    use kit::openai::{Reply, Stub};
+    use kit::otlp::Receiver;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let receiver = Receiver::start().await;
+    let stub = Stub::start("local-traced", Duration::ZERO).await;
+    stub.script([Reply::Content("hello".into())]);
+    let file = write(
+        tmp.path(),
+        "traced.yaml",
+        &format!(
+            "apiVersion: volt.dev/v1alpha1\nkind: Agent\nmetadata: {{name: talker}}\n\
+             spec: {{model: stub-model, endpoint: {{baseUrl: '{}'}}}}\n---\n\
+             {WORKFLOW}metadata: {{name: traced}}\nspec:\n  steps:\n\
+             \x20 - id: ask\n    agent: {{ref: talker, prompt: Hi}}\n\
+             \x20 - id: proc\n    container:\n      image: busybox\n\
+             \x20     command: [sh, -c, 'printf %s \"$TRACEPARENT\" > \"$VOLT_TERMINATION_LOG\"']\n",
+            stub.base_url()
+        ),
+    );
+    // The caller's trace (a CI job, say): the run's span becomes a child of its span.
+    let (trace, caller) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traceparent = format!("00-{trace}-{caller}-01");
+    let endpoint = receiver.endpoint();
+    let cache = tmp.path().to_path_buf();
+    let run = tokio::task::spawn_blocking(move || {
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("TRACEPARENT", traceparent.as_str()),
+        ];
+        volt_with(&cache, &["local", "run", &file, "--no-cache", "-o", "json"], &env)
+    })
+    .await
+    .expect("run");
+    assert_eq!(run.code, 0, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    let status = run.json();
+    assert_eq!(status["traceId"], trace, "{status:#}");
+    // The spans were flushed before the process ended: no waiting needed.
+    let spans = receiver.spans();
+    assert!(receiver.requests().iter().all(|c| c.starts_with("application/json")), "{:?}", receiver.requests());
+    let named = |name: &str| {
+        spans.iter().find(|s| s.name == name).cloned().unwrap_or_else(|| panic!("no span {name:?} in {spans:#?}"))
+    };
+    let root = named("run traced");
+    assert_eq!((root.trace_id.as_str(), root.parent.as_str()), (trace, caller));
+    let (ask, proc) = (named("step ask"), named("step proc"));
+    assert_eq!((ask.parent.as_str(), proc.parent.as_str()), (root.span_id.as_str(), root.span_id.as_str()));
+    let chat = named("chat stub-model");
+    assert_eq!(chat.parent, ask.span_id);
+    assert_eq!(chat.attr("gen_ai.response.finish_reasons"), r#"["stop"]"#);
+    // The process step got its step's span as TRACEPARENT, so its own spans would join.
+    assert_eq!(status["steps"]["proc"]["output"], format!("00-{trace}-{}-01", proc.span_id), "{status:#}");
+
+    // A protocol that is not built in is refused up front, naming the variable.
+    let (cache, file) = (tmp.path().to_path_buf(), tmp.path().join("traced.yaml").display().to_string());
+    let endpoint = receiver.endpoint();
+    let run = tokio::task::spawn_blocking(move || {
+        let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+        volt_with(&cache, &["local", "run", &file, "--no-cache", "-o", "json"], &env)
+    })
+    .await
+    .expect("run");
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"grpc\"") && run.stderr.contains("http/protobuf"),
+        "{}",
+        run.stderr
+    );
 }
 
 const CHILDREN: &str = r#"

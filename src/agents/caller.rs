@@ -59,6 +59,7 @@ use super::registry::{AgentEntry, Registry, Replica};
 use super::runs::{RunMeta, RunRef, RunSource};
 use super::secrets::{ApiKey, SecretError, SecretSource};
 use super::transcript::{Entry, Transcript};
+use crate::telemetry::CallSpan;
 
 /// How calls are retried.
 #[derive(Clone, Debug)]
@@ -205,6 +206,8 @@ struct Transport {
     client: reqwest::Client,
     max_reply: usize,
     progress: Arc<Progress>,
+    /// The W3C `traceparent` of the call's span, when traces are on.
+    traceparent: Option<reqwest::header::HeaderValue>,
 }
 
 impl tower::Service<HttpRequestFactory> for Transport {
@@ -217,9 +220,12 @@ impl tower::Service<HttpRequestFactory> for Transport {
     }
 
     fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
-        let Transport { client, max_reply, progress } = self.clone();
+        let Transport { client, max_reply, progress, traceparent } = self.clone();
         Box::pin(async move {
             let mut request = factory.build().await?;
+            if let Some(value) = traceparent {
+                request.headers_mut().insert("traceparent", value);
+            }
             // No key: send no Authorization header rather than an empty bearer token.
             let empty_bearer = request
                 .headers()
@@ -837,9 +843,19 @@ impl LlmCaller {
                         .find(|a| Some(&a.key) == answer.agent.as_ref())
                         .map_or(120, |a| a.spec.timeout_seconds),
                 ));
+                let agent = answer.agent.as_ref().map_or("", |a| a.name.as_str());
                 for call in &answer.tool_calls {
                     let started = Instant::now();
-                    let result = set.call(&call.name, &call.arguments, deadline, per_call, &llm.decisions).await;
+                    let mut span = CallSpan::tool(&call.name, &call.id, agent);
+                    let result = set
+                        .call(&call.name, &call.arguments, deadline, per_call, &llm.decisions, span.traceparent())
+                        .await;
+                    match &result {
+                        Err(ToolError::NeedsApproval { .. }) => span.set("volt.tool.needs_approval", true),
+                        Err(e) => span.fail(e.kind(), &e.to_string()),
+                        Ok(_) => {}
+                    }
+                    drop(span);
                     let latency_ms = ms(started.elapsed());
                     match result {
                         Ok(text) => {
@@ -1231,10 +1247,21 @@ impl LlmCaller {
             .with_org_id("")
             .with_project_id("");
         let progress = Arc::new(Progress::default());
-        let transport = Transport { client: self.http.clone(), max_reply: self.max_reply, progress: progress.clone() };
+        let mut span = CallSpan::llm(&a.entry.spec.model, &agent, &key.replica, &a.replica.base_url);
+        let transport = Transport {
+            client: self.http.clone(),
+            max_reply: self.max_reply,
+            progress: progress.clone(),
+            traceparent: span.traceparent().and_then(|t| reqwest::header::HeaderValue::from_str(&t).ok()),
+        };
         let client = async_openai::Client::build(self.http.clone(), config).with_http_service(transport);
         let result = tokio::time::timeout(a.timeout, client.chat().create(request)).await;
         let ns = key.agent.namespace.clone();
+        match &result {
+            Ok(Ok(response)) => note_response(&mut span, response),
+            Ok(Err(e)) => span.fail(error_type(e), &classify(e).0),
+            Err(_) => span.fail("timeout", &progress.timed_out(a.timeout)),
+        }
         match result {
             Err(_) if a.step_bound => {
                 drop(lease);
@@ -1271,6 +1298,7 @@ impl LlmCaller {
                     Ok(answer)
                 }
                 Err((message, kind)) => {
+                    span.fail("invalid_reply", &message);
                     lease.finish(if kind == FailureKind::Rejected {
                         CallResult::Rejected
                     } else {
@@ -1401,6 +1429,39 @@ fn answer_of(response: CreateChatCompletionResponse) -> Result<Answer, (String, 
             Err((format!("the model refused: {}", clip(&refusal, 300)), FailureKind::Rejected))
         }
         (None, _) => Ok(Answer { text: String::new(), tokens, message, tool_calls, agent: None, http: Duration::ZERO }),
+    }
+}
+
+/// The GenAI attributes of an answer: the model that answered, its ID, why it stopped, and
+/// the tokens used.
+fn note_response(span: &mut CallSpan, response: &CreateChatCompletionResponse) {
+    if !span.recording() {
+        return;
+    }
+    span.set("gen_ai.response.model", response.model.clone());
+    span.set("gen_ai.response.id", response.id.clone());
+    let reasons = response
+        .choices
+        .iter()
+        .filter_map(|c| c.finish_reason.as_ref())
+        .filter_map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)));
+    span.set_strings("gen_ai.response.finish_reasons", reasons);
+    if let Some(u) = &response.usage {
+        span.set("gen_ai.usage.input_tokens", i64::from(u.prompt_tokens));
+        span.set("gen_ai.usage.output_tokens", i64::from(u.completion_tokens));
+    }
+}
+
+/// `error.type` of a failed call: the HTTP status, or a class of transport error.
+fn error_type(e: &OpenAIError) -> String {
+    match e {
+        OpenAIError::Boxed(inner) => match inner.downcast_ref::<HttpStatusError>() {
+            Some(s) => s.status.to_string(),
+            None => "invalid_reply".into(),
+        },
+        OpenAIError::Reqwest(r) if r.is_timeout() => "timeout".into(),
+        OpenAIError::Reqwest(_) => "transport".into(),
+        _ => "error".into(),
     }
 }
 

@@ -58,6 +58,22 @@ pub enum ToolError {
 }
 
 impl ToolError {
+    /// A short class of the error (a span's `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToolError::NotAllowed { .. } => "not_allowed",
+            ToolError::Headers { .. } => "headers",
+            ToolError::Server { .. } => "server",
+            ToolError::Missing { .. } => "missing",
+            ToolError::Unknown { .. } => "unknown_tool",
+            ToolError::BadArguments { .. } => "bad_arguments",
+            ToolError::Failed { .. } => "tool_error",
+            ToolError::TooLarge { .. } => "too_large",
+            ToolError::Hung { .. } => "timeout",
+            ToolError::NeedsApproval { .. } => "needs_approval",
+        }
+    }
+
     /// Whether a new attempt of the step may help.
     pub fn retryable(&self) -> bool {
         match self {
@@ -250,6 +266,7 @@ impl ToolSet {
         deadline: Option<Instant>,
         per_call: Duration,
         decisions: &std::collections::BTreeMap<String, crate::api::StepDecision>,
+        traceparent: Option<String>,
     ) -> Result<String, ToolError> {
         let Some(tool) = self.tools.get(name) else {
             let offered = self.tools.keys().cloned().collect::<Vec<_>>().join(", ");
@@ -282,6 +299,12 @@ impl ToolSet {
         let session = &self.sessions[&tool.server];
         let mut params = CallToolRequestParams::new(name.to_string());
         params.arguments = Some(args);
+        // W3C trace context in the request's `_meta` (MCP SEP-414): the server's spans join.
+        if let Some(tp) = traceparent {
+            let mut meta = rmcp::model::RequestMetaObject::new();
+            meta.set_traceparent(tp);
+            params.meta = Some(meta);
+        }
         let bound = bound(deadline, per_call);
         let result = match tokio::time::timeout(bound, session.call_tool(params)).await {
             Err(_) => {

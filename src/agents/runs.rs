@@ -21,16 +21,25 @@ pub struct RunRef {
     pub uid: String,
     /// The step's status key.
     pub step: String,
+    pub attempt: u32,
+    /// The traceparent the run continues ([`RunInfo::traceparent`]).
+    pub traceparent: Option<String>,
 }
 
 tokio::task_local! {
     static CURRENT: RunRef;
 }
 
-/// Runs `fut` as attempt of step `step` of `run`.
-pub fn in_run<F: Future>(run: &RunInfo, step: &str, fut: F) -> impl Future<Output = F::Output> {
-    let r =
-        RunRef { namespace: run.namespace.clone(), name: run.name.clone(), uid: run.uid.clone(), step: step.into() };
+/// Runs `fut` as attempt `attempt` of step `step` of `run`.
+pub fn in_run<F: Future>(run: &RunInfo, step: &str, attempt: u32, fut: F) -> impl Future<Output = F::Output> {
+    let r = RunRef {
+        namespace: run.namespace.clone(),
+        name: run.name.clone(),
+        uid: run.uid.clone(),
+        step: step.into(),
+        attempt,
+        traceparent: run.traceparent.clone(),
+    };
     CURRENT.scope(r, fut)
 }
 

@@ -241,6 +241,10 @@ pub struct WorkflowRunStatus {
     /// Tokens and cost of the run's agent steps so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<RunUsage>,
+    /// The OpenTelemetry trace of the run's spans (32 hex digits), when the operator exports
+    /// traces: search for it in the tracing backend.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
 }
 
 /// Observed state of a step.

@@ -101,7 +101,9 @@ pub struct RunArgs {
     #[arg(long, env = "VOLT_CLOUDEVENTS_URL")]
     pub cloudevents_url: Option<String>,
 
-    /// Export metrics and telemetry (the /metrics endpoint stays, but no collection happens when off).
+    /// Export traces (OpenTelemetry, OTLP over HTTP) when the standard OTEL_EXPORTER_OTLP_ENDPOINT
+    /// or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variable names a collector; false turns them off
+    /// even then. Metrics are always served on /metrics.
     #[arg(long, env = "VOLT_TELEMETRY", default_value_t = true, action = clap::ArgAction::Set)]
     pub telemetry: bool,
 

@@ -55,6 +55,9 @@ pub struct RunInfo {
     /// (child runs of `workflow` steps): how deep it nests, and whether a child would close a
     /// cycle. Empty for a run of an inline spec with no parent.
     pub chain: Vec<String>,
+    /// The W3C traceparent the run's trace continues (its `volt.dev/traceparent` annotation;
+    /// `TRACEPARENT` in local mode), if any.
+    pub traceparent: Option<String>,
 }
 
 /// Most runs in a chain of `workflow` steps (a run, its child, its grandchild...).

@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::engine::Work;
+use crate::telemetry::CallSpan;
 
 use super::http_policy::{Denied, HttpStepPolicy, PolicyResolver};
 use super::{Failure, Outcome, Output};
@@ -77,10 +78,32 @@ impl HttpExecutor {
         let parsed = reqwest::Url::parse(url).map_err(|e| Failure::permanent(format!("http.url {url:?}: {e}")))?;
         // Denied requests fail for good: retrying cannot change the policy.
         self.policy.check_url(&parsed).map_err(|d| Failure::permanent(d.step_message(url)))?;
+        let mut span = CallSpan::http(method.as_str(), &parsed);
+        let outcome = self.send(method, parsed, url, headers, body.as_ref(), success_codes, &mut span).await;
+        if let Err(f) = &outcome {
+            span.fail(if f.retryable { "retryable" } else { "permanent" }, &f.message);
+        }
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        parsed: reqwest::Url,
+        url: &str,
+        headers: &std::collections::BTreeMap<String, String>,
+        body: Option<&String>,
+        success_codes: &[u16],
+        span: &mut CallSpan,
+    ) -> Outcome {
         let host = parsed.host_str().map(str::to_string);
         let mut req = self.client.request(method, parsed);
         for (k, v) in headers {
             req = req.header(k, v);
+        }
+        if let Some(tp) = span.traceparent() {
+            req = req.header("traceparent", tp);
         }
         if let Some(b) = body {
             req = req.body(b.clone());
@@ -98,6 +121,7 @@ impl HttpExecutor {
             None => Failure::retryable(format!("request to {url} failed: {}", error_chain(&e))),
         })?;
         let status = resp.status();
+        span.set("http.response.status_code", i64::from(status.as_u16()));
         let mut text = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {

@@ -192,6 +192,15 @@ fn with_termination_log(env: &[EnvVar]) -> Vec<EnvVar> {
     out
 }
 
+/// Sets `name` in the step container's environment unless the step sets it itself.
+pub fn add_env(pod: &mut Pod, name: &str, value: &str) {
+    let Some(c) = pod.spec.as_mut().and_then(|s| s.containers.first_mut()) else { return };
+    let env = c.env.get_or_insert_with(Vec::new);
+    if !env.iter().any(|e| e.name == name) {
+        env.push(EnvVar { name: name.into(), value: Some(value.into()), value_from: None });
+    }
+}
+
 /// Waiting reasons of a container that will not start by itself: they fail the attempt.
 const CANNOT_START: &[&str] = &[
     "ErrImagePull",
@@ -534,5 +543,15 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(pod_state(&pod), PodState::Failed { message: "container exited with code 2 (Error): boom".into() });
+    }
+
+    #[test]
+    fn add_env_sets_a_variable_unless_the_step_sets_it() {
+        let mut pod = build_pod("run", "ns", OwnerReference::default(), &task()).unwrap();
+        add_env(&mut pod, "TRACEPARENT", "00-a-b-01");
+        add_env(&mut pod, "TRACEPARENT", "00-c-d-01");
+        let env = pod.spec.as_ref().unwrap().containers[0].env.clone().unwrap_or_default();
+        let set: Vec<_> = env.iter().filter(|e| e.name == "TRACEPARENT").map(|e| e.value.clone()).collect();
+        assert_eq!(set, [Some("00-a-b-01".to_string())]);
     }
 }

@@ -79,10 +79,11 @@ impl TaskPool {
         let attempt = task.attempt;
         let handle = tokio::spawn(async move {
             let permit = pool.permits.clone().acquire_owned().await;
-            let outcome = AssertUnwindSafe(crate::agents::in_run(&run, &task.key, pool.runner.run(&run, &task)))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| Err(Failure::retryable(panic_message(panic.as_ref()))));
+            let outcome =
+                AssertUnwindSafe(crate::agents::in_run(&run, &task.key, attempt, pool.runner.run(&run, &task)))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| Err(Failure::retryable(panic_message(panic.as_ref()))));
             drop(permit);
             let event = super::outcome_event(task.key.clone(), attempt, outcome);
             {

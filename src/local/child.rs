@@ -56,6 +56,7 @@ impl LocalChildren {
                 namespace: parent.namespace.clone(),
                 uid: format!("{}/{}#{}", parent.uid, task.key, task.attempt),
                 chain,
+                traceparent: Some(crate::telemetry::child_traceparent(parent, &task.key)),
             },
             timeout: self.plan.timeout,
             agents: self.plan.agents.clone(),

@@ -62,13 +62,27 @@ pub fn main(cmd: LocalCommand, log_level: &str, json_logs: bool) -> ExitCode {
     init_logging(log_level, json_logs);
     let code = match cmd {
         LocalCommand::Validate(args) => validate(&args),
-        LocalCommand::Run(args) => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(run(args)),
-            Err(e) => {
-                eprintln!("error: starting the runtime: {e}");
-                EXIT_FAILED
+        // Traces as in the cluster: exported when OTEL_EXPORTER_OTLP_* names an endpoint
+        // (VOLT_TELEMETRY=false turns them off), flushed when the guard drops.
+        LocalCommand::Run(args) => {
+            match crate::telemetry::init(std::env::var("VOLT_TELEMETRY").as_deref() != Ok("false")) {
+                Ok(traces) => {
+                    let code = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                        Ok(rt) => rt.block_on(run(args)),
+                        Err(e) => {
+                            eprintln!("error: starting the runtime: {e}");
+                            EXIT_FAILED
+                        }
+                    };
+                    drop(traces);
+                    code
+                }
+                Err(e) => {
+                    eprintln!("error: traces (OTEL_EXPORTER_OTLP_*): {e}");
+                    EXIT_FAILED
+                }
             }
-        },
+        }
     };
     ExitCode::from(code)
 }
@@ -239,7 +253,8 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
         dag,
         workflow_name,
         params,
-        run: RunInfo { name, namespace, uid: uuid(), chain },
+        // `TRACEPARENT`: the run joins the trace of whatever started it (a CI job, a script).
+        run: RunInfo { name, namespace, uid: uuid(), chain, traceparent: std::env::var("TRACEPARENT").ok() },
         timeout,
         agents,
         decisions,

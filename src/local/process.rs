@@ -88,6 +88,9 @@ pub async fn run(ctx: &ProcessContext, task: &TaskStart) -> Outcome {
     if let Some(index) = task.index {
         cmd.env("VOLT_ITEM_INDEX", index.to_string());
     }
+    if let Some(tp) = crate::telemetry::current_step_traceparent() {
+        cmd.env("TRACEPARENT", tp);
+    }
     for e in env {
         cmd.env(&e.name, rewrite(e.value.as_deref().unwrap_or_default()));
     }

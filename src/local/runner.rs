@@ -146,6 +146,7 @@ pub async fn run(
         stats.cache_stores += outcome.cache.stores;
         if !outcome.transitions.is_empty() {
             observer.update(&outcome.transitions, &status);
+            crate::telemetry::record(&plan.run, |key| plan.dag.kind_of(&plan.spec, key), &outcome.transitions, &status);
         }
         let wait = outcome.requeue_after.unwrap_or(IDLE_WAIT).max(Duration::from_millis(5));
         outcome.recorded();

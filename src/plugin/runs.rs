@@ -47,6 +47,9 @@ fn header(r: &WorkflowRun) -> String {
     if let Some(o) = &s.output {
         out.push_str(&format!("Output: {}\n", crate::text::clip(o, 200)));
     }
+    if !s.trace_id.is_empty() {
+        out.push_str(&format!("Trace: {}\n", s.trace_id));
+    }
     out
 }
 

@@ -18,3 +18,4 @@ mod plugin;
 mod runs;
 mod schedules;
 mod security;
+mod traces;

@@ -20,6 +20,7 @@ pub struct McpPeer {
     child: Child,
     url: String,
     calls: Arc<Mutex<Vec<String>>>,
+    traces: Arc<Mutex<Vec<String>>>,
 }
 
 /// Installs the SDK once per test process (the script itself is idempotent and locked).
@@ -56,20 +57,23 @@ impl McpPeer {
             }
             let mut child = cmd.spawn().expect("start the MCP server");
             let calls = Arc::new(Mutex::new(Vec::new()));
+            let traces = Arc::new(Mutex::new(Vec::new()));
             let stdout = child.stdout.take().expect("stdout");
-            let seen = calls.clone();
+            let (seen, traced) = (calls.clone(), traces.clone());
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stdout).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if let Some(call) = line.strip_prefix("CALL ") {
                         seen.lock().unwrap_or_else(|p| p.into_inner()).push(call.to_string());
+                    } else if let Some(trace) = line.strip_prefix("TRACE ") {
+                        traced.lock().unwrap_or_else(|p| p.into_inner()).push(trace.to_string());
                     }
                 }
             });
             // Ready when it accepts connections.
             for _ in 0..1200 {
                 if tokio::net::TcpStream::connect((ip, port)).await.is_ok() {
-                    return McpPeer { child, url: format!("http://{ip}:{port}/mcp"), calls };
+                    return McpPeer { child, url: format!("http://{ip}:{port}/mcp"), calls, traces };
                 }
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
@@ -89,6 +93,13 @@ impl McpPeer {
     /// Calls seen, as `<tool> auth=<ok|missing>`.
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl McpPeer {
+    /// The trace context of each call, as `<tool> <traceparent from _meta, or ->`.
+    pub fn traces(&self) -> Vec<String> {
+        self.traces.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

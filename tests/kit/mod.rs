@@ -23,6 +23,7 @@
 //!   a plan per pod; [`kubelet::scripted`] for step pods driven by their environment).
 //! - [`openai`]: OpenAI-compatible stub servers ([`Stub`]) with scripted faults, JSON and tool calls.
 //! - [`mcp`]: an MCP server of the official Python SDK on loopback ([`mcp::McpPeer`]).
+//! - [`otlp`]: an OTLP/HTTP trace receiver that decodes the spans it gets ([`otlp::Receiver`]).
 //! - [`cluster`]: server-side apply of volt objects ([`apply_as`], [`apply`]), a namespace with
 //!   its APIs ([`Env`]), and identities for the operator: the chart's RBAC for the operator user
 //!   ([`grant_operator`]), or the chart's ServiceAccount and a token ([`chart_identity`],
@@ -51,6 +52,7 @@ pub mod metrics;
 pub mod net;
 pub mod objects;
 pub mod openai;
+pub mod otlp;
 pub mod process;
 pub mod tools;
 pub mod wait;

@@ -81,6 +81,8 @@ pub struct Seen {
     pub system: Option<String>,
     pub user: String,
     pub authorization: Option<String>,
+    /// The W3C `traceparent` header, if the call carried one.
+    pub traceparent: Option<String>,
     pub status: u16,
     /// The whole request.
     pub body: Value,
@@ -359,6 +361,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
         system,
         user: user.clone(),
         authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string),
+        traceparent: headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string),
         status,
         body: request.clone(),
     });

@@ -18,6 +18,7 @@ use crate::api::{
 use crate::engine::{Dag, Event, RunInfo, TaskStart, Work};
 use crate::naming;
 use crate::pass::Started;
+use crate::telemetry;
 
 use super::lock;
 
@@ -105,6 +106,7 @@ impl Children {
             [
                 (naming::ANNOTATION_STEP_KEY.to_string(), task.key.clone()),
                 (naming::ANNOTATION_CHAIN.to_string(), run.chain.join("/")),
+                (naming::ANNOTATION_TRACEPARENT.to_string(), telemetry::child_traceparent(run, &task.key)),
             ]
             .into(),
         );

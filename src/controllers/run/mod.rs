@@ -303,6 +303,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
         namespace: ns.clone(),
         uid: uid.clone(),
         chain: children::chain_of(&run, &status.workflow_name),
+        traceparent: run.annotations().get(crate::naming::ANNOTATION_TRACEPARENT).cloned(),
     };
     let timeout = run.spec.timeout_seconds.map(|s| Duration::from_secs(u64::from(s))).unwrap_or(shared.default_timeout);
     let started = status.started_at.as_ref().map(|t| t.0).unwrap_or(now);
@@ -331,6 +332,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     pass::set_conditions(&mut status, generation, now);
     let kind_of = |key: &str| dag.kind_of(&spec, key);
     transitions::record(&shared.metrics, &shared.events, &run, kind_of, &outcome.transitions, &status);
+    crate::telemetry::record(&info, kind_of, &outcome.transitions, &status);
     shared.status.stage(&run, &before, &status);
     let requeue_after = outcome.requeue_after;
     outcome.recorded();

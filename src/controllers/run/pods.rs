@@ -167,9 +167,12 @@ impl ClusterRuntime {
             })
         };
         let owner = run_owner(run);
-        let Some(pod) = build_pod(&run.name, &run.namespace, owner, task) else {
+        let Some(mut pod) = build_pod(&run.name, &run.namespace, owner, task) else {
             return Ok(refused(format!("step {}: cannot build a pod for this work", task.key)));
         };
+        if let Some(tp) = crate::telemetry::step_traceparent(run, &task.key) {
+            crate::executors::pod::add_env(&mut pod, "TRACEPARENT", &tp);
+        }
         let pod_name = pod.name_any();
         let created =
             Api::<Pod>::namespaced(self.client.clone(), &run.namespace).create(&PostParams::default(), &pod).await;
