@@ -355,7 +355,7 @@ pub struct RunBudget {
     pub max_cost: Option<f64>,
 }
 
-/// What a run's agent steps used: the sum over its step rows (the last attempt of each step;
+/// What a run's agent steps used: the sum over its step rows (every attempt of each step;
 /// results from the cache cost nothing).
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]

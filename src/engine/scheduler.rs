@@ -1227,8 +1227,19 @@ fn record_info(row: &mut StepStatus, info: &TaskInfo) {
     if info.replica.is_some() {
         row.replica = info.replica.clone();
     }
-    if info.tokens.is_some() {
-        row.tokens = info.tokens;
+    // Every attempt's calls were made and paid for: their tokens and cost add up. A cache hit
+    // shows what the stored call used (the run's usage leaves it out).
+    match (info.tokens, info.cached) {
+        (Some(t), true) => row.tokens = Some(t),
+        (Some(t), false) => {
+            let before = row.tokens.filter(|_| !row.cached).unwrap_or_default();
+            row.tokens = Some(TokenUsage {
+                prompt: before.prompt.saturating_add(t.prompt),
+                completion: before.completion.saturating_add(t.completion),
+                cost: before.cost + t.cost,
+            });
+        }
+        (None, _) => {}
     }
     row.fallback = info.fallback.as_deref().cloned();
     row.cached = info.cached;

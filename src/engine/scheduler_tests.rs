@@ -1420,6 +1420,31 @@ fn task_info_is_recorded() {
     assert_eq!(r.message, "result from cache");
 }
 
+#[test]
+fn tokens_add_up_over_attempts_failed_ones_included() {
+    let s = spec(vec![with(http("a", &[]), |s| s.retry = retry(1, 0.0, 1.0, 0.0))]);
+    let mut h = Harness::new(s);
+    h.tick();
+    let used = |prompt, completion, cost| TaskInfo {
+        tokens: Some(crate::api::TokenUsage { prompt, completion, cost }),
+        ..Default::default()
+    };
+    h.in_flight.clear();
+    let failed =
+        Event::Failed { key: "a".into(), attempt: 1, message: "bad".into(), retryable: true, info: used(10, 2, 0.1) };
+    h.advance(vec![failed]);
+    if h.row("a").phase == StepPhase::Retrying {
+        h.advance(vec![]);
+    }
+    assert_eq!((h.row("a").phase, h.row("a").attempts), (StepPhase::Running, 2));
+    h.in_flight.clear();
+    h.advance(vec![Event::Succeeded { key: "a".into(), attempt: 2, output: "o".into(), info: used(20, 4, 0.2) }]);
+    let t = h.row("a").tokens.expect("tokens");
+    assert_eq!((t.prompt, t.completion), (30, 6));
+    assert!((t.cost - 0.3).abs() < 1e-12);
+    assert_eq!(crate::engine::usage::totals(&h.status.steps).map(|u| u.input_tokens), Some(30));
+}
+
 // ---- scale and progress ----
 
 /// A deterministic pseudo-random sequence (no dependency on a seedable RNG).

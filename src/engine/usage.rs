@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::api::{RunUsage, StepStatus};
 
-/// The sum of the step rows' tokens and costs: the last attempt of each step, each `forEach`
+/// The sum of the step rows' tokens and costs (each row counts every attempt): each step, `forEach`
 /// child and each loop iteration's step. Rows served from the cache are left out (the call
 /// was not made again). `None` when no row used tokens, so runs without agent steps keep a
 /// compact status.
