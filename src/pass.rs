@@ -75,6 +75,20 @@ pub enum Started {
     Ended(Event),
 }
 
+impl Started {
+    /// The attempt was refused for good (a bad manifest, a cycle, a pod that cannot be built):
+    /// it fails at once with `message`, without a retry.
+    pub fn refused(task: &TaskStart, message: impl Into<String>) -> Started {
+        Started::Ended(Event::Failed {
+            key: task.key.clone(),
+            attempt: task.attempt,
+            message: message.into(),
+            retryable: false,
+            info: Default::default(),
+        })
+    }
+}
+
 /// Cache keys of running cacheable attempts, by (run uid, step key, attempt): their results
 /// are stored when they succeed. One per process (the operator's runs share it).
 #[derive(Default)]

@@ -63,15 +63,7 @@ impl Children {
 
     /// Creates the child run of an attempt (or finds it created).
     pub async fn start(&self, run: &RunInfo, task: &TaskStart) -> Result<Started, kube::Error> {
-        let refused = |message: String| {
-            Started::Ended(Event::Failed {
-                key: task.key.clone(),
-                attempt: task.attempt,
-                message,
-                retryable: false,
-                info: Default::default(),
-            })
-        };
+        let refused = |message: String| Started::refused(task, message);
         let Work::Workflow { workflow, params } = &task.work else {
             return Ok(refused(format!("step {}: not a workflow step", task.key)));
         };

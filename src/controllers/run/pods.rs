@@ -157,15 +157,7 @@ impl ClusterRuntime {
     }
 
     async fn create_pod(&self, run: &RunInfo, task: &TaskStart) -> Result<Started, kube::Error> {
-        let refused = |message: String| {
-            Started::Ended(Event::Failed {
-                key: task.key.clone(),
-                attempt: task.attempt,
-                message,
-                retryable: false,
-                info: Default::default(),
-            })
-        };
+        let refused = |message: String| Started::refused(task, message);
         let owner = run_owner(run);
         let Some(mut pod) = build_pod(&run.name, &run.namespace, owner, task) else {
             return Ok(refused(format!("step {}: cannot build a pod for this work", task.key)));

@@ -174,13 +174,7 @@ impl Resources {
         match self.create(run, task).await {
             Ok(object) => Ok(Started::RunningAs { object }),
             Err(Refusal::Kube(e)) => Err(e),
-            Err(refusal) => Ok(Started::Ended(Event::Failed {
-                key: task.key.clone(),
-                attempt: task.attempt,
-                message: refusal.to_string(),
-                retryable: false,
-                info: TaskInfo::default(),
-            })),
+            Err(refusal) => Ok(Started::refused(task, refusal.to_string())),
         }
     }
 
