@@ -30,6 +30,7 @@
 //!   [`service_account_token`]).
 //! - [`objects`]: volt objects as JSON ([`run_obj`], [`endpoint_agent`], [`container`],
 //!   [`container_failing`]) and a run's step rows ([`step`]).
+//! - [`tied`]: [`tied::spawn_tied`], processes that die with the test process.
 //! - [`wait`]: [`wait_until`] (any condition), [`wait_for`] (an object), [`run_finished`].
 //! - [`net`]: [`free_port`], [`free_ports`], [`http_get`], and [`serve`]/[`serve_on`] for a
 //!   router of a test.
@@ -54,6 +55,7 @@ pub mod objects;
 pub mod openai;
 pub mod otlp;
 pub mod process;
+pub mod tied;
 pub mod tools;
 pub mod wait;
 

@@ -10,12 +10,10 @@
 //! `node/` (`VOLT_TEST_KEEP=1` keeps it).
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock, mpsc};
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,6 +22,7 @@ use kube::{Api, Client};
 use volt_operator::api::{WorkflowRun, WorkflowRunStatus};
 
 use crate::kit;
+use crate::kit::tied::spawn_tied;
 
 /// The node's name (hack/node.sh).
 pub const NODE_NAME: &str = "volt-node";
@@ -222,51 +221,6 @@ impl Node {
     pub fn kubelet_log(&self) -> String {
         kit::logs::tail(&self.dir.join("kubelet.log"), LOG_TAIL_LINES)
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes tied to the test process
-
-type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
-
-/// A thread that spawns the node's processes and lives as long as the test process:
-/// `PR_SET_PDEATHSIG` fires when the forking *thread* exits.
-fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    SPAWNER.get_or_init(|| {
-        let (requests, incoming) = mpsc::channel::<SpawnRequest>();
-        thread::Builder::new()
-            .name("node-process-parent".into())
-            .spawn(move || {
-                for (mut command, reply) in incoming {
-                    let _ = reply.send(command.spawn());
-                }
-                loop {
-                    thread::park();
-                }
-            })
-            .expect("spawn the node process-parent thread");
-        Mutex::new(requests)
-    })
-}
-
-fn spawn_tied(mut command: Command) -> io::Result<Child> {
-    // SAFETY: the hook only calls prctl, which is async-signal-safe, between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let (reply, response) = mpsc::channel();
-    spawner()
-        .lock()
-        .map_err(|_| io::Error::other("poisoned"))?
-        .send((command, reply))
-        .map_err(|_| io::Error::other("the process-parent thread is gone"))?;
-    response.recv().map_err(|_| io::Error::other("the process-parent thread did not answer"))?
 }
 
 // ---------------------------------------------------------------------------------------------
