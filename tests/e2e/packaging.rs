@@ -606,9 +606,11 @@ async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
     leases.get(name).await.ok()?.spec?.holder_identity
 }
 
-/// Whether `p` leads (`leadership.leader` in `/api/v1/stats`) and is Ready.
+/// Whether `p` leads (`leadership.leader` in `/api/v1/stats`, asked with the admin token) and
+/// is Ready.
 async fn leads(p: &OperatorProcess) -> bool {
-    let Some((200, body)) = p.get("/api/v1/stats").await else { return false };
+    let token = control_plane::shared().admin_token().unwrap_or_default();
+    let Some((200, body)) = p.get_as("/api/v1/stats", token).await else { return false };
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     stats["leadership"]["leader"] == true && p.ready().await
 }
