@@ -238,10 +238,15 @@ function drawDag(page) {
 function paint(page, changed) {
   const svg = $("#dag");
   if (!svg) return;
-  const nodes = new Map(page.nodes.map(n => [n.key, n]));
+  // The node elements by key, found once per drawing.
+  if (!page.elements || page.elements.svg !== svg) {
+    page.elements = { svg, byKey: new Map([...svg.querySelectorAll("g.node")].map(g => [g.dataset.key, g])) };
+    page.byKey = new Map(page.nodes.map(n => [n.key, n]));
+  }
+  const nodes = page.byKey;
   for (const [key, st] of Object.entries(changed)) {
     page.states[key] = st;
-    const g = svg.querySelector(`g.node[data-key="${CSS.escape(key)}"]`);
+    const g = page.elements.byKey.get(key);
     if (!g) continue;
     const fill = COLOURS[st.phase] || COLOURS.None;
     for (const r of g.querySelectorAll("rect")) r.setAttribute("fill", fill);
@@ -269,6 +274,7 @@ function runPage(ns, name) {
   const base = `/ui/api/runs/${encodeURIComponent(ns)}/${encodeURIComponent(name)}`;
 
   const render = () => {
+    const tPage = performance.now();
     main().innerHTML = runHead(page.run) +
       `<div class="legend">${Object.keys(COLOURS).map(p => `<span class="p-${p}">${p === "None" ? "not started" : p}</span>`).join("")}</div>` +
       `<div class="layout"><div class="dagbox">${drawDag(page)}</div><aside id="panel" hidden></aside></div>`;
@@ -276,8 +282,9 @@ function runPage(ns, name) {
       const g = ev.target.closest("g.node");
       if (g) openStep(g.dataset.key);
     });
-    // The time to the first full picture, for the benchmark (docs/web-view.md).
+    // The time to the first full picture, and of drawing it alone (docs/benchmarks.md).
     window.voltRenderMs = performance.now() - t0;
+    window.voltDrawMs = performance.now() - tPage;
     document.body.dataset.rendered = "true";
   };
 
@@ -345,11 +352,14 @@ function runPage(ns, name) {
     if (name === "page") { page = data; render(); return; }
     if (!page) return;
     if (name === "states") {
+      const t = performance.now();
       page.run = data.run;
       const head = $("#runhead");
       if (head) head.outerHTML = runHead(data.run);
       for (const [k, v] of Object.entries(data.steps || {})) page.steps[k] = v;
       paint(page, data.states);
+      // How long each update took the page (docs/benchmarks.md).
+      (window.voltPaintMs = window.voltPaintMs || []).push(performance.now() - t);
       if (selected && data.states[selected]) openStep(selected);
     } else if (name === "gone") {
       main().insertAdjacentHTML("afterbegin", `<p class="error">The run was deleted.</p>`);
