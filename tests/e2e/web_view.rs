@@ -223,3 +223,41 @@ async fn the_web_view_lists_draws_streams_and_decides_per_caller() {
     with_ui.stop.cancel();
     with_ui.op.stop().await;
 }
+
+/// `volt-operator run --ui` (the binary, as the chart runs it with `ui.enabled`) serves the
+/// page and the runs of its namespaces from its own watch; without the flag there is no `/ui`.
+#[tokio::test]
+async fn the_binary_serves_the_web_view_only_with_ui() {
+    let env = Env::new("ui-binary").await;
+    let dir = kit::LogDir::new("ui-binary");
+    let kubeconfig = kit::control_plane::shared().kubeconfig_path();
+    let admin = kit::control_plane::shared().admin_token().expect("the admin token");
+    env.apply(run_obj("hello", json!({"steps": [{"id": "greet", "template": "hi"}]}))).await;
+    let mut on = kit::OperatorProcess::builder(kubeconfig, dir.join("on.log"))
+        .namespaces(&[&env.ns])
+        .args(["--ui", "--health-check-interval", "1"])
+        .start(Duration::from_secs(60))
+        .await;
+    let (code, html) = on.get("/ui").await.expect("/ui answers");
+    assert_eq!(code, 200);
+    assert!(html.contains("app.js"), "{html}");
+    let row = kit::wait_until("the run in the binary's list", Duration::from_secs(60), || async {
+        let (code, body) = on.get_as(&format!("/ui/api/runs?namespace={}", env.ns), admin).await?;
+        let body: Value = serde_json::from_str(&body).ok()?;
+        (code == 200).then_some(())?;
+        body["runs"].as_array()?.iter().find(|r| r["name"] == "hello" && r["phase"] == "Succeeded").cloned()
+    })
+    .await;
+    assert_eq!(row["progress"], "1/1", "{row}");
+    assert_eq!(on.get("/ui/api/runs").await.map(|(c, _)| c), Some(401));
+    on.stop(Duration::from_secs(20)).await;
+    on.assert_no_panic();
+
+    let mut off = kit::OperatorProcess::builder(kubeconfig, dir.join("off.log"))
+        .namespaces(&[&env.ns])
+        .start(Duration::from_secs(60))
+        .await;
+    assert_eq!(off.get("/ui").await.map(|(c, _)| c), Some(404), "off by default");
+    assert_eq!(off.get("/ui/api/runs").await.map(|(c, _)| c), Some(404));
+    off.stop(Duration::from_secs(20)).await;
+}
