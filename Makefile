@@ -7,9 +7,10 @@ CARGO ?= cargo
 help: ## List targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-deps: ## Install what the tests need (etcd, kube-apiserver, kube-controller-manager, helm, promtool, the MCP Python SDK), cached in ~/.cache/volt-operator
+deps: ## Install what the tests need (etcd, kube-apiserver, kube-controller-manager, helm, promtool, the MCP Python SDK, Chromium and Playwright), cached in ~/.cache/volt-operator
 	bash hack/control-plane.sh install
 	bash hack/mcp-peer.sh install
+	bash hack/browser.sh install
 
 build: ## Build the operator (debug)
 	$(CARGO) build

@@ -120,7 +120,13 @@ echo "== GET /api/v1/stats (kubectl -n volt-system port-forward deployment/volt-
 kubectl -n volt-system port-forward deployment/volt-operator 18080:8080 >"$work/port-forward.log" 2>&1 &
 pf_pid=$!
 for _ in $(seq 1 40); do curl -fsS localhost:18080/healthz >/dev/null 2>&1 && break; sleep 0.25; done
-curl -fsS localhost:18080/api/v1/stats | python3 -c 'import json,sys; s=json.load(sys.stdin); print(json.dumps({k: s[k] for k in ("health","leadership","agents","runs","cache")}, indent=1))'
+# The JSON API wants a bearer token the cluster accepts, of a caller allowed the path: a
+# ServiceAccount bound to the chart's volt-operator-stats-reader ClusterRole.
+kubectl -n volt-system create serviceaccount volt-stats-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl create clusterrolebinding volt-stats-demo --clusterrole=volt-operator-stats-reader \
+  --serviceaccount=volt-system:volt-stats-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+stats_token=$(kubectl -n volt-system create token volt-stats-demo)
+curl -fsS -H "Authorization: Bearer $stats_token" localhost:18080/api/v1/stats | python3 -c 'import json,sys; s=json.load(sys.stdin); print(json.dumps({k: s[k] for k in ("health","leadership","agents","runs","cache")}, indent=1))'
 
 [[ $(kubectl get wfr dev-1 -o jsonpath='{.status.phase}') == Succeeded ]] || { echo "dev-1 did not succeed" >&2; exit 1; }
 

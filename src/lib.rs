@@ -6,6 +6,7 @@
 //! - [`controllers`]: thin reconcilers that read, decide with the engine, apply and write status.
 //! - [`executors`]: how steps run (pods, HTTP, agent calls; templates run in the engine).
 //! - [`http`]: health, readiness, metrics and the JSON API.
+//! - [`auth`]: who calls the HTTP API (TokenReview) and what they may see (SubjectAccessReview).
 //! - [`leader`]: leader election with a Lease; only the leader runs the controllers.
 //! - [`config`]: the `run` flags and their environment variables (the command line itself is the binary's).
 //! - [`cache`]: step memoization (memory and ConfigMap tiers).
@@ -17,9 +18,11 @@
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`telemetry`]: OpenTelemetry traces of runs, steps and their calls, exported over OTLP.
 //! - [`watcher`]: component health and the figures of `/api/v1/stats`.
+//! - [`ui`]: the web view of runs at `/ui`.
 
 pub mod agents;
 pub mod api;
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod controllers;
@@ -36,4 +39,5 @@ pub mod pass;
 pub mod plugin;
 pub mod telemetry;
 pub mod text;
+pub mod ui;
 pub mod watcher;

@@ -107,6 +107,8 @@ async fn run(mut args: RunArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("building the Kubernetes client: {e}"))?;
     let health = Arc::new(Health::default());
+    // The JSON API checks its callers with TokenReview and SubjectAccessReview.
+    let _ = health.access.set(Arc::new(volt_operator::auth::Access::kube(client.clone())));
     let election =
         if args.leader_elect { Some(leader::Settings::from_args(&args).map_err(|e| e.to_string())?) } else { None };
     health.leader.store(election.is_none(), Ordering::Relaxed);
@@ -119,7 +121,13 @@ async fn run(mut args: RunArgs) -> Result<(), String> {
             shutdown.cancel();
         });
     }
-    let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), health.clone(), shutdown.clone()));
+    // The web view's runs come from one watch of its own, on every replica (followers too).
+    let ui = args.ui.then(|| volt_operator::ui::Ui {
+        health: health.clone(),
+        runs: volt_operator::ui::RunStore::start(&client, &controllers::scopes(&args), shutdown.clone()),
+        client: client.clone(),
+    });
+    let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), health.clone(), ui, shutdown.clone()));
     // With leader election only the Lease holder runs the controllers; losing the Lease ends
     // `run` with an error, so the process exits and comes back as a follower.
     let elected = match election {

@@ -186,6 +186,13 @@ pub fn agent_deployment(agent: &str) -> String {
     fit(&format!("{agent}-agent"), 253)
 }
 
+/// The resource (plural, lower case) of an event's object, `Kind/name` (`WorkflowRun/x` is
+/// `workflowruns`): what a caller must be allowed to `list` to see the event.
+pub fn resource_of_object(object: &str) -> String {
+    let kind = object.split_once('/').map_or(object, |(kind, _)| kind);
+    format!("{}s", kind.to_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +231,12 @@ mod tests {
         assert_eq!(schedule_run_name("nightly", 1_735_689_659), "nightly-28928160");
         assert!(schedule_run_name(&"s".repeat(300), 0).len() <= 253);
         assert_eq!(schedule_labels("nightly")[LABEL_SCHEDULE], "nightly");
+    }
+
+    #[test]
+    fn event_objects_name_their_resource() {
+        assert_eq!(resource_of_object("WorkflowRun/x-1"), "workflowruns");
+        assert_eq!(resource_of_object("Agent/coder"), "agents");
+        assert_eq!(resource_of_object("WorkflowSchedule/n"), "workflowschedules");
     }
 }

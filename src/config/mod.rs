@@ -110,6 +110,11 @@ pub struct RunArgs {
     #[command(flatten)]
     pub http_step: HttpStepArgs,
 
+    /// Serve the web view of runs at /ui on the HTTP port: every request authenticated with
+    /// TokenReview and authorized with SubjectAccessReview (docs/web-view.md).
+    #[arg(long, env = "VOLT_UI", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub ui: bool,
+
     /// The cluster API's URL, from the Kubernetes client configuration (not a flag: `run`
     /// fills it in). HTTP steps may not reach its addresses (see [`HttpStepArgs`]).
     #[arg(skip)]

@@ -34,6 +34,7 @@ use crate::naming;
 
 use super::{Error, drain, error_requeue};
 use crate::events::EventSink;
+use crate::executors::http_policy::reaches_own_port;
 use crate::kube_util::{ServedFromWatchCache, WatchBackoff, api_for};
 
 /// How long a pass waits for the pod cache's first list.
@@ -47,6 +48,8 @@ struct Ctx {
     metrics: Metrics,
     events: EventSink,
     resync: Duration,
+    /// The operator's HTTP port: agent and MCP URLs may not reach it through loopback.
+    own_port: Option<u16>,
     registry: Arc<Registry>,
     pods: Store<Pod>,
     deployments: Store<Deployment>,
@@ -120,6 +123,30 @@ pub fn endpoint_kind(agent: &Agent) -> Result<&'static str, String> {
     };
     crate::agents::mcp::validate(s)?;
     Ok(kind)
+}
+
+/// Agent URLs (`spec.endpoint.baseUrl`, `spec.tools[].url`) may not reach the operator's own
+/// HTTP port through loopback, where its JSON API is (see
+/// [`crate::executors::http_policy::reaches_own_port`]). The message names the field.
+pub fn check_own_port(agent: &Agent, own_port: u16) -> Result<(), String> {
+    let reaches = |url: &str| reqwest::Url::parse(url).is_ok_and(|u| reaches_own_port(&u, own_port));
+    let refuse = |field: String, url: &str| {
+        Err(format!(
+            "{field}: {url:?} reaches port {own_port}, the operator's own HTTP port, through loopback, \
+             which agents may not call"
+        ))
+    };
+    if let Some(e) = &agent.spec.endpoint
+        && reaches(&e.base_url)
+    {
+        return refuse("spec.endpoint.baseUrl".into(), &e.base_url);
+    }
+    for (i, tool) in agent.spec.tools.iter().enumerate() {
+        if reaches(&tool.url) {
+            return refuse(format!("spec.tools[{i}].url"), &tool.url);
+        }
+    }
+    Ok(())
 }
 
 /// Checks an Agent's `spec.fallbacks` against the other Agents of its namespace: no
@@ -314,6 +341,12 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     };
     status.endpoint_kind = kind.into();
+    if let Some(port) = ctx.own_port
+        && let Err(msg) = check_own_port(&agent, port)
+    {
+        stall(&mut status, &msg);
+        return write_status(&agent, &ctx, &old, status).await;
+    }
     if !agent.spec.fallbacks.is_empty()
         && tokio::time::timeout(POD_CACHE_WAIT, crate::kube_util::wait_ready(&ctx.agents)).await.is_err()
     {
@@ -473,6 +506,8 @@ pub struct AgentSettings {
     pub resync: Duration,
     /// Interval of the live-load refresh in status.
     pub load_interval: Duration,
+    /// The operator's own HTTP port (agent and MCP URLs may not reach it through loopback).
+    pub own_port: Option<u16>,
 }
 
 /// The Agent controller for one scope; it keeps `registry` up to date with the scope's agents.
@@ -529,6 +564,7 @@ pub async fn controller(
         metrics,
         events,
         resync: settings.resync,
+        own_port: settings.own_port,
         registry: registry.clone(),
         pods: pod_store,
         deployments: dep_store,
@@ -587,6 +623,29 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn agent_urls_may_not_reach_the_operators_own_port() {
+        let agent = |spec: serde_json::Value| -> Agent {
+            serde_json::from_value(json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Agent",
+                "metadata": {"name": "a", "namespace": "n"}, "spec": spec}))
+            .expect("agent")
+        };
+        let ok = agent(json!({"model": "m", "endpoint": {"baseUrl": "http://127.0.0.1:8000/v1"},
+            "tools": [{"name": "t", "url": "http://10.0.0.1:8080/mcp"}]}));
+        assert_eq!(check_own_port(&ok, 8080), Ok(()));
+        let err =
+            check_own_port(&agent(json!({"model": "m", "endpoint": {"baseUrl": "http://localhost:8080/v1"}})), 8080)
+                .expect_err("loopback own port");
+        assert!(err.starts_with("spec.endpoint.baseUrl: \"http://localhost:8080/v1\" reaches port 8080"), "{err}");
+        let err = check_own_port(
+            &agent(json!({"model": "m", "endpoint": {"baseUrl": "http://x/v1"},
+                "tools": [{"name": "t", "url": "http://[::1]:8080/mcp"}]})),
+            8080,
+        )
+        .expect_err("MCP on the own port");
+        assert!(err.starts_with("spec.tools[0].url"), "{err}");
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Health {
     pub events: std::sync::OnceLock<Arc<crate::events::EventLog>>,
     /// Component health and live figures.
     pub system: Arc<crate::watcher::SystemWatcher>,
+    /// Who calls the HTTP API and what they may see; unset, the guarded endpoints answer 503.
+    pub access: std::sync::OnceLock<Arc<crate::auth::Access>>,
 }
 
 impl Health {
@@ -178,7 +180,11 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
                 metrics.clone(),
                 events.clone(),
                 registry.clone(),
-                agent::AgentSettings { resync: args.health_check_interval, load_interval: args.metrics_interval },
+                agent::AgentSettings {
+                    resync: args.health_check_interval,
+                    load_interval: args.metrics_interval,
+                    own_port: Some(args.http_addr.port()),
+                },
                 shutdown.clone(),
             ),
         )));

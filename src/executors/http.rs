@@ -21,6 +21,8 @@ pub const MAX_REDIRECTS: usize = 5;
 #[derive(Clone)]
 pub struct HttpExecutor {
     client: reqwest::Client,
+    /// For URLs naming a host on the operator's own port: its resolver drops loopback.
+    own_port_client: reqwest::Client,
     policy: Arc<HttpStepPolicy>,
 }
 
@@ -39,6 +41,16 @@ impl HttpExecutor {
     /// An executor whose requests, redirects included, reach only what `policy` allows.
     pub fn with_policy(policy: HttpStepPolicy) -> Self {
         let policy = Arc::new(policy);
+        let client = Self::client(&policy, None);
+        let own_port_client = match policy.own_port() {
+            Some(port) => Self::client(&policy, Some(port)),
+            None => client.clone(),
+        };
+        Self { client, own_port_client, policy }
+    }
+
+    /// A client whose names resolve through `policy` (dropping loopback when `own_port` is set).
+    fn client(policy: &Arc<HttpStepPolicy>, own_port: Option<u16>) -> reqwest::Client {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("volt-operator/", env!("CARGO_PKG_VERSION")));
@@ -48,7 +60,7 @@ impl HttpExecutor {
             let redirects = policy.clone();
             builder
                 // Names resolve through the policy, so only allowed addresses are connected to.
-                .dns_resolver(Arc::new(PolicyResolver { policy: policy.clone() }))
+                .dns_resolver(Arc::new(PolicyResolver { policy: policy.clone(), own_port }))
                 // A proxy would resolve the names itself, out of the policy's sight.
                 .no_proxy()
                 .redirect(reqwest::redirect::Policy::custom(move |attempt| {
@@ -56,7 +68,7 @@ impl HttpExecutor {
                         return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
                     }
                     // A literal address is connected to without resolving: check it here.
-                    match redirects.check_url(attempt.url()) {
+                    match redirects.check_redirect(attempt.url()) {
                         Ok(()) => attempt.follow(),
                         Err(mut denied) => {
                             denied.redirect = Some(attempt.url().to_string());
@@ -65,8 +77,7 @@ impl HttpExecutor {
                     }
                 }))
         };
-        let client = builder.build().unwrap_or_default();
-        Self { client, policy }
+        builder.build().unwrap_or_default()
     }
 
     pub async fn run(&self, work: &Work) -> Outcome {
@@ -98,7 +109,8 @@ impl HttpExecutor {
         span: &mut CallSpan,
     ) -> Outcome {
         let host = parsed.host_str().map(str::to_string);
-        let mut req = self.client.request(method, parsed);
+        let client = if self.policy.names_own_port(&parsed) { &self.own_port_client } else { &self.client };
+        let mut req = client.request(method, parsed);
         for (k, v) in headers {
             req = req.header(k, v);
         }

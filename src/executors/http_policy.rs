@@ -13,6 +13,12 @@
 //! IPv4-mapped IPv6 addresses (`::ffff:169.254.169.254`) and NAT64 addresses of the well-known
 //! prefix (`64:ff9b::a9fe:a9fe`) are also judged as the IPv4 address they reach.
 //!
+//! The operator's own HTTP port through loopback (`127.0.0.1:8080`, `localhost:8080`,
+//! `[::1]:8080`) is always denied: it serves the operator's JSON API, and a step would call it
+//! from inside the operator. A host name on that port is connected to only at addresses that are
+//! not loopback (see [`PolicyResolver::own_port`]); a redirect to a host name on that port is not
+//! followed, since its address cannot be checked before the client connects.
+//!
 //! Order of the rules: an unspecified address (`0.0.0.0`, `::`, which reach this host) is
 //! always denied; then `--http-step-deny` (deny wins over allow); then the cluster API's own
 //! addresses, denied unless `--http-step-allow` lists that exact address (a catch-all range such
@@ -96,6 +102,10 @@ pub enum DenyReason {
     NotAllowed,
     /// `0.0.0.0` or `::`: this host.
     Unspecified,
+    /// A loopback address on the operator's own HTTP port.
+    OwnPort(u16),
+    /// A redirect to a host name on the operator's own HTTP port.
+    OwnPortRedirect(u16),
 }
 
 /// An address an HTTP step may not reach. It travels inside the HTTP client's errors (from the
@@ -136,9 +146,10 @@ impl fmt::Display for Denied {
         if let Some(target) = &self.redirect {
             write!(f, "the response redirected to {target}, and ")?;
         }
-        match &self.host {
-            Some(host) => write!(f, "{host} resolves to {}", self.addr)?,
-            None => write!(f, "{}", self.addr)?,
+        match (&self.host, &self.reason) {
+            (Some(host), DenyReason::OwnPortRedirect(_)) => write!(f, "{host}")?,
+            (Some(host), _) => write!(f, "{host} resolves to {}", self.addr)?,
+            (None, _) => write!(f, "{}", self.addr)?,
         }
         match &self.reason {
             DenyReason::DenyRange(net) => write!(
@@ -157,6 +168,14 @@ impl fmt::Display for Denied {
                  an administrator of the operator may change that flag"
             ),
             DenyReason::Unspecified => f.write_str(", an unspecified address (this host), which is always denied"),
+            DenyReason::OwnPort(port) => {
+                write!(f, " on port {port}, the operator's own HTTP port through loopback, which is always denied")
+            }
+            DenyReason::OwnPortRedirect(port) => write!(
+                f,
+                ", a host name on port {port}, the operator's own HTTP port: a redirect there is not followed \
+                 (its address cannot be checked first)"
+            ),
         }
     }
 }
@@ -171,6 +190,8 @@ pub struct HttpStepPolicy {
     cluster_api: Vec<IpAddr>,
     /// Everything allowed, as in local mode: no check at all.
     unrestricted: bool,
+    /// The operator's own HTTP port, never reached through loopback.
+    own_port: Option<u16>,
 }
 
 impl HttpStepPolicy {
@@ -180,13 +201,41 @@ impl HttpStepPolicy {
         let mut api: Vec<IpAddr> = cluster_api.into_iter().map(|ip| ip.to_canonical()).collect();
         api.sort();
         api.dedup();
-        Self { allow: allow.0.clone(), deny: deny.0.clone(), cluster_api: api, unrestricted: false }
+        Self { allow: allow.0.clone(), deny: deny.0.clone(), cluster_api: api, unrestricted: false, own_port: None }
+    }
+
+    /// The same policy, also denying `port` (the operator's HTTP port) on loopback addresses.
+    pub fn with_own_port(mut self, port: u16) -> Self {
+        self.own_port = Some(port);
+        self
+    }
+
+    /// The operator's own HTTP port, if this policy guards it.
+    pub fn own_port(&self) -> Option<u16> {
+        self.own_port
+    }
+
+    /// Whether an HTTP step may connect to `ip` on `port`: [`Self::check`], and never a
+    /// loopback address on the operator's own port.
+    pub fn check_at(&self, ip: IpAddr, port: Option<u16>) -> Result<(), Denied> {
+        if let Some(own) = self.own_port
+            && port == Some(own)
+            && is_loopback(ip)
+        {
+            return Err(Denied {
+                addr: ip.to_canonical(),
+                reason: DenyReason::OwnPort(own),
+                host: None,
+                redirect: None,
+            });
+        }
+        self.check(ip)
     }
 
     /// A policy that allows every address (local mode, where the user running the workflow is
     /// the administrator of the machine, and there is no cluster).
     pub fn allow_all() -> Self {
-        Self { allow: Vec::new(), deny: Vec::new(), cluster_api: Vec::new(), unrestricted: true }
+        Self { allow: Vec::new(), deny: Vec::new(), cluster_api: Vec::new(), unrestricted: true, own_port: None }
     }
 
     pub fn is_unrestricted(&self) -> bool {
@@ -239,8 +288,30 @@ impl HttpStepPolicy {
         // `2852039166`) into dotted IPv4 or bracketed IPv6.
         let host = url.host_str().unwrap_or_default();
         match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-            Ok(ip) => self.check(ip),
+            Ok(ip) => self.check_at(ip, url.port_or_known_default()),
             Err(_) => Ok(()),
+        }
+    }
+
+    /// Whether `url` names a host (not an address) on the operator's own port: such requests
+    /// go through a resolver that drops loopback addresses ([`PolicyResolver::own_port`]).
+    pub fn names_own_port(&self, url: &reqwest::Url) -> bool {
+        let host = url.host_str().unwrap_or_default();
+        self.own_port.is_some_and(|own| url.port_or_known_default() == Some(own))
+            && host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_err()
+    }
+
+    /// A redirect target: [`Self::check_url`], and no host name on the operator's own port.
+    pub fn check_redirect(&self, url: &reqwest::Url) -> Result<(), Denied> {
+        self.check_url(url)?;
+        match self.own_port {
+            Some(own) if self.names_own_port(url) => Err(Denied {
+                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                reason: DenyReason::OwnPortRedirect(own),
+                host: url.host_str().map(str::to_string),
+                redirect: None,
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -255,22 +326,52 @@ impl HttpStepPolicy {
     }
 }
 
+/// A loopback address, also as an IPv4-mapped or NAT64 IPv6 address.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || embedded_v4(v6).is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+/// Whether `url` (an agent's `baseUrl`, an MCP server's `url`) reaches the operator's own HTTP
+/// port `own_port` through loopback: a literal loopback or unspecified address, or `localhost`
+/// (`*.localhost`), on that port. Names that merely resolve to loopback are not caught here
+/// (agent and MCP URLs are written by whoever may create Agents).
+pub fn reaches_own_port(url: &reqwest::Url, own_port: u16) -> bool {
+    if url.port_or_known_default() != Some(own_port) {
+        return false;
+    }
+    let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(ip) => is_loopback(ip) || ip.to_canonical().is_unspecified(),
+        Err(_) => {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            host == "localhost" || host.ends_with(".localhost")
+        }
+    }
+}
+
 /// Resolves host names for HTTP steps, handing the client only the addresses the policy allows.
 /// When a name resolves to no allowed address the resolution fails with [`Denied`].
 pub struct PolicyResolver {
     pub policy: Arc<HttpStepPolicy>,
+    /// The operator's own port, when this resolver serves requests to it: loopback addresses
+    /// are then denied too (a resolver does not see the port it resolves for).
+    pub own_port: Option<u16>,
 }
 
 impl reqwest::dns::Resolve for PolicyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = self.policy.clone();
+        let own_port = self.own_port;
         let host = name.as_str().to_string();
         Box::pin(async move {
             let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut first_denied = None;
             let allowed: Vec<SocketAddr> = resolved
                 .into_iter()
-                .filter(|a| match policy.check(a.ip()) {
+                .filter(|a| match policy.check_at(a.ip(), own_port) {
                     Ok(()) => true,
                     Err(d) => {
                         first_denied.get_or_insert(d);
@@ -324,6 +425,7 @@ pub async fn cluster_api_addresses(cluster_url: Option<&http::Uri>) -> Vec<IpAdd
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::str::FromStr;
 
     fn cidrs(s: &str) -> CidrList {
         CidrList::parse(s).expect("valid CIDRs")
@@ -451,6 +553,76 @@ mod tests {
         assert!(m.contains("cluster API") && m.contains("--http-step-allow"), "{m}");
         let d = HttpStepPolicy::new(&cidrs("10.0.0.0/8"), &cidrs(""), []).check(ip("8.8.8.8")).expect_err("x");
         assert!(d.to_string().contains("no range of --http-step-allow"), "{d}");
+    }
+
+    #[test]
+    fn the_operators_own_port_is_denied_through_loopback() {
+        let p = defaults(&["10.96.0.1"]).with_own_port(8080);
+        let url = |s: &str| reqwest::Url::parse(s).expect("url");
+        for denied in [
+            "http://127.0.0.1:8080/api/v1/events",
+            "http://127.9.9.9:8080/",
+            "http://[::1]:8080/",
+            "http://[::ffff:127.0.0.1]:8080/",
+            "http://2130706433:8080/",
+        ] {
+            let d = p.check_url(&url(denied)).expect_err(denied);
+            assert_eq!(d.reason, DenyReason::OwnPort(8080), "{denied}");
+            assert!(d.to_string().contains("the operator's own HTTP port through loopback"), "{d}");
+        }
+        for ok in ["http://127.0.0.1:8081/", "http://127.0.0.1/", "http://10.0.0.5:8080/", "http://localhost:9000/"] {
+            assert_eq!(p.check_url(&url(ok)), Ok(()), "{ok}");
+        }
+        // Names on the port resolve without loopback; redirects to names there are refused.
+        assert!(p.names_own_port(&url("http://localhost:8080/")));
+        assert!(!p.names_own_port(&url("http://localhost:8081/")));
+        assert!(!p.names_own_port(&url("http://127.0.0.1:8080/")));
+        let d = p.check_redirect(&url("http://svc.example:8080/x")).expect_err("redirect by name");
+        assert_eq!(d.reason, DenyReason::OwnPortRedirect(8080));
+        assert_eq!(p.check_redirect(&url("http://svc.example:8081/x")), Ok(()));
+        assert_eq!(p.check_at(ip("127.0.0.1"), Some(8080)).expect_err("resolved").reason, DenyReason::OwnPort(8080));
+        // Without an own port (local mode), loopback is only what the ranges say.
+        assert_eq!(defaults(&[]).check_url(&url("http://127.0.0.1:8080/")), Ok(()));
+    }
+
+    #[test]
+    fn agent_and_mcp_urls_may_not_reach_the_own_port_through_loopback() {
+        let url = |s: &str| reqwest::Url::parse(s).expect("url");
+        for yes in [
+            "http://127.0.0.1:8080/v1",
+            "http://localhost:8080/mcp",
+            "http://LOCALHOST.:8080",
+            "http://a.localhost:8080",
+            "http://[::1]:8080",
+            "http://0.0.0.0:8080",
+        ] {
+            assert!(reaches_own_port(&url(yes), 8080), "{yes}");
+        }
+        for no in [
+            "http://127.0.0.1:8000/v1",
+            "http://10.0.0.1:8080/v1",
+            "https://localhost/v1",
+            "http://api.example:8080/v1",
+        ] {
+            assert!(!reaches_own_port(&url(no), 8080), "{no}");
+        }
+        assert!(reaches_own_port(&url("http://localhost/v1"), 80));
+    }
+
+    #[tokio::test]
+    async fn the_own_port_resolver_drops_loopback_addresses() {
+        use reqwest::dns::Resolve;
+        let policy = Arc::new(defaults(&[]).with_own_port(8080));
+        let name = |s: &str| reqwest::dns::Name::from_str(s).expect("name");
+        let guarded = PolicyResolver { policy: policy.clone(), own_port: Some(8080) };
+        let err = match guarded.resolve(name("localhost")).await {
+            Ok(addrs) => panic!("localhost resolved to {:?}", addrs.collect::<Vec<_>>()),
+            Err(e) => e,
+        };
+        let denied = Denied::find(err.as_ref()).expect("a Denied");
+        assert_eq!(denied.reason, DenyReason::OwnPort(8080));
+        let open = PolicyResolver { policy, own_port: None };
+        assert!(open.resolve(name("localhost")).await.is_ok());
     }
 
     #[test]

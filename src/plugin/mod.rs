@@ -8,7 +8,7 @@
 //! `volt-operator local validate` does.
 
 mod act;
-mod logs;
+pub(crate) mod logs;
 mod runs;
 pub mod tree;
 

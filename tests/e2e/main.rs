@@ -1,4 +1,5 @@
 //! End-to-end tests against a real kube-apiserver, etcd and kube-controller-manager.
+mod access;
 mod agents;
 mod cache;
 mod children;
@@ -19,3 +20,5 @@ mod runs;
 mod schedules;
 mod security;
 mod traces;
+mod web_view;
+mod web_view_browser;

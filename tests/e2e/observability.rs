@@ -61,7 +61,16 @@ async fn events_stats_and_metrics() {
 
     let api =
         format!("http://{}", kit::serve(volt_operator::http::router(op.metrics.clone(), op.health.clone())).await);
-    let http = reqwest::Client::new();
+    // The JSON API wants a token the cluster accepts: the admin's.
+    let admin = control_plane::shared().admin_token().expect("the admin token of the test control plane");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {admin}").parse().expect("header"));
+    let http = reqwest::Client::builder().default_headers(headers).build().expect("client");
+    let anonymous = reqwest::Client::new();
+    for path in ["/api/v1/events", "/api/v1/stats"] {
+        let code = anonymous.get(format!("{api}{path}")).send().await.expect(path).status();
+        assert_eq!(code, reqwest::StatusCode::UNAUTHORIZED, "{path} without a token");
+    }
 
     // Replay: only obs-1's events, in order, from start to finish.
     let url = format!("{api}/api/v1/events?correlationId={}", uids[0]);

@@ -86,10 +86,45 @@ fn small_run(name: &str) -> Value {
 // ---------------------------------------------------------------------------------------------
 // The chart and the manifests, without a cluster
 
+/// The web view is off by default and on with one value (`ui.enabled`), which also grants
+/// `get pods/log`; the JSON API's reviews are always granted; the NetworkPolicy is opt-in.
+#[tokio::test]
+async fn the_chart_turns_the_web_view_on_with_one_value() {
+    let off = helm(&["template", "x", CHART]).await;
+    let on = helm(&["template", "x", CHART, "--set", "ui.enabled=true"]).await;
+    let ui_env = |rendered: &str| {
+        let at = rendered.find("name: VOLT_UI").map(|i| &rendered[i..]).unwrap_or_default();
+        at.lines().nth(1).map(|l| l.trim().to_string()).unwrap_or_default()
+    };
+    assert_eq!(ui_env(&off), "value: \"false\"");
+    assert_eq!(ui_env(&on), "value: \"true\"");
+    assert!(!off.contains("pods/log") && on.contains("resources: [\"pods/log\"]"), "{on}");
+    for rendered in [&off, &on] {
+        assert!(rendered.contains("name: system:auth-delegator"), "TokenReview and SubjectAccessReview");
+        assert!(rendered.contains("nonResourceURLs: [\"/volt.dev/stats\"]"), "the stats reader role");
+        assert!(!rendered.contains("kind: NetworkPolicy"));
+    }
+    let policy = helm(&[
+        "template",
+        "x",
+        CHART,
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.from[0].namespaceSelector.matchLabels.team=ops",
+    ])
+    .await;
+    assert!(
+        policy.contains("kind: NetworkPolicy") && policy.contains("team: ops") && policy.contains("port: http"),
+        "{policy}"
+    );
+}
+
 #[tokio::test]
 async fn the_chart_lints_clean() {
-    let variants: [&[&str]; 3] = [
+    let variants: [&[&str]; 4] = [
         &[],
+        &["--set", "ui.enabled=true", "--set", "networkPolicy.enabled=true"],
         &[
             "--set",
             "watchNamespaces={team-a,team-b}",
@@ -606,9 +641,11 @@ async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
     leases.get(name).await.ok()?.spec?.holder_identity
 }
 
-/// Whether `p` leads (`leadership.leader` in `/api/v1/stats`) and is Ready.
+/// Whether `p` leads (`leadership.leader` in `/api/v1/stats`, asked with the admin token) and
+/// is Ready.
 async fn leads(p: &OperatorProcess) -> bool {
-    let Some((200, body)) = p.get("/api/v1/stats").await else { return false };
+    let token = control_plane::shared().admin_token().unwrap_or_default();
+    let Some((200, body)) = p.get_as("/api/v1/stats", token).await else { return false };
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     stats["leadership"]["leader"] == true && p.ready().await
 }

@@ -359,8 +359,12 @@ async fn api_keys_stay_out_of_logs_status_and_events_and_runs_stay_in_their_name
 
     // Everything the operator shows: its logs, the runs (status included), Events, ConfigMaps,
     // and its HTTP API (event log, stats, metrics).
-    let (_, event_log) = op.get("/api/v1/events?limit=10000").await.expect("the event log");
-    let (_, stats) = op.get("/api/v1/stats").await.expect("stats");
+    // (as the admin, who sees every namespace's events: the token the JSON API wants)
+    let admin = control_plane::shared().admin_token().expect("the admin token");
+    let (code, event_log) = op.get_as("/api/v1/events?limit=10000", admin).await.expect("the event log");
+    assert_eq!(code, 200, "{event_log}");
+    let (code, stats) = op.get_as("/api/v1/stats", admin).await.expect("stats");
+    assert_eq!(code, 200, "{stats}");
     let (_, metrics) = op.get("/metrics").await.expect("metrics");
     op.stop(Duration::from_secs(20)).await;
     // Without colours (the text format colours levels and field names).

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -74,8 +74,8 @@ impl Env {
     }
 }
 
-/// The chart's ClusterRole rules (from `manifests/install.yaml`) as a Role in `ns`, bound to the
-/// operator user ([`OPERATOR_USER`], whose kubeconfig is
+/// The chart's ClusterRole rules (from `manifests/install.yaml`) as a Role in `ns`, and its
+/// `system:auth-delegator` binding, for the operator user ([`OPERATOR_USER`], whose kubeconfig is
 /// [`ControlPlane::operator_kubeconfig_path`]): the operator gets what the chart gives it in `ns`
 /// and nothing more.
 pub async fn grant_operator(client: &Client, ns: &str) {
@@ -102,6 +102,15 @@ pub async fn grant_operator(client: &Client, ns: &str) {
         .patch("volt-operator", &params, &Patch::Apply(&binding))
         .await
         .expect("apply the operator's RoleBinding");
+    // As the chart does: TokenReview and SubjectAccessReview for the HTTP API's callers.
+    let delegator = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                           "metadata": {"name": "volt-operator-auth-delegator"},
+                           "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+                           "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": OPERATOR_USER}]});
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch("volt-operator-auth-delegator", &params, &Patch::Apply(&delegator))
+        .await
+        .expect("apply the operator's auth-delegator ClusterRoleBinding");
 }
 
 /// A token of ServiceAccount `account` in `ns`, from a token Secret `<account>-token` (any
@@ -121,6 +130,35 @@ pub async fn service_account_token(client: &Client, ns: &str, account: &str) -> 
         String::from_utf8(bytes).ok().filter(|t| !t.is_empty())
     })
     .await
+}
+
+/// A ServiceAccount `account` in `ns` with a Role of `rules` there (none when `rules` is an
+/// empty array), and a token of it ([`service_account_token`]): a user of the operator's HTTP
+/// API with exactly those rights.
+pub async fn account_with_rules(client: &Client, ns: &str, account: &str, rules: Value) -> String {
+    let params = PatchParams::apply("test").force();
+    let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account, "namespace": ns}});
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns)
+        .patch(account, &params, &Patch::Apply(&sa))
+        .await
+        .expect("apply the ServiceAccount");
+    if rules.as_array().is_some_and(|r| !r.is_empty()) {
+        let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                          "metadata": {"name": account, "namespace": ns}, "rules": rules});
+        Api::<Role>::namespaced(client.clone(), ns)
+            .patch(account, &params, &Patch::Apply(&role))
+            .await
+            .expect("apply the account's Role");
+        let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                             "metadata": {"name": account, "namespace": ns},
+                             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+                             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}]});
+        Api::<RoleBinding>::namespaced(client.clone(), ns)
+            .patch(account, &params, &Patch::Apply(&binding))
+            .await
+            .expect("apply the account's RoleBinding");
+    }
+    service_account_token(client, ns, account).await
 }
 
 /// The operator's identity as the chart makes it: its ServiceAccount, a token of it, and a

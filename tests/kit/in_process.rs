@@ -60,6 +60,8 @@ impl Operator {
         tune(&mut args);
         let health = Arc::new(Health::default());
         health.leader.store(true, Ordering::Relaxed);
+        // The HTTP API checks callers with this client, as `volt-operator run` does.
+        let _ = health.access.set(Arc::new(volt_operator::auth::Access::kube(client.clone())));
         let token = CancellationToken::new();
         let handle = tokio::spawn(controllers::run(client, args, metrics.clone(), health.clone(), token.clone()));
         let op = Self { metrics, health, token, handle: Some(handle) };

@@ -22,17 +22,20 @@
 //! - [`kubelet`]: the kubelet stand-in (pod status by hand, or a background [`Kubelet`] following
 //!   a plan per pod; [`kubelet::scripted`] for step pods driven by their environment).
 //! - [`openai`]: OpenAI-compatible stub servers ([`Stub`]) with scripted faults, JSON and tool calls.
+//! - [`browser`]: headless Chromium driven by Playwright for Python ([`browser::drive`]), or a
+//!   skip when no Chromium is installed ([`browser::chromium`]).
 //! - [`mcp`]: an MCP server of the official Python SDK on loopback ([`mcp::McpPeer`]).
 //! - [`otlp`]: an OTLP/HTTP trace receiver that decodes the spans it gets ([`otlp::Receiver`]).
 //! - [`cluster`]: server-side apply of volt objects ([`apply_as`], [`apply`]), a namespace with
 //!   its APIs ([`Env`]), and identities for the operator: the chart's RBAC for the operator user
 //!   ([`grant_operator`]), or the chart's ServiceAccount and a token ([`chart_identity`],
-//!   [`service_account_token`]).
+//!   [`service_account_token`]); users with a Role of their own ([`account_with_rules`]).
 //! - [`objects`]: volt objects as JSON ([`run_obj`], [`endpoint_agent`], [`container`],
 //!   [`container_failing`]) and a run's step rows ([`step`]).
 //! - [`tied`]: [`tied::spawn_tied`], processes that die with the test process.
 //! - [`wait`]: [`wait_until`] (any condition), [`wait_for`] (an object), [`run_finished`].
-//! - [`net`]: [`free_port`], [`free_ports`], [`http_get`], and [`serve`]/[`serve_on`] for a
+//! - [`net`]: [`free_port`], [`free_ports`], [`http_get`] (and [`http_get_as`], with a bearer
+//!   token), and [`serve`]/[`serve_on`] for a
 //!   router of a test.
 //! - [`logs`]: [`LogDir`] (kept with `VOLT_TEST_KEEP=1`), [`logs::tail`],
 //!   [`logs::assert_no_panic`], [`logs::strip_ansi`].
@@ -43,6 +46,7 @@
 //!   other ([`tools::run`], [`tools::try_run`]).
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod cluster;
 pub mod control_plane;
 pub mod in_process;
@@ -59,13 +63,15 @@ pub mod tied;
 pub mod tools;
 pub mod wait;
 
-pub use cluster::{ChartIdentity, Env, apply, apply_as, chart_identity, grant_operator, service_account_token};
+pub use cluster::{
+    ChartIdentity, Env, account_with_rules, apply, apply_as, chart_identity, grant_operator, service_account_token,
+};
 pub use control_plane::{ControlPlane, OPERATOR_USER, kube_client, kube_config, shared};
 pub use in_process::Operator;
 pub use kubelet::Kubelet;
 pub use logs::LogDir;
 pub use metrics::{metric_by_label, metric_sum, metric_sum_where};
-pub use net::{free_port, free_ports, http_get, serve, serve_on};
+pub use net::{free_port, free_ports, http_get, http_get_as, serve, serve_on};
 pub use objects::{container, container_failing, endpoint_agent, run_obj, step};
 pub use openai::Stub;
 pub use process::{OperatorBuilder, OperatorProcess};

@@ -26,10 +26,17 @@ pub fn free_port() -> u16 {
 /// Status code and body of `GET path` on `127.0.0.1:port` (an operator's HTTP server), or
 /// `None` when nothing answers within `timeout`.
 pub async fn http_get(port: u16, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    http_get_as(port, path, None, timeout).await
+}
+
+/// [`http_get`] with `Authorization: Bearer <token>` when `token` is given (the operator's JSON
+/// API wants a token the cluster accepts).
+pub async fn http_get_as(port: u16, path: &str, token: Option<&str>, timeout: Duration) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await.ok()?;

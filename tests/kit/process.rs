@@ -200,6 +200,11 @@ impl OperatorProcess {
         http_get(self.port, path, self.http_timeout).await
     }
 
+    /// [`Self::get`] as the caller of bearer token `token` (the JSON API wants one).
+    pub async fn get_as(&self, path: &str, token: &str) -> Option<(u16, String)> {
+        super::net::http_get_as(self.port, path, Some(token), self.http_timeout).await
+    }
+
     /// Whether `/readyz` answers 200.
     pub async fn ready(&self) -> bool {
         matches!(self.get("/readyz").await, Some((200, _)))

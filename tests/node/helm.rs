@@ -39,11 +39,11 @@ async fn replicas(pods: &Api<Pod>, rel: &str) -> Vec<Replica> {
         .collect()
 }
 
-/// Whether the replica at `addr` says it leads (`/api/v1/stats`).
+/// Whether the replica at `addr` says it leads (`volt_leader` on its open `/metrics`; the
+/// JSON API wants a token).
 async fn leads(addr: SocketAddr) -> Option<bool> {
-    let (code, body) = http(addr, "GET", "/api/v1/stats").await?;
-    let stats: serde_json::Value = serde_json::from_str(&body).ok()?;
-    (code == 200).then(|| stats["leadership"]["leader"] == true)
+    let (code, body) = http(addr, "GET", "/metrics").await?;
+    (code == 200).then(|| kit::metric_sum(&body, "volt_leader") == 1.0)
 }
 
 /// Waits until there are two Ready replicas, one of them leading; (leader, follower) names.

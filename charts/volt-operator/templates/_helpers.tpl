@@ -161,6 +161,12 @@ What the operator does in the namespaces it watches (see docs/security.md).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.ui.enabled }}
+# The web view shows a step's pod log (to users who may get pods/log themselves).
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+{{- end }}
 {{- with .Values.rbac.extraRules }}
 # rbac.extraRules: the kinds resource steps may create (get, list, watch, create, delete).
 {{ toYaml . }}
