@@ -48,6 +48,22 @@ pub fn approver_rules() -> Value {
     json!([{"apiGroups": ["volt.dev"], "resources": ["workflowruns"], "verbs": ["get", "list", "watch", "patch"]}])
 }
 
+/// Tokens of three users of `env`'s namespace: one who may read runs, one who may also decide
+/// approvals, one with no rights.
+pub struct Callers {
+    pub reader: String,
+    pub approver: String,
+    pub nobody: String,
+}
+
+pub async fn callers(env: &Env) -> Callers {
+    Callers {
+        reader: account_with_rules(&env.client, &env.ns, "reader", reader_rules()).await,
+        approver: account_with_rules(&env.client, &env.ns, "approver", approver_rules()).await,
+        nobody: account_with_rules(&env.client, &env.ns, "nobody", json!([])).await,
+    }
+}
+
 /// The operator's controllers and its HTTP server with the web view on, for `env`'s namespace.
 pub struct WithUi {
     pub op: kit::Operator,
@@ -125,9 +141,7 @@ async fn the_web_view_lists_draws_streams_and_decides_per_caller() {
     let env = Env::new("ui").await;
     let with_ui = operator_with_ui(&env).await;
     let base = with_ui.base.clone();
-    let reader = account_with_rules(&env.client, &env.ns, "reader", reader_rules()).await;
-    let approver = account_with_rules(&env.client, &env.ns, "approver", approver_rules()).await;
-    let nobody = account_with_rules(&env.client, &env.ns, "nobody", json!([])).await;
+    let Callers { reader, approver, nobody } = callers(&env).await;
     env.apply(run_obj("gated", gated_workflow())).await;
 
     // The page and its assets are open and hold no data; the API is not.

@@ -8,7 +8,7 @@
 use serde_json::{Value, json};
 
 use crate::kit::{Env, LogDir, account_with_rules, browser, run_obj};
-use crate::web_view::{approver_rules, gated_workflow, operator_with_ui, reader_rules};
+use crate::web_view::{Callers, callers, gated_workflow, operator_with_ui, reader_rules};
 
 fn skip() -> bool {
     if browser::chromium().is_none() {
@@ -31,9 +31,7 @@ async fn the_web_view_works_in_a_browser() {
     let env = Env::new("ui-browser").await;
     let with_ui = operator_with_ui(&env).await;
     let base = with_ui.base.clone();
-    let reader = account_with_rules(&env.client, &env.ns, "reader", reader_rules()).await;
-    let approver = account_with_rules(&env.client, &env.ns, "approver", approver_rules()).await;
-    let nobody = account_with_rules(&env.client, &env.ns, "nobody", json!([])).await;
+    let Callers { reader, approver, nobody } = callers(&env).await;
     env.apply(run_obj("gated", gated_workflow())).await;
     let shots = LogDir::new("ui-browser");
     let seen = browser::drive(
