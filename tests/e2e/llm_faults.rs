@@ -137,7 +137,9 @@ async fn silent_and_dripping_endpoints_fail_within_the_attempt_timeouts_and_othe
     let m = assert_failed_with(&s, "crowd", "no answer within 3.0s");
     eprintln!("crowd: 16 hanging calls failed after {crowd_took:?}, {} requests: {m}", crowd.requests());
     assert_eq!(crowd.requests(), 16, "no call was sent again to the open circuit");
-    assert!(crowd_took < Duration::from_secs(6), "crowd took {crowd_took:?}");
+    // One 3 s timeout, then failures at once; a retry waiting out the circuit (5 s and more)
+    // would pass 8 s. The margin is for a loaded 2-core box (6.1 s seen under two builds).
+    assert!(crowd_took < Duration::from_secs(8), "crowd took {crowd_took:?}");
 }
 
 #[tokio::test]
