@@ -16,6 +16,9 @@ pub struct Metrics {
     pub registry: Registry,
     pub reconciles: IntCounterVec,
     pub reconcile_errors: IntCounterVec,
+    /// `volt_schedule_slots_total{exported_namespace, schedule, outcome}`: what became of
+    /// WorkflowSchedule slots (`started`, `too_late`, `forbidden`, `missed`).
+    pub schedule_slots: IntCounterVec,
     pub reconcile_duration: HistogramVec,
     pub runs: IntCounterVec,
     pub runs_active: IntGaugeVec,
@@ -66,6 +69,12 @@ impl Metrics {
             "Duration of one reconciliation, by controller.",
             &["controller"],
             vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+        );
+        let schedule_slots = counter(
+            &registry,
+            "volt_schedule_slots_total",
+            "WorkflowSchedule slots, by namespace, schedule and outcome (started, too_late, forbidden, missed).",
+            &["exported_namespace", "schedule", "outcome"],
         );
         let runs = counter(&registry, "volt_workflow_runs_total", "Runs that reached a phase, by phase.", &["phase"]);
         let runs_active =
@@ -121,6 +130,7 @@ impl Metrics {
             registry,
             reconciles,
             reconcile_errors,
+            schedule_slots,
             reconcile_duration,
             runs,
             runs_active,

@@ -58,7 +58,7 @@ fn owned_run(s: &WorkflowSchedule, name: &str, params: Value) -> Value {
 #[tokio::test]
 async fn a_schedule_starts_the_run_of_each_minute_forbids_overlap_and_prunes_history() {
     let e = Env::new("sched").await;
-    let _op = Operator::start_with_chart_rights(&e.client, &e.ns).await;
+    let op = Operator::start_with_chart_rights(&e.client, &e.ns).await;
     let schedules: Api<WorkflowSchedule> = Api::namespaced(e.client.clone(), &e.ns);
 
     // A missing Workflow is reported, naming the field.
@@ -152,6 +152,15 @@ async fn a_schedule_starts_the_run_of_each_minute_forbids_overlap_and_prunes_his
     let events = kubectl(&["get", "events", "-n", &e.ns, "-o", "jsonpath={.items[*].message}"]);
     assert!(events.stdout.contains("concurrencyPolicy Forbid"), "a SkippedForbid event: {}", events.stdout);
     assert!(events.stdout.contains(&format!("started run {first}")), "a Started event: {}", events.stdout);
+    let text = op.metrics.render();
+    let slots = |outcome| {
+        crate::kit::metric_sum_where(
+            &text,
+            "volt_schedule_slots_total",
+            &[("exported_namespace", e.ns.as_str()), ("schedule", "minutely"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((slots("started"), slots("forbidden")), (1.0, 1.0), "{text}");
     let table = kubectl(&["get", "wfs", "-n", &e.ns]);
     for col in ["SCHEDULE", "SUSPEND", "ACTIVE", "LAST", "NEXT", "AGE", "* * * * *"] {
         assert!(table.stdout.contains(col), "{col} in:\n{}", table.stdout);

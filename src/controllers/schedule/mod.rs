@@ -226,6 +226,9 @@ async fn reconcile(sched: Arc<WorkflowSchedule>, ctx: Arc<Ctx>) -> Result<Action
     let decided = plan::plan(&cron, &observed);
 
     // Apply.
+    let slots = |outcome: &str, n: u64| {
+        ctx.metrics.schedule_slots.with_label_values(&[ns.as_str(), name.as_str(), outcome]).inc_by(n);
+    };
     match &decided.action {
         SlotAction::Nothing => {}
         SlotAction::Start { slot, run, cancel } => {
@@ -246,6 +249,7 @@ async fn reconcile(sched: Arc<WorkflowSchedule>, ctx: Arc<Ctx>) -> Result<Action
             }
             match runs.create(&PostParams::default(), &build_run(&sched, run, *slot, params)).await {
                 Ok(_) => {
+                    slots("started", 1);
                     info!(schedule = %name, namespace = %ns, run = %run, %slot, "started a scheduled run");
                     publish(&ctx, &sched, false, "Started", format!("started run {run} for the slot of {slot}"));
                 }
@@ -259,22 +263,29 @@ async fn reconcile(sched: Arc<WorkflowSchedule>, ctx: Arc<Ctx>) -> Result<Action
             }
             status.last_run = Some(run.clone());
         }
-        SlotAction::TooLate { slot, late } => publish(
-            &ctx,
-            &sched,
-            true,
-            "MissedSchedule",
-            format!("skipped the slot of {slot}: {}s late, past startingDeadlineSeconds", late.as_secs()),
-        ),
-        SlotAction::Forbidden { slot } => publish(
-            &ctx,
-            &sched,
-            false,
-            "SkippedForbid",
-            format!("skipped the slot of {slot}: concurrencyPolicy Forbid and {} active", active.join(", ")),
-        ),
+        SlotAction::TooLate { slot, late } => {
+            slots("too_late", 1);
+            publish(
+                &ctx,
+                &sched,
+                true,
+                "MissedSchedule",
+                format!("skipped the slot of {slot}: {}s late, past startingDeadlineSeconds", late.as_secs()),
+            )
+        }
+        SlotAction::Forbidden { slot } => {
+            slots("forbidden", 1);
+            publish(
+                &ctx,
+                &sched,
+                false,
+                "SkippedForbid",
+                format!("skipped the slot of {slot}: concurrencyPolicy Forbid and {} active", active.join(", ")),
+            )
+        }
     }
     if decided.older_missed > 0 {
+        slots("missed", decided.older_missed);
         let at_least = if decided.older_missed >= cron::MAX_COUNTED_SLOTS { "at least " } else { "" };
         publish(
             &ctx,
