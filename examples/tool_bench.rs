@@ -207,12 +207,13 @@ async fn main() {
         }
         rss.push(rss_kib());
         println!(
-            "round {}: {} concurrent tool-using steps in {:.2}s, RSS {} KiB (transcripts of the round: {} KiB)",
+            "round {}: {} concurrent tool-using steps in {:.2}s, RSS {} KiB (transcripts of the round: {} KiB; MCP sessions kept: {})",
             round + 1,
             args.steps,
             t.elapsed().as_secs_f64(),
             rss.last().copied().unwrap_or(0),
-            transcript_bytes / 1024
+            transcript_bytes / 1024,
+            caller.mcp_sessions().len()
         );
     }
     let growth = rss.last().copied().unwrap_or(0) as i64 - rss.get(1).copied().unwrap_or(0) as i64;

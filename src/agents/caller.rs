@@ -360,6 +360,8 @@ pub struct LlmCaller {
     limits: Arc<Limits>,
     budgets: Arc<Budgets>,
     runs: Option<Arc<dyn RunSource>>,
+    /// MCP sessions kept across steps.
+    mcp: Arc<mcp::Sessions>,
 }
 
 /// The run an agent step belongs to, as its calls need it.
@@ -601,6 +603,7 @@ impl LlmCaller {
             limits: Arc::new(Limits::default()),
             budgets: Arc::new(Budgets::default()),
             runs: None,
+            mcp: Arc::new(mcp::Sessions::default()),
         }
     }
 
@@ -619,6 +622,11 @@ impl LlmCaller {
     /// The rate limiters of the agents.
     pub fn limits(&self) -> &Arc<Limits> {
         &self.limits
+    }
+
+    /// The MCP sessions kept across steps.
+    pub fn mcp_sessions(&self) -> &Arc<mcp::Sessions> {
+        &self.mcp
     }
 
     /// The run of the attempt this task runs, with what the caller needs of it.
@@ -759,6 +767,7 @@ impl LlmCaller {
             agents = allowing;
             for a in &agents {
                 let set = ToolSet::open(
+                    &self.mcp,
                     &self.http,
                     self.secrets.as_ref(),
                     namespace,
