@@ -366,6 +366,8 @@ pub struct LlmCaller {
     limits: Arc<Limits>,
     budgets: Arc<Budgets>,
     runs: Option<Arc<dyn RunSource>>,
+    /// MCP sessions kept across steps.
+    mcp: Arc<mcp::Sessions>,
 }
 
 /// The run an agent step belongs to, as its calls need it.
@@ -470,9 +472,9 @@ pub const DEFAULT_COMPLETION_RESERVE: u64 = 4096;
 /// `maxTokens`, in tokens and at the agent's prices.
 fn worst_case(entry: &AgentEntry, conv: &Conversation) -> (u64, f64) {
     let chars = entry.spec.instructions.len()
-        + conv.messages.iter().map(|m| m.to_string().len()).sum::<usize>()
-        + conv.tool_defs.get(&entry.key).map_or(0, |t| t.iter().map(|d| d.to_string().len()).sum())
-        + conv.response_format.as_ref().map_or(0, |f| f.to_string().len());
+        + conv.sizes.messages
+        + conv.sizes.tool_defs.get(&entry.key).copied().unwrap_or(0)
+        + conv.sizes.response_format;
     let prompt = estimate_tokens(chars);
     let completion = entry.spec.parameters.max_tokens.map_or(DEFAULT_COMPLETION_RESERVE, u64::from);
     let cost = entry.spec.pricing.as_ref().map_or(0.0, |p| p.cost(prompt, completion));
@@ -537,6 +539,16 @@ struct Conversation {
     tool_defs: HashMap<AgentKey, Vec<Value>>,
     response_format: Option<Value>,
     transcript: Transcript,
+    /// Lengths of the JSON of the above, kept as they are added, so that estimating a call's
+    /// tokens does not serialise the whole conversation at every turn.
+    sizes: Sizes,
+}
+
+#[derive(Default)]
+struct Sizes {
+    messages: usize,
+    tool_defs: HashMap<AgentKey, usize>,
+    response_format: usize,
 }
 
 impl Conversation {
@@ -550,7 +562,9 @@ impl Conversation {
                 }})
             }),
             transcript: Transcript::default(),
+            sizes: Sizes::default(),
         };
+        conv.sizes.response_format = conv.response_format.as_ref().map_or(0, |f| f.to_string().len());
         for (role, content) in &llm.messages {
             let role = match role {
                 ChatRole::System => "system",
@@ -566,8 +580,15 @@ impl Conversation {
     }
 
     fn push(&mut self, message: Value) {
+        self.sizes.messages += message.to_string().len();
         self.transcript.message(&message);
         self.messages.push(message);
+    }
+
+    /// Offers `defs` (tool definitions) when calling `agent`.
+    fn offer_tools(&mut self, agent: AgentKey, defs: Vec<Value>) {
+        self.sizes.tool_defs.insert(agent.clone(), defs.iter().map(|d| d.to_string().len()).sum());
+        self.tool_defs.insert(agent, defs);
     }
 
     /// `info` with the transcript of the attempt.
@@ -607,6 +628,7 @@ impl LlmCaller {
             limits: Arc::new(Limits::default()),
             budgets: Arc::new(Budgets::default()),
             runs: None,
+            mcp: Arc::new(mcp::Sessions::default()),
         }
     }
 
@@ -625,6 +647,11 @@ impl LlmCaller {
     /// The rate limiters of the agents.
     pub fn limits(&self) -> &Arc<Limits> {
         &self.limits
+    }
+
+    /// The MCP sessions kept across steps.
+    pub fn mcp_sessions(&self) -> &Arc<mcp::Sessions> {
+        &self.mcp
     }
 
     /// The run of the attempt this task runs, with what the caller needs of it.
@@ -765,6 +792,7 @@ impl LlmCaller {
             agents = allowing;
             for a in &agents {
                 let set = ToolSet::open(
+                    &self.mcp,
                     &self.http,
                     self.secrets.as_ref(),
                     namespace,
@@ -779,7 +807,7 @@ impl LlmCaller {
                         for s in set.secrets() {
                             conv.transcript.hide(s);
                         }
-                        conv.tool_defs.insert(a.key.clone(), set.definitions());
+                        conv.offer_tools(a.key.clone(), set.definitions());
                         tools.insert(a.key.clone(), set);
                     }
                     Err(e) => {
@@ -1724,5 +1752,28 @@ mod tests {
         assert_eq!(json["stop"], serde_json::json!(["END"]));
         assert_eq!(json["seed"], 7);
         assert!(json.get("stream").is_none());
+    }
+
+    #[test]
+    fn the_worst_case_counts_the_whole_conversation() {
+        let spec: crate::api::AgentSpec = serde_json::from_value(
+            serde_json::json!({"model": "m", "instructions": "be brief", "parameters": {"maxTokens": 10}}),
+        )
+        .expect("spec");
+        let key = super::super::balancer::AgentKey::new("ns", "a");
+        let entry = AgentEntry { key: key.clone(), spec, labels: Default::default(), replicas: vec![], invalid: None };
+        let llm = LlmWork {
+            schema: Some(serde_json::json!({"type": "object"})),
+            messages: vec![(ChatRole::System, "hi".into())],
+            ..Default::default()
+        };
+        let mut conv = Conversation::new(&llm, "go");
+        conv.offer_tools(key, vec![serde_json::json!({"type": "function", "function": {"name": "add"}})]);
+        conv.push(serde_json::json!({"role": "tool", "tool_call_id": "c", "content": "x".repeat(4000)}));
+        let chars = "be brief".len()
+            + conv.messages.iter().map(|m| m.to_string().len()).sum::<usize>()
+            + conv.tool_defs.values().flatten().map(|d| d.to_string().len()).sum::<usize>()
+            + conv.response_format.as_ref().map_or(0, |f| f.to_string().len());
+        assert_eq!(worst_case(&entry, &conv).0, estimate_tokens(chars) + 10);
     }
 }

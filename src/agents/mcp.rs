@@ -1,22 +1,33 @@
 //! Tools of agent steps, from MCP servers over the streamable HTTP transport (the official
 //! Rust SDK, `rmcp`). An Agent lists servers and the tools it allows from each
 //! (`spec.tools`); a step names the tools it may use (`agent.tools`). For one attempt of a
-//! step, [`ToolSet::open`] connects to the servers of those tools, lists their tools and keeps
-//! the sessions; [`ToolSet::call`] runs one call the model asked for, bounded in time and in
-//! the size of its result. Header values (from the server's `headersFrom` Secret) are sent
-//! marked sensitive and taken out of every message this module makes.
+//! step, [`ToolSet::open`] takes a session to each server of those tools from the
+//! [`Sessions`] pool (connecting and listing the server's tools when the pool has none);
+//! [`ToolSet::call`] runs one call the model asked for, bounded in time and in the size of its
+//! result. Header values (from the server's `headersFrom` Secret) are sent marked sensitive and
+//! taken out of every message this module makes.
+//!
+//! Sessions are kept across steps, one per server (namespace, URL and header values), with the
+//! server's tool list: a step does not pay for a session's opening (initialize, the tool list,
+//! the session's own stream) nor for its closing. The tool list is listed again when the server
+//! says it changed (`notifications/tools/list_changed`) or when a step asks for a tool it does
+//! not hold. A session that fails a call or does not answer one in time is dropped from the
+//! pool; one unused for [`SESSION_IDLE`] is closed, and at most [`MAX_SESSIONS`] are kept.
 
 use crate::text::clip;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use rmcp::model::CallToolRequestParams;
-use rmcp::service::RunningService;
+use rmcp::service::{MaybeSendFuture, NotificationContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::{RoleClient, ServiceExt};
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::api::{AgentSpec, McpServer};
@@ -29,6 +40,12 @@ pub const MAX_TOOL_RESULT_BYTES: usize = 64 * 1024;
 const MAX_MCP_RESPONSE_BYTES: usize = 1024 * 1024;
 /// How long connecting to a server and listing its tools may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a pooled session may go unused before it is closed.
+pub const SESSION_IDLE: Duration = Duration::from_secs(300);
+/// Most sessions the pool keeps (the least recently used goes first).
+pub const MAX_SESSIONS: usize = 256;
+/// Requests one session carries at once (rmcp's default is 16); steps share sessions.
+const SESSION_CONCURRENCY: usize = 1024;
 
 /// Why a tool could not be used. Messages name the tool and server, never header values.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -136,17 +153,111 @@ struct Tool {
     approval: bool,
 }
 
-/// The open MCP sessions of one attempt and the tools a step may use through them.
+/// The client side of a session: notes when the server says its tools changed.
+#[derive(Clone, Default)]
+struct Watcher {
+    tools_changed: Arc<AtomicBool>,
+}
+
+impl ClientHandler for Watcher {
+    fn on_tool_list_changed(
+        &self,
+        _context: NotificationContext<RoleClient>,
+    ) -> impl Future<Output = ()> + MaybeSendFuture + '_ {
+        self.tools_changed.store(true, Ordering::Relaxed);
+        std::future::ready(())
+    }
+}
+
+/// One open session to an MCP server and the tools it listed.
+struct Session {
+    client: RunningService<RoleClient, Watcher>,
+    tools_changed: Arc<AtomicBool>,
+    tools: Mutex<Arc<Vec<rmcp::model::Tool>>>,
+    /// Failed a call or left one unanswered: not handed out again.
+    broken: AtomicBool,
+    /// Last handed out.
+    used: Mutex<Instant>,
+}
+
+impl Session {
+    fn usable(&self, now: Instant) -> bool {
+        !self.broken.load(Ordering::Relaxed)
+            && !self.client.is_closed()
+            && !self.client.is_transport_closed()
+            && now.saturating_duration_since(*lock(&self.used)) < SESSION_IDLE
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Which server a session talks to, as whom: the namespace, the URL and a digest of the
+/// header values (the values themselves are not kept here).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct SessionKey {
+    namespace: String,
+    url: String,
+    headers: [u8; 32],
+}
+
+/// MCP sessions kept across steps (see the module's documentation). Dropping a session that
+/// no step holds closes it.
+#[derive(Default)]
+pub struct Sessions {
+    open: Mutex<HashMap<SessionKey, Arc<Session>>>,
+}
+
+impl Sessions {
+    /// Sessions in the pool.
+    pub fn len(&self) -> usize {
+        lock(&self.open).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A usable session for `key`, after closing idle, broken and surplus ones.
+    fn get(&self, key: &SessionKey) -> Option<Arc<Session>> {
+        let now = Instant::now();
+        let mut open = lock(&self.open);
+        open.retain(|_, s| s.usable(now));
+        let found = open.get(key).cloned();
+        if let Some(s) = &found {
+            *lock(&s.used) = now;
+        }
+        found
+    }
+
+    fn put(&self, key: SessionKey, session: Arc<Session>) {
+        let mut open = lock(&self.open);
+        open.insert(key, session);
+        while open.len() > MAX_SESSIONS {
+            let oldest = open.iter().min_by_key(|(_, s)| *lock(&s.used)).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => open.remove(&k),
+                None => break,
+            };
+        }
+    }
+}
+
+/// The MCP sessions of one attempt and the tools a step may use through them.
 pub struct ToolSet {
     tools: BTreeMap<String, Tool>,
-    sessions: HashMap<String, RunningService<RoleClient, ()>>,
+    sessions: HashMap<String, Arc<Session>>,
     /// Header values, to take out of messages.
     secrets: Vec<String>,
 }
 
 impl ToolSet {
-    /// Connects to the servers of `wanted` (tools of the agent `spec`) and lists their tools.
+    /// Takes sessions to the servers of `wanted` (tools of the agent `spec`) from `pool`, or
+    /// connects to them and lists their tools.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
+        pool: &Sessions,
         http: &reqwest::Client,
         secrets: &dyn SecretSource,
         namespace: &str,
@@ -164,7 +275,12 @@ impl ToolSet {
             by_server.entry(server.name.as_str()).or_insert((server, Vec::new())).1.push(t);
         }
         for (name, (server, tools)) in by_server {
-            let (session, listed) = set.connect(http, secrets, namespace, server, deadline).await?;
+            let session = set.session(pool, http, secrets, namespace, server, deadline).await?;
+            let mut listed = lock(&session.tools).clone();
+            // A tool the list does not hold may be new on the server: list again, once.
+            if tools.iter().any(|t| !listed.iter().any(|l| l.name == t.as_str())) {
+                listed = set.list(&session, server, deadline).await?;
+            }
             for t in tools {
                 let Some(found) = listed.iter().find(|l| l.name == t.as_str()) else {
                     let available = listed.iter().map(|l| l.name.to_string()).collect::<Vec<_>>().join(", ");
@@ -185,14 +301,73 @@ impl ToolSet {
         Ok(set)
     }
 
-    async fn connect(
+    /// A session to `server`: from `pool`, its tool list refreshed when the server said it
+    /// changed; else a new one, put in the pool.
+    async fn session(
         &mut self,
+        pool: &Sessions,
         http: &reqwest::Client,
         secrets: &dyn SecretSource,
         namespace: &str,
         server: &McpServer,
         deadline: Option<Instant>,
-    ) -> Result<(RunningService<RoleClient, ()>, Vec<rmcp::model::Tool>), ToolError> {
+    ) -> Result<Arc<Session>, ToolError> {
+        let headers = self.headers(secrets, namespace, server).await?;
+        let mut digest = Sha256::new();
+        let mut sorted: Vec<_> = headers.iter().collect();
+        sorted.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        for (k, v) in sorted {
+            digest.update(k.as_str().as_bytes());
+            digest.update([0]);
+            digest.update(v.as_bytes());
+            digest.update([0]);
+        }
+        let key =
+            SessionKey { namespace: namespace.into(), url: server.url.clone(), headers: digest.finalize().into() };
+        if let Some(session) = pool.get(&key) {
+            if session.tools_changed.swap(false, Ordering::Relaxed) {
+                self.list(&session, server, deadline).await?;
+            }
+            return Ok(session);
+        }
+        let session = Arc::new(self.connect(http, server, headers, deadline).await?);
+        pool.put(key, session.clone());
+        Ok(session)
+    }
+
+    /// Lists the tools of `session` again and keeps the list.
+    async fn list(
+        &self,
+        session: &Session,
+        server: &McpServer,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<Vec<rmcp::model::Tool>>, ToolError> {
+        let bound = bound(deadline, OPEN_TIMEOUT);
+        let listed = match tokio::time::timeout(bound, session.client.list_all_tools()).await {
+            Ok(Ok(l)) => Arc::new(l),
+            Ok(Err(e)) => {
+                session.broken.store(true, Ordering::Relaxed);
+                let message = self.redact(&format!("listing tools: {e}"));
+                return Err(ToolError::Server { server: server.name.clone(), message, retryable: true });
+            }
+            Err(_) => {
+                session.broken.store(true, Ordering::Relaxed);
+                let message = format!("listing tools took over {:.1}s", bound.as_secs_f64());
+                return Err(ToolError::Server { server: server.name.clone(), message, retryable: true });
+            }
+        };
+        *lock(&session.tools) = listed.clone();
+        Ok(listed)
+    }
+
+    /// The headers of `server` from its `headersFrom` Secret; their values become secrets to
+    /// take out of messages.
+    async fn headers(
+        &mut self,
+        secrets: &dyn SecretSource,
+        namespace: &str,
+        server: &McpServer,
+    ) -> Result<HashMap<HeaderName, HeaderValue>, ToolError> {
         let mut headers = HashMap::new();
         if let Some(from) = &server.headers_from {
             let data = secrets
@@ -211,10 +386,22 @@ impl ToolSet {
                 headers.insert(name, value);
             }
         }
+        Ok(headers)
+    }
+
+    /// Connects to `server` and lists its tools.
+    async fn connect(
+        &self,
+        http: &reqwest::Client,
+        server: &McpServer,
+        headers: HashMap<HeaderName, HeaderValue>,
+        deadline: Option<Instant>,
+    ) -> Result<Session, ToolError> {
         let config = StreamableHttpClientTransportConfig::with_uri(server.url.as_str())
             .custom_headers(headers)
             .max_json_response_size(MAX_MCP_RESPONSE_BYTES)
-            .max_sse_event_size(MAX_MCP_RESPONSE_BYTES);
+            .max_sse_event_size(MAX_MCP_RESPONSE_BYTES)
+            .max_concurrent_requests(SESSION_CONCURRENCY);
         let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
         let bound = bound(deadline, OPEN_TIMEOUT);
         let server_err = |message: String, retryable: bool| ToolError::Server {
@@ -222,7 +409,9 @@ impl ToolSet {
             message: self.redact(&message),
             retryable,
         };
-        let session = match tokio::time::timeout(bound, ().serve(transport)).await {
+        let watcher = Watcher::default();
+        let tools_changed = watcher.tools_changed.clone();
+        let client = match tokio::time::timeout(bound, watcher.serve(transport)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(server_err(format!("connecting to {}: {e}", server.url), true)),
             Err(_) => {
@@ -232,12 +421,18 @@ impl ToolSet {
                 ));
             }
         };
-        let listed = match tokio::time::timeout(bound, session.list_all_tools()).await {
+        let listed = match tokio::time::timeout(bound, client.list_all_tools()).await {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => return Err(server_err(format!("listing tools: {e}"), true)),
             Err(_) => return Err(server_err(format!("listing tools took over {:.1}s", bound.as_secs_f64()), true)),
         };
-        Ok((session, listed))
+        Ok(Session {
+            client,
+            tools_changed,
+            tools: Mutex::new(Arc::new(listed)),
+            broken: AtomicBool::new(false),
+            used: Mutex::new(Instant::now()),
+        })
     }
 
     /// The tools as the chat completion request's `tools`.
@@ -306,8 +501,10 @@ impl ToolSet {
             params.meta = Some(meta);
         }
         let bound = bound(deadline, per_call);
-        let result = match tokio::time::timeout(bound, session.call_tool(params)).await {
+        let result = match tokio::time::timeout(bound, session.client.call_tool(params)).await {
             Err(_) => {
+                // The request may hold a place in the session until the server answers.
+                session.broken.store(true, Ordering::Relaxed);
                 return Err(ToolError::Hung {
                     tool: name.into(),
                     server: tool.server.clone(),
@@ -315,6 +512,7 @@ impl ToolSet {
                 });
             }
             Ok(Err(e)) => {
+                session.broken.store(true, Ordering::Relaxed);
                 return Err(ToolError::Server {
                     server: tool.server.clone(),
                     message: self.redact(&format!("calling tool {name:?}: {e}")),
@@ -342,11 +540,10 @@ impl ToolSet {
         Ok(self.redact(&text))
     }
 
-    /// Closes the sessions.
+    /// Gives the sessions back to the pool; those the pool dropped (broken, idle) close when
+    /// no other step holds them.
     pub async fn close(self) {
-        for (_, s) in self.sessions {
-            let _ = tokio::time::timeout(Duration::from_secs(2), s.cancel()).await;
-        }
+        drop(self.sessions);
     }
 
     fn redact(&self, text: &str) -> String {

@@ -4,10 +4,13 @@
 //! JSON; the run controller stores it in a ConfigMap owned by the run (`transcriptRef`), local
 //! mode next to its state. Secrets (the API key, MCP header values) are taken out, and the JSON
 //! is bounded: long contents are cut, and when it is still too large the oldest middle entries
-//! are dropped (and counted).
+//! are dropped (and counted). Every entry carries `atMs`, the milliseconds from the attempt's
+//! first entry to the entry (for a call or a tool call: to its end), so the gaps between model
+//! calls and tool calls can be read off a transcript.
 
 use serde::Serialize;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
 use crate::api::TokenUsage;
 
@@ -18,9 +21,10 @@ pub const MAX_TRANSCRIPT_BYTES: usize = 128 * 1024;
 /// Longest content of one entry kept in a transcript.
 const MAX_CONTENT_CHARS: usize = 16 * 1024;
 
-/// One thing that happened in a step's conversation.
+/// One thing that happened in a step's conversation. Kinds and fields are camelCase in JSON
+/// (`latencyMs`, `httpMs`, `waitedMs`).
 #[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase", tag = "kind")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "kind")]
 pub enum Entry {
     /// A message of the conversation (system, user, assistant with its tool calls, tool).
     Message { message: Value },
@@ -56,7 +60,8 @@ pub enum Entry {
 /// A transcript being written.
 #[derive(Debug, Default)]
 pub struct Transcript {
-    entries: Vec<Entry>,
+    /// Entries with the time they were pushed.
+    entries: Vec<(Instant, Entry)>,
     tokens: TokenUsage,
     repairs: u32,
     turns: u32,
@@ -74,7 +79,7 @@ impl Transcript {
         if matches!(entry, Entry::Repair { .. }) {
             self.repairs += 1;
         }
-        self.entries.push(entry);
+        self.entries.push((Instant::now(), entry));
     }
 
     pub fn message(&mut self, message: &Value) {
@@ -98,7 +103,19 @@ impl Transcript {
 
     /// The transcript as JSON, redacted and at most [`MAX_TRANSCRIPT_BYTES`].
     pub fn finish(&self, outcome: &str, error: Option<&str>) -> String {
-        let entries: Vec<Value> = self.entries.iter().map(|e| clip_strings(json!(e))).collect();
+        let start = self.entries.first().map(|(at, _)| *at);
+        let entries: Vec<Value> = self
+            .entries
+            .iter()
+            .map(|(at, e)| {
+                let mut v = clip_strings(json!(e));
+                if let (Some(o), Some(start)) = (v.as_object_mut(), start) {
+                    let us = at.saturating_duration_since(start).as_micros();
+                    o.insert("atMs".into(), json!(us as f64 / 1000.0));
+                }
+                v
+            })
+            .collect();
         let mut dropped = 0usize;
         let render = |entries: &[Value], dropped: usize| {
             let mut doc = json!({
@@ -190,5 +207,33 @@ mod tests {
             Some(json!("done"))
         );
         assert_eq!(v["usage"], json!({"prompt": 2, "completion": 1}));
+    }
+
+    #[test]
+    fn fields_are_camel_case_and_entries_are_timed() {
+        let mut t = Transcript::default();
+        t.message(&json!({"role": "user", "content": "hi"}));
+        t.push(Entry::Call {
+            agent: "a".into(),
+            model: "m".into(),
+            replica: "r".into(),
+            latency_ms: 3.0,
+            http_ms: 2.5,
+            tokens: None,
+        });
+        t.push(Entry::Tool { name: "add".into(), latency_ms: 1.5, error: None });
+        t.push(Entry::RateLimitWait { agent: "a".into(), waited_ms: 4.0 });
+        let v: Value = serde_json::from_str(&t.finish("Succeeded", None)).expect("json");
+        let e = &v["entries"];
+        assert_eq!(
+            (e[1]["kind"].as_str(), e[1]["latencyMs"].as_f64(), e[1]["httpMs"].as_f64()),
+            (Some("call"), Some(3.0), Some(2.5))
+        );
+        assert_eq!(e[2]["latencyMs"].as_f64(), Some(1.5));
+        assert_eq!((e[3]["kind"].as_str(), e[3]["waitedMs"].as_f64()), (Some("rateLimitWait"), Some(4.0)));
+        assert_eq!(e[0]["atMs"].as_f64(), Some(0.0));
+        let at: Vec<f64> = e.as_array().into_iter().flatten().filter_map(|x| x["atMs"].as_f64()).collect();
+        assert_eq!(at.len(), 4);
+        assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
     }
 }

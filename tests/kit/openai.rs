@@ -272,6 +272,12 @@ impl Stub {
         lock(&self.shared.seen).clone()
     }
 
+    /// Forgets the requests seen so far (each is kept whole), giving back how many there were:
+    /// a benchmark that measures memory does not count the stub's log.
+    pub fn forget_seen(&self) -> usize {
+        std::mem::take(&mut *lock(&self.shared.seen)).len()
+    }
+
     /// Body bytes of streamed replies ([`Reply::Huge`], [`Reply::Drip`]) handed to the
     /// connection so far.
     pub fn body_bytes_sent(&self) -> usize {
