@@ -20,6 +20,8 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
 
+use crate::locks::lock;
+
 /// How long a reviewed token is trusted before it is reviewed again.
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
 /// How long a rejected token is remembered (so a wrong token does not cost a review per call).
@@ -283,10 +285,6 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 /// Decisions depend on the user and groups (and extra) the token stood for.
 fn decision_key(caller: &Caller) -> String {
     format!("{}\u{0}{}\u{0}{:?}", caller.user, caller.groups.join(","), caller.extra)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

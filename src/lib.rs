@@ -12,6 +12,7 @@
 //! - [`cache`]: step memoization (memory and ConfigMap tiers).
 //! - [`events`]: the event dispatcher, event log and CloudEvents sink.
 //! - [`local`]: local mode: run and validate Workflows from YAML files with no cluster.
+//! - [`locks`]: [`locks::lock`], a mutex's guard even when poisoned.
 //! - [`naming`]: names, labels and status keys of everything the operator makes.
 //! - [`pass`]: one pass of a run over a [`pass::StepRuntime`], shared by the controller and local mode.
 //! - [`kube_util`]: API handles, watch settings and metadata slimming for the controllers.
@@ -33,6 +34,7 @@ pub mod http;
 pub mod kube_util;
 pub mod leader;
 pub mod local;
+pub mod locks;
 pub mod metrics;
 pub mod naming;
 pub mod pass;

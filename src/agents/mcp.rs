@@ -14,6 +14,7 @@
 //! not hold. A session that fails a call or does not answer one in time is dropped from the
 //! pool; one unused for [`SESSION_IDLE`] is closed, and at most [`MAX_SESSIONS`] are kept.
 
+use crate::locks::lock;
 use crate::text::clip;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -187,10 +188,6 @@ impl Session {
             && !self.client.is_transport_closed()
             && now.saturating_duration_since(*lock(&self.used)) < SESSION_IDLE
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Which server a session talks to, as whom: the namespace, the URL and a digest of the

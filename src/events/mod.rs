@@ -26,6 +26,7 @@ pub use cloudevents::CloudEventsSink;
 pub use kubernetes::EventSink;
 pub use log::EventLog;
 
+use crate::locks::lock;
 use crate::metrics::Metrics;
 
 /// What happened.
@@ -213,10 +214,6 @@ impl KubernetesEvents {
         }
         Self { sink, window, pending }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Handler for KubernetesEvents {

@@ -51,9 +51,7 @@ use outputs::Outputs;
 use pods::ClusterRuntime;
 use status_writer::StatusWriter;
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use crate::locks::lock;
 
 /// What every scope's run controller shares: one task pool, one status writer, one admission.
 pub struct Shared {

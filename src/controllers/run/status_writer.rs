@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::api::{FIELD_MANAGER, WorkflowRun, WorkflowRunStatus, own_conditions};
+use crate::locks::lock;
 use crate::metrics::Metrics;
 use crate::naming;
 
@@ -57,10 +58,6 @@ pub struct StatusWriter {
     entries: Mutex<HashMap<String, Entry>>,
     wake: Notify,
     writes: Arc<Semaphore>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn rv_number(rv: Option<&str>) -> Option<u64> {
