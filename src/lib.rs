@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod naming;
 pub mod pass;
 pub mod plugin;
+pub mod shards;
 pub mod telemetry;
 pub mod text;
 pub mod ui;

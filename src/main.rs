@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 use volt_operator::config::RunArgs;
 use volt_operator::controllers::{self, Health};
 use volt_operator::metrics::Metrics;
+use volt_operator::shards::{self, Ownership};
 use volt_operator::{api, http, kube_util, leader};
 
 /// volt-operator: orchestrates AI-agent workflows on Kubernetes.
@@ -109,9 +110,11 @@ async fn run(mut args: RunArgs) -> Result<(), String> {
     let health = Arc::new(Health::default());
     // The JSON API checks its callers with TokenReview and SubjectAccessReview.
     let _ = health.access.set(Arc::new(volt_operator::auth::Access::kube(client.clone())));
+    let sharding = shards::leases::Settings::from_args(&args).map_err(|e| e.to_string())?;
     let election =
         if args.leader_elect { Some(leader::Settings::from_args(&args).map_err(|e| e.to_string())?) } else { None };
-    health.leader.store(election.is_none(), Ordering::Relaxed);
+    // A lone replica leads; with shards or an election, readiness follows the API server.
+    health.leader.store(election.is_none() && sharding.is_none(), Ordering::Relaxed);
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();
@@ -130,16 +133,33 @@ async fn run(mut args: RunArgs) -> Result<(), String> {
     let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), health.clone(), ui, shutdown.clone()));
     // With leader election only the Lease holder runs the controllers; losing the Lease ends
     // `run` with an error, so the process exits and comes back as a follower.
-    let elected = match election {
-        Some(settings) => {
+    // With shards every replica runs the controllers, each for the shards it holds.
+    let elected = match (sharding, election) {
+        (Some(settings), _) => {
+            let ownership = Ownership::sharded(settings.shards, settings.identity.clone());
+            let controllers = tokio::spawn(controllers::run(
+                client.clone(),
+                args,
+                metrics.clone(),
+                health.clone(),
+                ownership.clone(),
+                shutdown.clone(),
+            ));
+            let held = shards::leases::run(client, settings, ownership, health, &metrics, shutdown.clone()).await;
+            shutdown.cancel();
+            let _ = controllers.await;
+            held.map_err(|e| e.to_string())
+        }
+        (None, Some(settings)) => {
             let work = {
                 let (client, metrics, health) = (client.clone(), metrics.clone(), health.clone());
-                move |term| controllers::run(client, args, metrics, health, term)
+                let ownership = Ownership::single(Some(health.clone()));
+                move |term| controllers::run(client, args, metrics, health, ownership, term)
             };
             leader::run(client, settings, health, &metrics, shutdown.clone(), work).await.map_err(|e| e.to_string())
         }
-        None => {
-            controllers::run(client, args, metrics, health, shutdown.clone()).await;
+        (None, None) => {
+            controllers::run(client, args, metrics, health, Ownership::single(None), shutdown.clone()).await;
             Ok(())
         }
     };

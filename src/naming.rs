@@ -32,6 +32,33 @@ pub const LABEL_SCHEDULE: &str = "volt.dev/schedule";
 /// On a WorkflowRun a WorkflowSchedule started: the slot it is the run of (RFC 3339, UTC).
 pub const ANNOTATION_SCHEDULED_AT: &str = "volt.dev/scheduled-at";
 
+/// On a WorkflowRun (and its pods and child runs) with `--shards` > 1: its slot, a hash of the
+/// run UID modulo [`crate::shards::SLOTS`], set once; slot `v` belongs to shard `v % N`.
+pub const LABEL_SHARD: &str = "volt.dev/shard";
+/// On the shard and member Leases: the `--lease-name` they belong to.
+pub const LABEL_LEASE_OF: &str = "volt.dev/lease-of";
+/// On the shard and member Leases: `shard` or `member`.
+pub const LABEL_LEASE_ROLE: &str = "volt.dev/lease-role";
+/// On the shard and member Leases: the `--shards` of the replica that wrote it.
+pub const ANNOTATION_SHARDS: &str = "volt.dev/shards";
+/// On a shard Lease: its shard number.
+pub const ANNOTATION_SHARD: &str = "volt.dev/shard";
+
+/// A shard's Lease.
+pub fn shard_lease(prefix: &str, shard: u32) -> String {
+    fit(&format!("{prefix}-shard-{shard}"), 253)
+}
+
+/// A replica's membership Lease: the prefix and the identity, made a valid name.
+pub fn member_lease(prefix: &str, identity: &str) -> String {
+    let id: String = identity
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .collect();
+    fit(&format!("{prefix}-member-{}", id.trim_matches('-')), 253)
+}
+
 /// Longest DNS label (pod hostnames, label values).
 pub const MAX_LABEL: usize = 63;
 

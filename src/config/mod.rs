@@ -37,6 +37,13 @@ pub struct RunArgs {
     #[arg(long, env = "VOLT_LEASE_GRACE", default_value_t = 5)]
     pub lease_grace: u64,
 
+    /// Split runs across active replicas into this many shards (1: no sharding). Each replica
+    /// holds the Leases of its share of the shards (`<lease-name>-shard-<i>` in the Lease
+    /// namespace) and reconciles only their runs; --lease-duration and --lease-grace apply.
+    /// At most 64; incompatible with --leader-elect, which it replaces.
+    #[arg(long, env = "VOLT_SHARDS", default_value_t = 1)]
+    pub shards: u32,
+
     /// Namespaces to watch, comma-separated; empty watches all namespaces.
     #[arg(long, env = "VOLT_NAMESPACES", value_delimiter = ',')]
     pub namespaces: Vec<String>,

@@ -51,6 +51,7 @@ struct Ctx {
     /// The operator's HTTP port: agent and MCP URLs may not reach it through loopback.
     own_port: Option<u16>,
     registry: Arc<Registry>,
+    ownership: Arc<crate::shards::Ownership>,
     pods: Store<Pod>,
     deployments: Store<Deployment>,
     /// Every Agent of the scope (fallbacks name them).
@@ -368,7 +369,7 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             }
         }
         _ => {
-            if kind == "deployment" {
+            if kind == "deployment" && ctx.ownership.leads() {
                 ensure_deployment(&agent, &ctx).await?;
             }
             let Some(selector) = pod_selector(&agent) else {
@@ -436,6 +437,9 @@ async fn reconcile(agent: Arc<Agent>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 async fn write_status(agent: &Agent, ctx: &Ctx, old: &AgentStatus, status: AgentStatus) -> Result<Action, Error> {
+    if !ctx.ownership.leads() {
+        return Ok(Action::requeue(ctx.resync));
+    }
     // Health changes are events.
     for row in &status.endpoints {
         let before = old.endpoints.iter().find(|o| o.pod == row.pod && o.address == row.address);
@@ -508,6 +512,9 @@ pub struct AgentSettings {
     pub load_interval: Duration,
     /// The operator's own HTTP port (agent and MCP URLs may not reach it through loopback).
     pub own_port: Option<u16>,
+    /// Every replica feeds its registry; only the one that leads (shard 0's holder) applies
+    /// Deployments, writes status and publishes health events.
+    pub ownership: Arc<crate::shards::Ownership>,
 }
 
 /// The Agent controller for one scope; it keeps `registry` up to date with the scope's agents.
@@ -565,6 +572,7 @@ pub async fn controller(
         events,
         resync: settings.resync,
         own_port: settings.own_port,
+        ownership: settings.ownership,
         registry: registry.clone(),
         pods: pod_store,
         deployments: dep_store,

@@ -37,6 +37,8 @@ struct Ctx {
     metrics: Metrics,
     budgets: Arc<Budgets>,
     resync: Duration,
+    /// Only the replica that leads writes Budget status.
+    ownership: Arc<crate::shards::Ownership>,
 }
 
 /// What the selector names that does not exist, as a message naming the field.
@@ -135,7 +137,7 @@ async fn reconcile(budget: Arc<Budget>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         None => Cond::new(EXCEEDED, false, "WithinBudget", "no call refused in this window"),
     };
     set_condition(&mut status.conditions, exceeded, generation, now);
-    if status != old {
+    if status != old && ctx.ownership.leads() {
         let api: Api<Budget> = Api::namespaced(ctx.client.clone(), &ns);
         let sent = BudgetStatus { conditions: own_conditions(&status.conditions), ..status };
         let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Budget", "status": sent});
@@ -157,6 +159,7 @@ pub async fn controller(
     metrics: Metrics,
     budgets: Arc<Budgets>,
     flush: Duration,
+    ownership: Arc<crate::shards::Ownership>,
     shutdown: CancellationToken,
 ) {
     let scope_name = scope.clone().unwrap_or_default();
@@ -193,7 +196,7 @@ pub async fn controller(
         .filter(move |(ns, _)| std::future::ready(scope.as_ref().is_none_or(|s| s == ns)))
         .map(|(ns, name)| ObjectRef::<Budget>::new(&name).within(&ns))
     };
-    let ctx = Arc::new(Ctx { client, metrics, budgets, resync: Duration::from_secs(300) });
+    let ctx = Arc::new(Ctx { client, metrics, budgets, resync: Duration::from_secs(300), ownership });
     let stream = Controller::for_stream(stream, store)
         .trigger_backoff(WatchBackoff::default())
         .reconcile_on(dirty)

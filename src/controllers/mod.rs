@@ -5,8 +5,10 @@ pub mod agent;
 pub mod budget;
 pub mod run;
 pub mod schedule;
+mod shard_label;
 pub mod workflow;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RunArgs;
 use crate::executors::AgentCaller;
 use crate::metrics::Metrics;
+use crate::shards::Ownership;
 
 /// Errors of a reconciliation.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,8 @@ pub struct Health {
     pub events: std::sync::OnceLock<Arc<crate::events::EventLog>>,
     /// Component health and live figures.
     pub system: Arc<crate::watcher::SystemWatcher>,
+    /// Which shards this replica holds, once the controllers have started.
+    pub ownership: std::sync::OnceLock<Arc<Ownership>>,
     /// Who calls the HTTP API and what they may see; unset, the guarded endpoints answer 503.
     pub access: std::sync::OnceLock<Arc<crate::auth::Access>>,
 }
@@ -111,9 +116,21 @@ pub(crate) async fn drain<K, E, E2>(
 /// Events kept for replay at `/api/v1/events`.
 const EVENT_LOG_SIZE: usize = 10_000;
 
-/// Starts the Workflow, Agent and WorkflowRun controllers and runs them until `shutdown` is
-/// cancelled.
-pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<Health>, shutdown: CancellationToken) {
+/// Starts the controllers and runs them until `shutdown` is cancelled.
+///
+/// Every replica runs the Agent and Budget controllers (their caches feed the LLM calls) and,
+/// with shards, the labeller. The WorkflowRun controllers run per shard this replica holds
+/// ([`shard_workers`]); shard 0's holder also runs the Workflow and schedule controllers.
+/// Without shards there is one shard, held for good (or while this replica leads).
+pub async fn run(
+    client: Client,
+    args: RunArgs,
+    metrics: Metrics,
+    health: Arc<Health>,
+    ownership: Arc<Ownership>,
+    shutdown: CancellationToken,
+) {
+    let _ = health.ownership.set(ownership.clone());
     // Agent steps: the Agent controllers feed the registry, the run controllers call through it.
     let registry = Arc::new(crate::agents::Registry::default());
     // Budgets: the Budget controllers feed the ledger; calls wait until every scope listed.
@@ -154,23 +171,16 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
         shutdown.clone(),
     )));
     // One task pool, status writer and admission for the whole operator, whatever the scopes.
-    let shared = run::Shared::new(&client, &args, metrics.clone(), dispatcher.clone(), agents, cache.clone()).await;
+    let shared =
+        run::Shared::new(&client, &args, metrics.clone(), dispatcher.clone(), agents, cache.clone(), ownership.clone())
+            .await;
     let writer_stop = CancellationToken::new();
-    let writer = {
-        let health = health.clone();
-        let still_leader = move || health.leader.load(Ordering::Relaxed);
-        tokio::spawn(shared.clone().write_status(writer_stop.clone(), still_leader))
-    };
+    let writer = tokio::spawn(shared.clone().write_status(writer_stop.clone()));
     let gauges = tokio::spawn(shared.clone().gauges());
     for scope in scopes(&args) {
         info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
         let where_ = scope.clone().unwrap_or_else(|| "all-namespaces".into());
         let name = |kind: &str| format!("controller/{kind}/{where_}");
-        tasks.push(tokio::spawn(supervised(
-            health.clone(),
-            name("workflow"),
-            workflow::controller(client.clone(), scope.clone(), metrics.clone(), shutdown.clone()),
-        )));
         tasks.push(tokio::spawn(supervised(
             health.clone(),
             name("agent"),
@@ -184,6 +194,7 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
                     resync: args.health_check_interval,
                     load_interval: args.metrics_interval,
                     own_port: Some(args.http_addr.port()),
+                    ownership: ownership.clone(),
                 },
                 shutdown.clone(),
             ),
@@ -197,20 +208,20 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
                 metrics.clone(),
                 budgets.clone(),
                 args.budget_flush_interval,
+                ownership.clone(),
                 shutdown.clone(),
             ),
         )));
-        tasks.push(tokio::spawn(supervised(
-            health.clone(),
-            name("workflowschedule"),
-            schedule::controller(client.clone(), scope.clone(), metrics.clone(), events.clone(), shutdown.clone()),
-        )));
-        tasks.push(tokio::spawn(supervised(
-            health.clone(),
-            name("workflowrun"),
-            run::controller(client.clone(), scope.clone(), shared.clone(), health.clone(), shutdown.clone()),
-        )));
+        if ownership.is_sharded() {
+            tasks.push(tokio::spawn(supervised(
+                health.clone(),
+                name("shard-labeller"),
+                shard_label::controller(client.clone(), scope.clone(), ownership.clone(), shutdown.clone()),
+            )));
+        }
     }
+    let workers = Workers { client: client.clone(), args: args.clone(), metrics, health, shared, events };
+    tasks.push(tokio::spawn(shard_workers(workers, ownership, shutdown.clone())));
     for res in futures::future::join_all(tasks).await {
         if let Err(e) = res {
             warn!(error = %e, "controller task ended abnormally");
@@ -220,6 +231,86 @@ pub async fn run(client: Client, args: RunArgs, metrics: Metrics, health: Arc<He
     writer_stop.cancel();
     let _ = writer.await;
     gauges.abort();
+}
+
+/// What a shard's controllers are made of.
+struct Workers {
+    client: Client,
+    args: RunArgs,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shared: Arc<run::Shared>,
+    events: crate::events::EventSink,
+}
+
+impl Workers {
+    /// The controllers of one shard, in every scope, until `stop`.
+    async fn shard(&self, shard: u32, stop: CancellationToken) {
+        let mut tasks = Vec::new();
+        for scope in scopes(&self.args) {
+            let where_ = scope.clone().unwrap_or_else(|| "all-namespaces".into());
+            let name = |kind: &str| format!("controller/{kind}/{where_}/shard-{shard}");
+            let client = self.client.clone();
+            tasks.push(tokio::spawn(supervised(
+                self.health.clone(),
+                name("workflowrun"),
+                run::controller(client.clone(), scope.clone(), self.shared.clone(), self.health.clone(), stop.clone(), shard),
+            )));
+            // What must happen once: shard 0's holder.
+            if shard == 0 {
+                tasks.push(tokio::spawn(supervised(
+                    self.health.clone(),
+                    name("workflow"),
+                    workflow::controller(client.clone(), scope.clone(), self.metrics.clone(), stop.clone()),
+                )));
+                tasks.push(tokio::spawn(supervised(
+                    self.health.clone(),
+                    name("workflowschedule"),
+                    schedule::controller(client, scope.clone(), self.metrics.clone(), self.events.clone(), stop.clone()),
+                )));
+            }
+        }
+        futures::future::join_all(tasks).await;
+    }
+}
+
+/// Starts each shard's controllers when this replica gets the shard and stops them when it
+/// hands the shard over or loses it; reports which run to [`Ownership::set_running`].
+async fn shard_workers(workers: Workers, ownership: Arc<Ownership>, shutdown: CancellationToken) {
+    let workers = Arc::new(workers);
+    let mut assigned = ownership.assigned();
+    let mut running: BTreeMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)> = BTreeMap::new();
+    loop {
+        let want = assigned.borrow_and_update().clone();
+        let gone: Vec<u32> = running.keys().filter(|s| !want.contains(s)).copied().collect();
+        for shard in gone {
+            if let Some((token, handle)) = running.remove(&shard) {
+                info!(shard, "stopping the controllers of a shard");
+                token.cancel();
+                let _ = handle.await;
+                ownership.set_running(shard, false);
+            }
+        }
+        for shard in want {
+            if running.contains_key(&shard) {
+                continue;
+            }
+            info!(shard, "starting the controllers of a shard");
+            let token = shutdown.child_token();
+            ownership.set_running(shard, true);
+            let (w, t) = (workers.clone(), token.clone());
+            running.insert(shard, (token, tokio::spawn(async move { w.shard(shard, t).await })));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = assigned.changed() => if changed.is_err() { break },
+        }
+    }
+    for (shard, (token, handle)) in running {
+        token.cancel();
+        let _ = handle.await;
+        ownership.set_running(shard, false);
+    }
 }
 
 /// Runs a controller, telling the system watcher whether it is alive.

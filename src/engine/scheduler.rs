@@ -58,6 +58,8 @@ pub struct RunInfo {
     /// The W3C traceparent the run's trace continues (its `volt.dev/traceparent` annotation;
     /// `TRACEPARENT` in local mode), if any.
     pub traceparent: Option<String>,
+    /// The run's `volt.dev/shard` label (with `--shards`), copied to its pods and child runs.
+    pub shard: Option<String>,
 }
 
 /// Most runs in a chain of `workflow` steps (a run, its child, its grandchild...).

@@ -57,6 +57,7 @@ impl LocalChildren {
                 uid: format!("{}/{}#{}", parent.uid, task.key, task.attempt),
                 chain,
                 traceparent: Some(crate::telemetry::child_traceparent(parent, &task.key)),
+                shard: None,
             },
             timeout: self.plan.timeout,
             agents: self.plan.agents.clone(),

@@ -63,7 +63,9 @@ impl Operator {
         // The HTTP API checks callers with this client, as `volt-operator run` does.
         let _ = health.access.set(Arc::new(volt_operator::auth::Access::kube(client.clone())));
         let token = CancellationToken::new();
-        let handle = tokio::spawn(controllers::run(client, args, metrics.clone(), health.clone(), token.clone()));
+        let ownership = volt_operator::shards::Ownership::single(None);
+        let handle =
+            tokio::spawn(controllers::run(client, args, metrics.clone(), health.clone(), ownership, token.clone()));
         let op = Self { metrics, health, token, handle: Some(handle) };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !op.health.synced.load(Ordering::Relaxed) {

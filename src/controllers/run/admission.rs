@@ -22,31 +22,40 @@ pub enum Admission {
     Forbid(String),
 }
 
-/// A scope's run cache and the channel that wakes its controller.
-type Scope = (Option<String>, Store<WorkflowRun>, UnboundedSender<ObjectRef<WorkflowRun>>);
+/// A scope's (and shard's) run cache and the channel that wakes its controller.
+type Scope = (u64, Option<String>, Store<WorkflowRun>, UnboundedSender<ObjectRef<WorkflowRun>>);
 
-/// The run controllers of every scope.
+/// The run controllers of every scope and shard.
 #[derive(Default)]
-pub struct Scopes(Mutex<Vec<Scope>>);
+pub struct Scopes(Mutex<(u64, Vec<Scope>)>);
 
 impl Scopes {
-    pub fn add(&self, scope: Option<String>, runs: Store<WorkflowRun>, wake: UnboundedSender<ObjectRef<WorkflowRun>>) {
-        lock(&self.0).push((scope, runs, wake));
+    /// Registers a controller; the id removes it when it stops.
+    pub fn add(&self, scope: Option<String>, runs: Store<WorkflowRun>, wake: UnboundedSender<ObjectRef<WorkflowRun>>) -> u64 {
+        let mut scopes = lock(&self.0);
+        scopes.0 += 1;
+        let id = scopes.0;
+        scopes.1.push((id, scope, runs, wake));
+        id
     }
 
-    /// Asks the controller of the run's namespace to reconcile it.
+    pub fn remove(&self, id: u64) {
+        lock(&self.0).1.retain(|s| s.0 != id);
+    }
+
+    /// Asks the controllers of the run's namespace to reconcile it (with shards, the one whose
+    /// shard holds it; the others do not find it in their caches).
     pub fn wake(&self, namespace: &str, name: &str) {
-        for (scope, _, wake) in lock(&self.0).iter() {
+        for (_, scope, _, wake) in lock(&self.0).1.iter() {
             if scope.as_deref().is_none_or(|s| s == namespace) {
                 let _ = wake.send(ObjectRef::new(name).within(namespace));
-                return;
             }
         }
     }
 
     /// The active runs of every scope, as cached.
     pub fn runs(&self) -> Vec<std::sync::Arc<WorkflowRun>> {
-        lock(&self.0).iter().flat_map(|(_, runs, _)| runs.state()).collect()
+        lock(&self.0).1.iter().flat_map(|(_, _, runs, _)| runs.state()).collect()
     }
 }
 

@@ -94,6 +94,10 @@ impl Children {
             ]
             .into(),
         );
+        // A child shares its parent's shard: the replica that waits for it reconciles it.
+        if let Some(slot) = &run.shard {
+            child.labels_mut().insert(naming::LABEL_SHARD.to_string(), slot.clone());
+        }
         child.metadata.annotations = Some(
             [
                 (naming::ANNOTATION_STEP_KEY.to_string(), task.key.clone()),

@@ -49,13 +49,13 @@ pub async fn finished(
 
 /// Finished runs, by metadata only: deletes those whose TTL passed, and counts them by phase
 /// for the gauges.
-pub async fn sweep_finished(client: Client, scope: Option<String>, counts: Counts) {
+pub async fn sweep_finished(client: Client, scope: Option<String>, selector: String, counts: Counts) {
     let api: Api<kube::core::PartialObjectMeta<WorkflowRun>> = api_for(&client, &scope);
     let (store, writer) = reflector::store();
     // Paged (quorum reads, each page bounded): finished runs may be many, readiness does not
     // wait for this list, and one unpaged response of all of them would set the process's
     // peak memory.
-    let stream = watcher(api, watcher::Config::default().labels(naming::LABEL_FINISHED).page_size(500))
+    let stream = watcher(api, watcher::Config::default().labels(&selector).page_size(500))
         .backoff(WatchBackoff::default())
         .modify(|m| m.metadata.managed_fields = None)
         .reflect(writer)

@@ -44,6 +44,7 @@ use crate::kube_util::{ServedFromWatchCache, WatchBackoff, api_for, slim_meta, w
 use crate::metrics::Metrics;
 use crate::naming;
 use crate::pass::{self, Pass, PendingCache};
+use crate::shards::Ownership;
 
 use super::{Error, Health, drain, error_requeue};
 use admission::{Admission, Admitter};
@@ -67,6 +68,8 @@ pub struct Shared {
     inline_output_limit: usize,
     /// Finished runs by phase, from each scope's sweeper.
     finished: Mutex<Vec<finished::Counts>>,
+    /// Which shards (runs) this replica may act on.
+    ownership: Arc<Ownership>,
 }
 
 impl Shared {
@@ -79,6 +82,7 @@ impl Shared {
         events: Dispatcher,
         agents: Option<Arc<dyn AgentCaller>>,
         cache: Arc<CacheManager>,
+        ownership: Arc<Ownership>,
     ) -> Arc<Self> {
         let policy = HttpStepPolicy::new(
             &args.http_step.allow,
@@ -107,12 +111,16 @@ impl Shared {
             default_timeout: args.default_workflow_timeout,
             inline_output_limit: args.inline_output_limit,
             finished: Default::default(),
+            ownership,
         })
     }
 
-    /// Writes staged statuses until `stop`, then what still waits (while `still_leader`).
-    pub async fn write_status(self: Arc<Self>, stop: CancellationToken, still_leader: impl Fn() -> bool) {
-        self.status.clone().run(stop, still_leader).await
+    /// Writes staged statuses until `stop`, then what still waits: each only while this
+    /// replica holds the run's shard (or leads).
+    pub async fn write_status(self: Arc<Self>, stop: CancellationToken) {
+        let ownership = self.ownership.clone();
+        let fence: status_writer::Fence = Arc::new(move |slot| ownership.holds_slot(slot));
+        self.status.clone().run(stop, fence).await
     }
 
     /// Runs by phase (active ones from the scopes' caches, finished ones from their sweepers'
@@ -219,6 +227,11 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     let ns = run.namespace().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
     let now = Timestamp::now();
+    // The fence: a shard this replica no longer holds (its controller is stopping) is not
+    // acted on; its new holder takes the run from its written status.
+    if !shared.ownership.holds_run(&run) {
+        return Ok(Action::await_change());
+    }
     // A child run that ended wakes its parent, which takes the child's end as its step's.
     if let Some(parent) = children::parent_of(&run)
         && run.status.as_ref().is_some_and(|s| s.phase.is_finished())
@@ -303,6 +316,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
         uid: uid.clone(),
         chain: children::chain_of(&run, &status.workflow_name),
         traceparent: run.annotations().get(crate::naming::ANNOTATION_TRACEPARENT).cloned(),
+        shard: run.labels().get(naming::LABEL_SHARD).cloned(),
     };
     let timeout = run.spec.timeout_seconds.map(|s| Duration::from_secs(u64::from(s))).unwrap_or(shared.default_timeout);
     let started = status.started_at.as_ref().map(|t| t.0).unwrap_or(now);
@@ -384,20 +398,29 @@ pub fn settings(args: &RunArgs) -> Settings {
     }
 }
 
-/// The WorkflowRun controller for one scope (a namespace, or all).
+/// The WorkflowRun controller for one scope (a namespace, or all) and one shard: its runs,
+/// their pods, the TTL sweep of its finished runs. When it stops (shutdown, or the shard
+/// handed over or lost) its runs' in-process tasks end and what waits of their status is
+/// written, if the shard is still held, or dropped.
 pub async fn controller(
     client: Client,
     scope: Option<String>,
     shared: Arc<Shared>,
     health: Arc<Health>,
     shutdown: CancellationToken,
+    shard: u32,
 ) {
+    let selector = crate::shards::selector(shard, shared.ownership.shards());
+    let with_shard = |labels: &str| match &selector {
+        Some(sel) => format!("{labels},{sel}"),
+        None => labels.to_string(),
+    };
     // The caches keep only what the controller reads (see `finished::slim_*`): memory stays
     // flat with many finished runs.
     let (pod_reader, pod_writer) = reflector::store();
     // Paged, like the Agent controller's: pods of finished runs stay until their run is deleted.
     let pod_stream =
-        watcher(api_for(&client, &scope), watcher::Config::default().labels(naming::LABEL_RUN).page_size(500))
+        watcher(api_for(&client, &scope), watcher::Config::default().labels(&with_shard(naming::LABEL_RUN)).page_size(500))
             .backoff(WatchBackoff::default())
             .modify(finished::slim_pod)
             .reflect(pod_writer)
@@ -415,7 +438,7 @@ pub async fn controller(
         .reflect(agent_writer)
         .touched_objects();
     let (runs, run_writer) = reflector::store();
-    let active = format!("!{}", naming::LABEL_FINISHED);
+    let active = with_shard(&format!("!{}", naming::LABEL_FINISHED));
     let run_stream = watcher(
         api_for::<WorkflowRun>(&client, &scope),
         watcher::Config::default().labels(&active).served_from_watch_cache(),
@@ -429,7 +452,7 @@ pub async fn controller(
     let controller = Controller::for_stream(run_stream, runs.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(64));
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<ObjectRef<WorkflowRun>>();
-    shared.admission.scopes.add(scope.clone(), runs.clone(), wake_tx);
+    let registered = shared.admission.scopes.add(scope.clone(), runs.clone(), wake_tx);
     let ctx = Arc::new(Ctx {
         runtime: ClusterRuntime::new(
             client.clone(),
@@ -469,7 +492,12 @@ pub async fn controller(
     // Finished runs: TTL and counts.
     let finished_counts = finished::Counts::default();
     lock(&shared.finished).push(finished_counts.clone());
-    let sweeper = tokio::spawn(finished::sweep_finished(ctx.client.clone(), scope.clone(), finished_counts));
+    let sweeper = tokio::spawn(finished::sweep_finished(
+        ctx.client.clone(),
+        scope.clone(),
+        with_shard(naming::LABEL_FINISHED),
+        finished_counts.clone(),
+    ));
 
     let stream = controller
         .owns_stream(pod_stream)
@@ -480,4 +508,15 @@ pub async fn controller(
     wf_task.abort();
     agent_task.abort();
     sweeper.abort();
+    shared.admission.scopes.remove(registered);
+    lock(&shared.finished).retain(|c| !Arc::ptr_eq(c, &finished_counts));
+    let uids: Vec<String> = runs.state().iter().filter_map(|r| r.uid()).collect();
+    for uid in &uids {
+        shared.pool.forget_run(uid);
+    }
+    shared.status.flush(&uids, Duration::from_secs(10)).await;
+    for uid in &uids {
+        ctx.release(uid);
+        shared.status.forget(uid);
+    }
 }

@@ -165,6 +165,9 @@ impl ClusterRuntime {
         if let Some(tp) = crate::telemetry::step_traceparent(run, &task.key) {
             crate::executors::pod::add_env(&mut pod, "TRACEPARENT", &tp);
         }
+        if let Some(slot) = &run.shard {
+            pod.labels_mut().insert(crate::naming::LABEL_SHARD.to_string(), slot.clone());
+        }
         let pod_name = pod.name_any();
         let created =
             Api::<Pod>::namespaced(self.client.clone(), &run.namespace).create(&PostParams::default(), &pod).await;

@@ -49,7 +49,12 @@ struct Entry {
     at: Option<Instant>,
     /// `spec.ttlSecondsAfterFinished`.
     ttl: Option<u32>,
+    /// The run's `volt.dev/shard` label: written only while this replica holds its shard.
+    slot: Option<String>,
 }
+
+/// Whether this replica may still write the status of a run with this `volt.dev/shard` label.
+pub type Fence = Arc<dyn Fn(Option<&str>) -> bool + Send + Sync>;
 
 pub struct StatusWriter {
     client: Client,
@@ -120,8 +125,10 @@ impl StatusWriter {
                 writing: false,
                 at: None,
                 ttl: None,
+                slot: None,
             });
             e.ttl = run.spec.ttl_seconds_after_finished;
+            e.slot = run.labels().get(naming::LABEL_SHARD).cloned();
             e.status = status.clone();
             e.dirty = true;
             e.urgent |= urgent;
@@ -138,14 +145,33 @@ impl StatusWriter {
         lock(&self.entries).remove(uid);
     }
 
+    /// Writes what waits of these runs now, and waits for it (at most `limit`); what the fence
+    /// refuses is dropped instead.
+    pub async fn flush(&self, uids: &[String], limit: Duration) {
+        {
+            let mut entries = lock(&self.entries);
+            for uid in uids {
+                if let Some(e) = entries.get_mut(uid) {
+                    e.urgent = true;
+                }
+            }
+        }
+        self.wake.notify_one();
+        let deadline = Instant::now() + limit;
+        while uids.iter().any(|u| self.pending(u)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether a status of the run waits or is being written.
     pub fn pending(&self, uid: &str) -> bool {
         lock(&self.entries).get(uid).is_some_and(|e| e.dirty || e.writing)
     }
 
-    /// Writes what is due until `shutdown`; then, if `still_leader` says so, everything that
-    /// waits (a replica that lost the Lease must not overwrite the new leader's writes).
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, still_leader: impl Fn() -> bool) {
+    /// Writes what is due until `shutdown`, then everything that waits. Only what `fence`
+    /// allows: the status of a run whose shard (or leadership) this replica lost is dropped, for
+    /// a replica that lost its Lease must not overwrite the new holder's writes.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, fence: Fence) {
         let tick = (self.interval / 10).clamp(Duration::from_millis(10), Duration::from_millis(200));
         loop {
             tokio::select! {
@@ -153,19 +179,29 @@ impl StatusWriter {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(tick) => {}
             }
-            self.start_due(false);
+            self.start_due(false, &*fence);
         }
-        if still_leader() {
-            self.start_due(true);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while lock(&self.entries).values().any(|e| e.writing) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        self.start_due(true, &*fence);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&self.entries).values().any(|e| e.writing) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Drops what waits for runs of shards this replica no longer holds.
+    pub fn drop_unfenced(&self, fence: &dyn Fn(Option<&str>) -> bool) {
+        let mut entries = lock(&self.entries);
+        let before = entries.len();
+        entries.retain(|_, e| e.writing || fence(e.slot.as_deref()));
+        let dropped = before - entries.len();
+        if dropped > 0 {
+            debug!(dropped, "dropped the statuses of runs whose shard this replica no longer holds");
         }
     }
 
     /// Starts a write for every run whose status is due (all that wait, with `all`).
-    fn start_due(self: &Arc<Self>, all: bool) {
+    fn start_due(self: &Arc<Self>, all: bool, fence: &dyn Fn(Option<&str>) -> bool) {
+        self.drop_unfenced(fence);
         let due: Vec<(String, String, String, WorkflowRunStatus, u64, Option<u32>)> = {
             let mut entries = lock(&self.entries);
             entries
@@ -341,7 +377,7 @@ mod tests {
         let api = Api::default();
         let writer = StatusWriter::new(api.client(), Metrics::new(), Duration::from_millis(400));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(writer.clone().run(stop.clone(), || true));
+        let task = tokio::spawn(writer.clone().run(stop.clone(), Arc::new(|_| true)));
         let run = run();
         // The run starts: its phase changes, so it is written at once.
         writer.stage(&run, &WorkflowRunStatus::default(), &status(RunPhase::Running, "0/3"));
@@ -375,7 +411,7 @@ mod tests {
         api.fail.store(1, Ordering::SeqCst);
         let writer = StatusWriter::new(api.client(), Metrics::new(), Duration::from_millis(100));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(writer.clone().run(stop.clone(), || true));
+        let task = tokio::spawn(writer.clone().run(stop.clone(), Arc::new(|_| true)));
         writer.stage(&run(), &WorkflowRunStatus::default(), &status(RunPhase::Running, "0/1"));
         until("a second try", || api.status_patches() == 2).await;
         until("the write to land", || !writer.pending("u")).await;
@@ -384,22 +420,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn what_waits_is_written_at_shutdown_only_while_leader() {
-        for (leader, writes) in [(true, 2), (false, 1)] {
+    async fn what_waits_is_written_at_shutdown_only_while_the_shard_is_held() {
+        for (held, writes) in [(true, 2), (false, 1)] {
             let api = Api::default();
             let writer = StatusWriter::new(api.client(), Metrics::new(), Duration::from_secs(3600));
             let stop = CancellationToken::new();
-            let task = tokio::spawn(writer.clone().run(stop.clone(), move || leader));
-            let run = run();
+            let holds = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let fence: Fence = {
+                let holds = holds.clone();
+                Arc::new(move |slot| slot == Some("7") && holds.load(Ordering::SeqCst))
+            };
+            let task = tokio::spawn(writer.clone().run(stop.clone(), fence));
+            let mut run = run();
+            run.metadata.labels = Some([(naming::LABEL_SHARD.to_string(), "7".to_string())].into());
             writer.stage(&run, &WorkflowRunStatus::default(), &status(RunPhase::Running, "0/2"));
             until("the start to be written", || api.status_patches() == 1).await;
             // Progress only (same phase): it would wait an hour.
             writer.stage(&run, &writer.fresh(&run), &status(RunPhase::Running, "1/2"));
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(api.status_patches(), 1);
+            holds.store(held, Ordering::SeqCst);
             stop.cancel();
             let _ = task.await;
-            assert_eq!(api.status_patches(), writes, "leader: {leader}");
+            assert_eq!(api.status_patches(), writes, "shard held: {held}");
+            assert!(!writer.pending("u"), "written or dropped");
         }
+        // A run of another shard is never written.
+        let api = Api::default();
+        let writer = StatusWriter::new(api.client(), Metrics::new(), Duration::from_millis(10));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(writer.clone().run(stop.clone(), Arc::new(|slot| slot == Some("7"))));
+        writer.stage(&run(), &WorkflowRunStatus::default(), &status(RunPhase::Running, "0/2"));
+        until("the status to be dropped", || !writer.pending("u")).await;
+        stop.cancel();
+        let _ = task.await;
+        assert_eq!(api.status_patches(), 0);
     }
 }
