@@ -21,6 +21,8 @@
 
 #[path = "../tests/kit/mod.rs"]
 mod kit;
+#[path = "bench/shards.rs"]
+mod shards;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -49,7 +51,7 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
     /// Run only these scenarios (comma-separated): inprocess, dispatch, pods, agents, big, loop,
-    /// rest.
+    /// shards, rest.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The operator binary (default: target/release/volt-operator next to this example).
@@ -128,6 +130,11 @@ async fn main() {
     results.push(json!({"scenario": "operator_after_load", "rss_mb": round(rss.0), "peak_rss_mb": round(rss.1)}));
     println!("{}", results.last().unwrap_or(&Value::Null));
     op.sigkill().await;
+    if want("shards") {
+        for r in shards::shards(cp, &admin, &bin, &procs, n(1000), n(30_000)).await {
+            record(&mut results, r);
+        }
+    }
     if want("rest") {
         let r = at_rest(cp, &admin, &bin, &sa, &args.operator_args, &procs, n(10_000), n(1_000)).await;
         record(&mut results, r);

@@ -130,6 +130,12 @@ fn stats_body(s: &AppState) -> axum::Json<serde_json::Value> {
             "lease": s.health.election.get().map(|c| c.lease.as_str()),
             "identity": s.health.election.get().map(|c| c.identity.as_str()),
         },
+        "shards": s.health.ownership.get().filter(|o| o.is_sharded()).map(|o| json!({
+            "count": o.shards(),
+            "held": o.held(),
+            "identity": o.identity(),
+            "members": o.members(),
+        })),
         "agents": {"total": snap.agents_total, "ready": snap.agents_ready, "healthyReplicas": snap.replicas_healthy},
         "runs": {
             "pending": phase("Pending"),

@@ -254,7 +254,14 @@ impl Workers {
             tasks.push(tokio::spawn(supervised(
                 self.health.clone(),
                 name("workflowrun"),
-                run::controller(client.clone(), scope.clone(), self.shared.clone(), self.health.clone(), stop.clone(), shard),
+                run::controller(
+                    client.clone(),
+                    scope.clone(),
+                    self.shared.clone(),
+                    self.health.clone(),
+                    stop.clone(),
+                    shard,
+                ),
             )));
             // What must happen once: shard 0's holder.
             if shard == 0 {
@@ -266,7 +273,13 @@ impl Workers {
                 tasks.push(tokio::spawn(supervised(
                     self.health.clone(),
                     name("workflowschedule"),
-                    schedule::controller(client, scope.clone(), self.metrics.clone(), self.events.clone(), stop.clone()),
+                    schedule::controller(
+                        client,
+                        scope.clone(),
+                        self.metrics.clone(),
+                        self.events.clone(),
+                        stop.clone(),
+                    ),
                 )));
             }
         }

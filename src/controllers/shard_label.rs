@@ -86,12 +86,7 @@ fn error_policy(_run: Arc<WorkflowRun>, _err: &Error, _ctx: Arc<Ctx>) -> Action 
 }
 
 /// The labeller for one scope, until `shutdown`.
-pub async fn controller(
-    client: Client,
-    scope: Option<String>,
-    ownership: Arc<Ownership>,
-    shutdown: CancellationToken,
-) {
+pub async fn controller(client: Client, scope: Option<String>, ownership: Arc<Ownership>, shutdown: CancellationToken) {
     let (wf_reader, wf_writer) = reflector::store();
     let wf_stream = watcher(api_for::<Workflow>(&client, &scope), watcher::Config::default().served_from_watch_cache())
         .backoff(WatchBackoff::default())

@@ -254,7 +254,14 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
         workflow_name,
         params,
         // `TRACEPARENT`: the run joins the trace of whatever started it (a CI job, a script).
-        run: RunInfo { name, namespace, uid: uuid(), chain, traceparent: std::env::var("TRACEPARENT").ok(), shard: None },
+        run: RunInfo {
+            name,
+            namespace,
+            uid: uuid(),
+            chain,
+            traceparent: std::env::var("TRACEPARENT").ok(),
+            shard: None,
+        },
         timeout,
         agents,
         decisions,

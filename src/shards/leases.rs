@@ -215,8 +215,7 @@ impl Coordinator {
             }
         }
         // A held shard past its deadline: renewals failed for too long.
-        let late: Vec<u32> =
-            self.held.iter().filter(|(_, h)| Instant::now() >= h.deadline).map(|(s, _)| *s).collect();
+        let late: Vec<u32> = self.held.iter().filter(|(_, h)| Instant::now() >= h.deadline).map(|(s, _)| *s).collect();
         for shard in late {
             self.lose(shard, "no renewal before its deadline");
         }
@@ -525,7 +524,8 @@ impl Coordinator {
         spec.renew_time = None;
         spec.acquire_time = None;
         lease.spec = Some(spec);
-        match tokio::time::timeout(Duration::from_secs(5), self.api.replace(&name, &PostParams::default(), &lease)).await
+        match tokio::time::timeout(Duration::from_secs(5), self.api.replace(&name, &PostParams::default(), &lease))
+            .await
         {
             Ok(Ok(_)) => info!(shard, "released a shard"),
             Ok(Err(e)) => warn!(shard, error = %e, "releasing the shard Lease failed; it expires instead"),

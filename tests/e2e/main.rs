@@ -19,6 +19,7 @@ mod plugin;
 mod runs;
 mod schedules;
 mod security;
+mod sharding;
 mod traces;
 mod web_view;
 mod web_view_browser;

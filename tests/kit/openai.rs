@@ -105,6 +105,10 @@ struct Shared {
     rpm: Mutex<Option<(f64, f64, Instant)>>,
     rpm_cap: Mutex<Option<f64>>,
     rate_limited: AtomicUsize,
+    /// Requests in flight by their user message (a step's own prompt), and the messages that
+    /// were asked while an earlier request with the same one was still in flight.
+    by_prompt: Mutex<std::collections::HashMap<String, usize>>,
+    overlapping: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,6 +186,8 @@ impl Stub {
             rpm: Mutex::new(None),
             rpm_cap: Mutex::new(None),
             rate_limited: AtomicUsize::new(0),
+            by_prompt: Mutex::default(),
+            overlapping: Mutex::default(),
         });
         let router = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -263,6 +269,13 @@ impl Stub {
         self.shared.answered.load(Ordering::Relaxed)
     }
 
+    /// User messages asked while a request with the same one was in flight: with one prompt
+    /// per step, the same step called twice at once. A request ends when its answer is sent or
+    /// its client goes away (the connection closed: the caller was killed or gave up).
+    pub fn overlapping(&self) -> Vec<String> {
+        lock(&self.shared.overlapping).clone()
+    }
+
     /// The most requests in flight at once.
     pub fn max_in_flight(&self) -> usize {
         self.shared.max_in_flight.load(Ordering::Relaxed)
@@ -311,6 +324,29 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// One request in flight with its user message.
+struct PromptInFlight<'a>(&'a Shared, String);
+
+impl<'a> PromptInFlight<'a> {
+    fn start(s: &'a Shared, prompt: String) -> Self {
+        let mut by_prompt = lock(&s.by_prompt);
+        let n = by_prompt.entry(prompt.clone()).or_default();
+        if *n > 0 {
+            lock(&s.overlapping).push(prompt.clone());
+        }
+        *n += 1;
+        Self(s, prompt)
+    }
+}
+
+impl Drop for PromptInFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.0.by_prompt).get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let at = Instant::now();
     s.requests.fetch_add(1, Ordering::Relaxed);
@@ -321,6 +357,7 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
     let messages = request["messages"].as_array().cloned().unwrap_or_default();
     let model = request["model"].as_str().unwrap_or_default().to_string();
     let user = content_of(&messages, "user").unwrap_or_default();
+    let _prompt = PromptInFlight::start(&s, user.clone());
     let system = content_of(&messages, "system");
     let mut reply = lock(&s.script).pop_front().or_else(|| lock(&s.always).clone()).unwrap_or(Reply::Ok);
     if let Some((rpm, level, at)) = lock(&s.rpm).as_mut() {

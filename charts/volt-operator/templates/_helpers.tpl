@@ -143,7 +143,7 @@ What the operator does in the namespaces it watches (see docs/security.md).
 # whose status gives their health.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"{{ if gt (int .Values.sharding.shards) 1 }}, "patch"{{ end }}]
 # Step outputs over the inline limit, and the persistent tier of the step cache.
 - apiGroups: [""]
   resources: ["configmaps"]

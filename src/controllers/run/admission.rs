@@ -31,7 +31,12 @@ pub struct Scopes(Mutex<(u64, Vec<Scope>)>);
 
 impl Scopes {
     /// Registers a controller; the id removes it when it stops.
-    pub fn add(&self, scope: Option<String>, runs: Store<WorkflowRun>, wake: UnboundedSender<ObjectRef<WorkflowRun>>) -> u64 {
+    pub fn add(
+        &self,
+        scope: Option<String>,
+        runs: Store<WorkflowRun>,
+        wake: UnboundedSender<ObjectRef<WorkflowRun>>,
+    ) -> u64 {
         let mut scopes = lock(&self.0);
         scopes.0 += 1;
         let id = scopes.0;

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
@@ -419,12 +419,14 @@ pub async fn controller(
     // flat with many finished runs.
     let (pod_reader, pod_writer) = reflector::store();
     // Paged, like the Agent controller's: pods of finished runs stay until their run is deleted.
-    let pod_stream =
-        watcher(api_for(&client, &scope), watcher::Config::default().labels(&with_shard(naming::LABEL_RUN)).page_size(500))
-            .backoff(WatchBackoff::default())
-            .modify(finished::slim_pod)
-            .reflect(pod_writer)
-            .touched_objects();
+    let pod_stream = watcher(
+        api_for(&client, &scope),
+        watcher::Config::default().labels(&with_shard(naming::LABEL_RUN)).page_size(500),
+    )
+    .backoff(WatchBackoff::default())
+    .modify(finished::slim_pod)
+    .reflect(pod_writer)
+    .touched_objects();
     let (wf_reader, wf_writer) = reflector::store();
     let wf_stream = watcher(api_for::<Workflow>(&client, &scope), watcher::Config::default().served_from_watch_cache())
         .backoff(WatchBackoff::default())
@@ -446,6 +448,19 @@ pub async fn controller(
     .backoff(WatchBackoff::default())
     .modify(finished::slim_run)
     .reflect(run_writer)
+    .inspect_ok({
+        // A child run leaves this cache when its end is written (it is labelled finished):
+        // that wakes its parent, which reads the child's end from the API. The reconcile that
+        // sees the child's end in the cache may come too late to find it there.
+        let admission = shared.admission.clone();
+        move |event| {
+            if let watcher::Event::Delete(child) = event
+                && let Some(parent) = children::parent_of(child)
+            {
+                admission.scopes.wake(&child.namespace().unwrap_or_default(), parent);
+            }
+        }
+    })
     .touched_objects();
     // Passes of different runs run in parallel, bounded: a burst of new runs does not open
     // thousands of requests at once.

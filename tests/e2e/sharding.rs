@@ -1,0 +1,204 @@
+//! Scale-out (`--shards`): operator processes under the chart's rights split the runs by shard;
+//! one is SIGKILLed and another joins mid-way; every run finishes, no step pod is created twice
+//! for one attempt, and no in-process step is called by two replicas at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use volt_operator::api::{RunPhase, WorkflowRun};
+
+use crate::kit::control_plane::{self, OPERATOR_USER};
+use crate::kit::openai::Stub;
+use crate::kit::{self, LogDir, OperatorProcess, apply, container, endpoint_agent, helm_install, wait_until};
+
+const SHARDS: u32 = 3;
+const RUNS: usize = 200;
+const LONG: Duration = Duration::from_secs(300);
+
+/// An operator process with `--shards`, identity `name`, on the Leases of `lease` in `ns`.
+fn replica(name: &str, ns: &str, lease: &str, dir: &LogDir) -> OperatorProcess {
+    OperatorProcess::builder(control_plane::shared().operator_kubeconfig_path(), dir.join(format!("{name}.log")))
+        .name(name)
+        .namespaces(&[ns])
+        .args(["--shards", &SHARDS.to_string(), "--lease-namespace", ns, "--lease-name", lease])
+        .args(["--lease-duration", "6", "--lease-grace", "2", "--max-concurrent-runs", "0"])
+        .args(["--health-check-interval", "1", "--log-format", "text", "--log-level", "info"])
+        .env("POD_NAME", name)
+        .spawn()
+}
+
+/// A run of one of four shapes: agent calls, a pod then an agent, a child run, a fan-out.
+fn mixed_run(i: usize) -> Value {
+    let ask = |id: &str, deps: &[&str]| json!({"id": id, "dependsOn": deps, "agent": {"ref": "model", "prompt": format!("{{{{ run.name }}}}/{id}")}});
+    let steps = match i % 4 {
+        0 => json!([ask("plan", &[]), ask("write", &["plan"]),
+                    {"id": "sum", "dependsOn": ["write"], "template": "{{ steps.write.output }}"}]),
+        1 => json!([{"id": "build", "container": container("built")}, ask("review", &["build"])]),
+        2 => json!([ask("plan", &[]), {"id": "sub", "dependsOn": ["plan"], "workflow": {"ref": "child"}}]),
+        _ => json!([{"id": "items", "template": "[1,2,3]"},
+                    {"id": "each", "dependsOn": ["items"], "forEach": "{{ steps.items.json }}",
+                     "agent": {"ref": "model", "prompt": "{{ run.name }}/each/{{ item }}"}}]),
+    };
+    kit::run_obj(&format!("mixed-{i:03}"), json!({"steps": steps}))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The shards each process holds (`volt_shards_owned`).
+async fn owned(p: &OperatorProcess) -> f64 {
+    p.metric("volt_shards_owned").await
+}
+
+#[tokio::test]
+async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
+    let cp = control_plane::shared();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "shards").await;
+    let rel = format!("vs-{:04x}", rand::random::<u16>());
+    helm_install(
+        &rel,
+        &ns,
+        &[
+            format!("watchNamespaces={{{ns}}}"),
+            format!("sharding.shards={SHARDS}"),
+            "rbac.extraSubjects[0].kind=User".into(),
+            format!("rbac.extraSubjects[0].name={OPERATOR_USER}"),
+            "rbac.extraSubjects[0].apiGroup=rbac.authorization.k8s.io".into(),
+        ],
+    )
+    .await;
+    let lease = format!("{rel}-volt-operator");
+    let dir = LogDir::new("shards");
+
+    // Every pod ever created, by name: one UID each, or a step's pod was created twice.
+    let pods_seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+    let pod_watch = {
+        let (api, seen) = (Api::<Pod>::namespaced(client.clone(), &ns), pods_seen.clone());
+        tokio::spawn(watcher(api, watcher::Config::default().labels("volt.dev/run")).for_each(move |e| {
+            if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = e {
+                lock(&seen).entry(p.name_any()).or_default().insert(p.uid().unwrap_or_default());
+            }
+            futures::future::ready(())
+        }))
+    };
+    let _kubelet =
+        kit::kubelet::Kubelet::start(client.clone(), &ns, None, kit::kubelet::scripted(|_| Duration::from_millis(400)));
+    let stub = Stub::start("model", Duration::from_millis(300)).await;
+    apply(&client, &ns, endpoint_agent("model", &stub.base_url(), json!({}))).await;
+    apply(
+        &client,
+        &ns,
+        json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "child"},
+               "spec": {"steps": [{"id": "ask", "agent": {"ref": "model", "prompt": "{{ run.name }}/child"}}]}}),
+    )
+    .await;
+
+    // Three replicas: a shard each.
+    let mut replicas: Vec<OperatorProcess> = (0..3).map(|i| replica(&format!("r{i}"), &ns, &lease, &dir)).collect();
+    for r in &mut replicas {
+        r.wait_ready(Duration::from_secs(60)).await;
+    }
+    wait_until("a shard on each replica", Duration::from_secs(60), || async {
+        for r in &replicas {
+            if owned(r).await != 1.0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
+    for i in 0..RUNS {
+        apply(&client, &ns, mixed_run(i)).await;
+    }
+    let finished = || async {
+        let list = runs.list(&ListParams::default()).await.ok()?;
+        let parents =
+            list.items.iter().filter(|r| r.name_any().starts_with("mixed-") && !r.name_any().contains("-sub-"));
+        Some(parents.filter(|r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).count())
+    };
+    wait_until("a third of the runs to finish", LONG, || async {
+        finished().await.filter(|n| *n >= RUNS / 3).map(|_| ())
+    })
+    .await;
+
+    // One replica dies; another joins.
+    let mut dead = replicas.remove(1);
+    let killed_at = Instant::now();
+    dead.sigkill().await;
+    let mut joiner = replica("r3", &ns, &lease, &dir);
+    joiner.wait_ready(Duration::from_secs(60)).await;
+    replicas.push(joiner);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let taken_over = wait_until("the dead replica's shard to be held again", LONG, || async {
+        let list = leases.list(&ListParams::default().labels("volt.dev/lease-role=shard")).await.ok()?;
+        let holders: Vec<String> = list.items.iter().filter_map(|l| l.spec.as_ref()?.holder_identity.clone()).collect();
+        (holders.len() == SHARDS as usize && holders.iter().all(|h| !h.starts_with("r1_"))).then(|| killed_at.elapsed())
+    })
+    .await;
+    println!("failover: the killed replica's shard was held again {taken_over:?} after SIGKILL (lease 6 s)");
+
+    wait_until("every run to finish", LONG, || async { finished().await.filter(|n| *n == RUNS).map(|_| ()) }).await;
+    let all = runs.list(&ListParams::default()).await.expect("list runs");
+    let children = all.items.iter().filter(|r| r.labels().contains_key("volt.dev/parent-run")).count();
+    assert_eq!((all.items.len() - children, children), (RUNS, RUNS / 4), "runs and child runs");
+    for r in &all.items {
+        let s = r.status.as_ref().expect("status");
+        assert_eq!(s.phase, RunPhase::Succeeded, "{} {}: {}", r.name_any(), s.phase.as_str(), s.message);
+        let slot = r.labels().get("volt.dev/shard").unwrap_or_else(|| panic!("{} has no shard label", r.name_any()));
+        if let Some(parent) = r.labels().get("volt.dev/parent-run") {
+            let p = all.items.iter().find(|p| &p.name_any() == parent).expect("the parent run");
+            assert_eq!(p.labels().get("volt.dev/shard"), Some(slot), "a child shares its parent's shard");
+        }
+    }
+
+    // No step pod was created twice for one attempt (pod names are per run, step and attempt).
+    pod_watch.abort();
+    let twice: Vec<(String, usize)> = lock(&pods_seen)
+        .iter()
+        .filter(|(_, uids)| uids.len() > 1)
+        .map(|(name, uids)| (name.clone(), uids.len()))
+        .collect();
+    assert!(twice.is_empty(), "pods created more than once: {twice:?}");
+    assert_eq!(lock(&pods_seen).len(), RUNS / 4, "one pod per build step");
+    // No in-process step was called by two replicas at once; every step was called.
+    assert_eq!(stub.overlapping(), Vec::<String>::new(), "LLM steps called twice at once");
+    let prompts: BTreeSet<String> = stub.seen().into_iter().map(|s| s.user).collect();
+    let expected = RUNS / 4 * 2 + RUNS / 4 + RUNS / 4 * 2 + RUNS / 4 * 3;
+    assert_eq!(prompts.len(), expected, "every LLM step was called");
+
+    // The joiner took a shard; the survivors and the joiner hold one each.
+    wait_until("one shard per live replica", Duration::from_secs(60), || async {
+        for r in &replicas {
+            if owned(r).await != 1.0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let acquired = replicas[2].metric_by_label("volt_shard_changes_total", "change").await;
+    assert!(acquired.get("acquired").copied().unwrap_or_default() >= 1.0, "the joiner took a shard: {acquired:?}");
+    for r in &mut replicas {
+        r.assert_alive("after the runs");
+        r.assert_no_panic();
+    }
+    // SIGTERM releases the shards: the Leases have no holder afterwards.
+    for r in &mut replicas {
+        r.stop(Duration::from_secs(20)).await;
+    }
+    let list = leases.list(&ListParams::default().labels("volt.dev/lease-role=shard")).await.expect("leases");
+    let held: Vec<String> = list.items.iter().filter_map(|l| l.spec.as_ref()?.holder_identity.clone()).collect();
+    assert!(held.is_empty(), "shard Leases still held after every replica stopped: {held:?}");
+}
