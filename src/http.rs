@@ -163,7 +163,10 @@ struct EventsQuery {
 }
 
 /// Recent events, oldest first, for replay: `?correlationId=<run uid>&namespace=<ns>&after=<id>&limit=<n>`.
-/// Only the events of objects whose kind the caller may `list` in their namespace.
+/// With a correlation id, the run's stored log (kept in a ConfigMap by whichever replica emitted
+/// the events, [`crate::events::store`]) merged with this process's events; without one, this
+/// replica's recent events in memory. Only the events of objects whose kind the caller may
+/// `list` in their namespace. A failed read of the store is a 502 with a JSON error.
 async fn events(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -177,12 +180,28 @@ async fn events(
         return AuthError::Unavailable("no access checker".into()).into_response();
     };
     let limit = q.limit.unwrap_or(1000).min(10_000);
-    let all = s
-        .health
-        .events
-        .get()
-        .map(|log| log.query(q.correlation_id.as_deref(), q.after, usize::MAX))
-        .unwrap_or_default();
+    if let Some(ns) = q.namespace.as_deref().filter(|ns| !crate::naming::is_namespace(ns)) {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": format!("namespace {ns:?} is not a namespace name")})),
+        )
+            .into_response();
+    }
+    let all = match (s.health.events.get(), q.correlation_id.as_deref()) {
+        (None, _) => Vec::new(),
+        // One correlation id: its run's stored log (whichever replica wrote it), with what this
+        // process has not written yet.
+        (Some(log), Some(id)) => match log.replay(id, q.namespace.as_deref()).await {
+            Ok(events) => events.into_iter().filter(|e| q.after.is_none_or(|a| e.id > a)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, correlation_id = id, "reading a run's stored events failed");
+                let body = json!({"error": format!("the stored events could not be read: {e}")});
+                return (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response();
+            }
+        },
+        // Everything: this replica's recent events, in memory.
+        (Some(log), None) => log.query(None, q.after, usize::MAX),
+    };
     let mut decided: std::collections::HashMap<(String, String), bool> = Default::default();
     let mut visible = Vec::new();
     for event in all {
