@@ -354,4 +354,53 @@ mod tests {
         assert_eq!(ids(&get(h.clone(), "/api/v1/events", Some("t-bob")).await.1), Vec::<u64>::new());
         assert_eq!(get(h, "/api/v1/events", None).await.0, StatusCode::UNAUTHORIZED);
     }
+
+    /// A run's events come from its stored log (another process wrote them) merged with this
+    /// process's, filtered as the caller may see; a store that fails is a 502 with a JSON error.
+    #[tokio::test]
+    async fn a_runs_events_come_from_its_stored_log() {
+        use crate::events::store::testing::MemoryStore;
+        use crate::events::store::{EventStore, RunRef, Stored};
+        use crate::events::{Batch, EventKind, EventLog, Handler, VoltEvent};
+        let h = guarded(vec![("alice".into(), Attributes::volt("list", "workflowruns", "a"))]);
+        let store = Arc::new(MemoryStore::default());
+        let log = h.events.get_or_init(|| Arc::new(EventLog::with(100, store.clone(), Metrics::new()))).clone();
+        let event = |id| VoltEvent {
+            id,
+            time: jiff::Timestamp::now(),
+            kind: EventKind::StepStarted,
+            correlation_id: "uid-r".into(),
+            namespace: "a".into(),
+            object: "WorkflowRun/r".into(),
+            step: Some("s".into()),
+            attempt: 0,
+            message: String::new(),
+        };
+        let run = RunRef { namespace: "a".into(), name: "r".into(), uid: "uid-r".into() };
+        let mut stored = Stored::default();
+        stored.append([event(10), event(20)]);
+        store.save(&run, &stored, None).await.expect("save");
+        log.handle(&Batch { events: vec![event(20), event(30)], reference: None }).await;
+        let ids = |json: &serde_json::Value| -> Vec<u64> {
+            json["events"].as_array().map(|v| v.iter().filter_map(|e| e["id"].as_u64()).collect()).unwrap_or_default()
+        };
+        let (code, json) = get(h.clone(), "/api/v1/events?correlationId=uid-r", Some("t-alice")).await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(ids(&json), [10, 20, 30]);
+        let after = get(h.clone(), "/api/v1/events?correlationId=uid-r&after=10&limit=1", Some("t-alice")).await;
+        assert_eq!(ids(&after.1), [30]);
+        assert_eq!(
+            ids(&get(h.clone(), "/api/v1/events?correlationId=uid-r", Some("t-bob")).await.1),
+            Vec::<u64>::new()
+        );
+        let (code, json) = get(h.clone(), "/api/v1/events?correlationId=uid-r&namespace=a/../b", Some("t-alice")).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{json}");
+        store.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (code, json) = get(h.clone(), "/api/v1/events?correlationId=uid-r", Some("t-alice")).await;
+        assert_eq!(code, StatusCode::BAD_GATEWAY);
+        assert!(json["error"].as_str().is_some_and(|e| e.contains("the store is down")), "{json}");
+        // Without a correlation id: this replica's events in memory, as before.
+        let (code, json) = get(h, "/api/v1/events", Some("t-alice")).await;
+        assert_eq!((code, ids(&json)), (StatusCode::OK, vec![20, 30]));
+    }
 }

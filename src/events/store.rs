@@ -422,7 +422,17 @@ pub(crate) mod testing {
             _namespace: Option<&'a str>,
             _name: Option<&'a str>,
         ) -> BoxFuture<'a, Result<Stored, StoreError>> {
-            Box::pin(async move { Ok(self.stored(uid).unwrap_or_default()) })
+            Box::pin(async move {
+                if self.down.load(Ordering::Relaxed) {
+                    return Err(StoreError::Corrupt {
+                        namespace: "ns".into(),
+                        name: uid.into(),
+                        field: "down",
+                        reason: "the store is down".into(),
+                    });
+                }
+                Ok(self.stored(uid).unwrap_or_default())
+            })
         }
     }
 }
