@@ -8,8 +8,9 @@
 //! its first write for a run (after a restart or a hand-over) so earlier events are kept.
 //! Exactly one process emits a run's events at a time (the leader; later the shard owner), so
 //! one writer per run; a conflicting write is read again and merged. A failed write stays
-//! pending and is retried with backoff; a full pending set drops and counts in
-//! `volt_events_dropped_total{sink="event-store"}`.
+//! pending and is retried with backoff, unless retrying cannot help (a ConfigMap of that name
+//! that is not the run's log, a namespace gone, no right: the run's pending events are dropped);
+//! drops, and a full pending set, count in `volt_events_dropped_total{sink="event-store"}`.
 //!
 //! Replica, cache and other events without a run (object other than `WorkflowRun/...`) are
 //! kept in the ring only.
@@ -89,7 +90,12 @@ impl EventLog {
         let pending: Arc<Mutex<Pending>> = Arc::default();
         let wake = Arc::new(Notify::new());
         let (flushes, flush_rx) = mpsc::channel(16);
-        let writer = Writer { store: store.clone(), pending: Arc::downgrade(&pending), runs: HashMap::new() };
+        let writer = Writer {
+            store: store.clone(),
+            pending: Arc::downgrade(&pending),
+            runs: HashMap::new(),
+            metrics: metrics.clone(),
+        };
         tokio::spawn(writer.run(wake.clone(), flush_rx));
         Self {
             cap: cap.max(1),
@@ -215,6 +221,7 @@ struct Writer {
     store: Arc<dyn EventStore>,
     pending: Weak<Mutex<Pending>>,
     runs: HashMap<String, Written>,
+    metrics: Metrics,
 }
 
 #[derive(Default)]
@@ -281,6 +288,19 @@ impl Writer {
                             w.retry_at = None;
                             w.last_write = Some(Instant::now());
                         }
+                    }
+                    Err(e) if e.is_permanent() => {
+                        // Retrying cannot help (not our ConfigMap, the namespace is gone, no
+                        // right): give the run's events up, so they do not fill the pending set.
+                        let dropped = {
+                            let mut p = lock(&pending);
+                            let n = p.runs.remove(&run.uid).map_or(0, |r| r.events.len());
+                            p.total = p.total.saturating_sub(n);
+                            n
+                        };
+                        self.runs.remove(&run.uid);
+                        self.metrics.events_dropped.with_label_values(&["event-store"]).inc_by(dropped as u64);
+                        warn!(error = %e, dropped, "a run's events cannot be kept; dropped");
                     }
                     Err(e) => {
                         let w = self.runs.entry(run.uid.clone()).or_default();
@@ -440,6 +460,23 @@ mod tests {
         advance(Duration::from_secs(40)).await;
         assert_eq!(store.stored("u1").map(|s| ids(&s.events)), Some(vec![1]));
         assert_eq!(pending(&log), Vec::<u64>::new(), "written, no longer pending");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_that_cannot_be_kept_are_dropped_and_counted() {
+        let store = Arc::new(MemoryStore::default());
+        let metrics = Metrics::new();
+        let log = EventLog::with(100, store.clone(), metrics.clone());
+        store.foreign.store(true, Ordering::Relaxed);
+        publish(
+            &log,
+            vec![event(1, "u1", EventKind::StepStarted, Some("a")), event(2, "u1", EventKind::RunFailed, None)],
+        )
+        .await;
+        advance(Duration::from_secs(2)).await;
+        assert_eq!(metrics.events_dropped.with_label_values(&["event-store"]).get(), 2);
+        assert!(lock(log.persist.as_ref().map(|p| &p.pending).expect("a store")).runs.is_empty(), "not retried");
+        assert_eq!(store.stored("u1"), None);
     }
 
     #[tokio::test(start_paused = true)]

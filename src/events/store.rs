@@ -49,6 +49,20 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether retrying cannot help: a ConfigMap that is not the run's log or does not parse,
+    /// or the API refusing the request itself (the namespace is gone, no right, invalid).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Foreign { .. } | StoreError::Corrupt { .. } | StoreError::Json { .. } => true,
+            StoreError::Kube { source: kube::Error::Api(status), .. } => {
+                matches!(status.code, 400 | 403 | 404 | 422)
+            }
+            StoreError::Kube { .. } | StoreError::Conflict { .. } => false,
+        }
+    }
+}
+
 /// The run a log belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RunRef {
@@ -361,8 +375,10 @@ pub(crate) mod testing {
     pub struct MemoryStore {
         /// By run UID: the run, its log, its version.
         pub logs: Mutex<HashMap<String, (RunRef, Stored, u64)>>,
-        /// Saves and loads fail while set.
+        /// Saves, loads and finds fail (for a while: retrying helps) while set.
         pub down: AtomicBool,
+        /// Loads find a ConfigMap that is not the run's log while set.
+        pub foreign: AtomicBool,
         pub saves: AtomicUsize,
     }
 
@@ -373,15 +389,23 @@ pub(crate) mod testing {
 
         fn check(&self, run: &RunRef) -> Result<(), StoreError> {
             if self.down.load(Ordering::Relaxed) {
-                return Err(StoreError::Corrupt {
+                return Err(down(&run.uid));
+            }
+            if self.foreign.load(Ordering::Relaxed) {
+                return Err(StoreError::Foreign {
                     namespace: run.namespace.clone(),
                     name: run.name.clone(),
-                    field: "down",
-                    reason: "the store is down".into(),
+                    run: run.uid.clone(),
                 });
             }
             Ok(())
         }
+    }
+
+    /// What a store that is down answers: a transient error of the API.
+    fn down(uid: &str) -> StoreError {
+        let status = kube::core::Status::failure("the store is down", "ServiceUnavailable").with_code(503);
+        StoreError::Kube { run: uid.to_string(), source: kube::Error::Api(Box::new(status)) }
     }
 
     impl EventStore for MemoryStore {
@@ -424,12 +448,7 @@ pub(crate) mod testing {
         ) -> BoxFuture<'a, Result<Stored, StoreError>> {
             Box::pin(async move {
                 if self.down.load(Ordering::Relaxed) {
-                    return Err(StoreError::Corrupt {
-                        namespace: "ns".into(),
-                        name: uid.into(),
-                        field: "down",
-                        reason: "the store is down".into(),
-                    });
+                    return Err(down(uid));
                 }
                 Ok(self.stored(uid).unwrap_or_default())
             })
