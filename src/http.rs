@@ -169,7 +169,10 @@ struct EventsQuery {
 }
 
 /// Recent events, oldest first, for replay: `?correlationId=<run uid>&namespace=<ns>&after=<id>&limit=<n>`.
-/// Only the events of objects whose kind the caller may `list` in their namespace.
+/// With a correlation id, the run's stored log (kept in a ConfigMap by whichever replica emitted
+/// the events, [`crate::events::store`]) merged with this process's events; without one, this
+/// replica's recent events in memory. Only the events of objects whose kind the caller may
+/// `list` in their namespace. A failed read of the store is a 502 with a JSON error.
 async fn events(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -183,12 +186,28 @@ async fn events(
         return AuthError::Unavailable("no access checker".into()).into_response();
     };
     let limit = q.limit.unwrap_or(1000).min(10_000);
-    let all = s
-        .health
-        .events
-        .get()
-        .map(|log| log.query(q.correlation_id.as_deref(), q.after, usize::MAX))
-        .unwrap_or_default();
+    if let Some(ns) = q.namespace.as_deref().filter(|ns| !crate::naming::is_namespace(ns)) {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": format!("namespace {ns:?} is not a namespace name")})),
+        )
+            .into_response();
+    }
+    let all = match (s.health.events.get(), q.correlation_id.as_deref()) {
+        (None, _) => Vec::new(),
+        // One correlation id: its run's stored log (whichever replica wrote it), with what this
+        // process has not written yet.
+        (Some(log), Some(id)) => match log.replay(id, q.namespace.as_deref()).await {
+            Ok(events) => events.into_iter().filter(|e| q.after.is_none_or(|a| e.id > a)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, correlation_id = id, "reading a run's stored events failed");
+                let body = json!({"error": format!("the stored events could not be read: {e}")});
+                return (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response();
+            }
+        },
+        // Everything: this replica's recent events, in memory.
+        (Some(log), None) => log.query(None, q.after, usize::MAX),
+    };
     let mut decided: std::collections::HashMap<(String, String), bool> = Default::default();
     let mut visible = Vec::new();
     for event in all {
@@ -340,5 +359,54 @@ mod tests {
         );
         assert_eq!(ids(&get(h.clone(), "/api/v1/events", Some("t-bob")).await.1), Vec::<u64>::new());
         assert_eq!(get(h, "/api/v1/events", None).await.0, StatusCode::UNAUTHORIZED);
+    }
+
+    /// A run's events come from its stored log (another process wrote them) merged with this
+    /// process's, filtered as the caller may see; a store that fails is a 502 with a JSON error.
+    #[tokio::test]
+    async fn a_runs_events_come_from_its_stored_log() {
+        use crate::events::store::testing::MemoryStore;
+        use crate::events::store::{EventStore, RunRef, Stored};
+        use crate::events::{Batch, EventKind, EventLog, Handler, VoltEvent};
+        let h = guarded(vec![("alice".into(), Attributes::volt("list", "workflowruns", "a"))]);
+        let store = Arc::new(MemoryStore::default());
+        let log = h.events.get_or_init(|| Arc::new(EventLog::with(100, store.clone(), Metrics::new()))).clone();
+        let event = |id| VoltEvent {
+            id,
+            time: jiff::Timestamp::now(),
+            kind: EventKind::StepStarted,
+            correlation_id: "uid-r".into(),
+            namespace: "a".into(),
+            object: "WorkflowRun/r".into(),
+            step: Some("s".into()),
+            attempt: 0,
+            message: String::new(),
+        };
+        let run = RunRef { namespace: "a".into(), name: "r".into(), uid: "uid-r".into() };
+        let mut stored = Stored::default();
+        stored.append([event(10), event(20)]);
+        store.save(&run, &stored, None).await.expect("save");
+        log.handle(&Batch { events: vec![event(20), event(30)], reference: None }).await;
+        let ids = |json: &serde_json::Value| -> Vec<u64> {
+            json["events"].as_array().map(|v| v.iter().filter_map(|e| e["id"].as_u64()).collect()).unwrap_or_default()
+        };
+        let (code, json) = get(h.clone(), "/api/v1/events?correlationId=uid-r", Some("t-alice")).await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(ids(&json), [10, 20, 30]);
+        let after = get(h.clone(), "/api/v1/events?correlationId=uid-r&after=10&limit=1", Some("t-alice")).await;
+        assert_eq!(ids(&after.1), [30]);
+        assert_eq!(
+            ids(&get(h.clone(), "/api/v1/events?correlationId=uid-r", Some("t-bob")).await.1),
+            Vec::<u64>::new()
+        );
+        let (code, json) = get(h.clone(), "/api/v1/events?correlationId=uid-r&namespace=a/../b", Some("t-alice")).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{json}");
+        store.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (code, json) = get(h.clone(), "/api/v1/events?correlationId=uid-r", Some("t-alice")).await;
+        assert_eq!(code, StatusCode::BAD_GATEWAY);
+        assert!(json["error"].as_str().is_some_and(|e| e.contains("the store is down")), "{json}");
+        // Without a correlation id: this replica's events in memory, as before.
+        let (code, json) = get(h, "/api/v1/events", Some("t-alice")).await;
+        assert_eq!((code, ids(&json)), (StatusCode::OK, vec![20, 30]));
     }
 }

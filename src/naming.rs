@@ -58,6 +58,8 @@ pub fn member_lease(prefix: &str, identity: &str) -> String {
         .collect();
     fit(&format!("{prefix}-member-{}", id.trim_matches('-')), 253)
 }
+/// On the ConfigMap holding a run's event log: the run's UID, to find it by.
+pub const LABEL_EVENTS_OF: &str = "volt.dev/events-of";
 
 /// Longest DNS label (pod hostnames, label values).
 pub const MAX_LABEL: usize = 63;
@@ -179,6 +181,50 @@ pub fn transcript_config_map(run: &str, key: &str) -> String {
     fit(&format!("{run}-tr-{}", key_fragment(key)), 253)
 }
 
+/// Suffix of the name of a run's event log ConfigMap. Output and transcript ConfigMaps cannot
+/// end with it: after their last dot comes `-out-`/`-tr-` and a key fragment (no dots), or a
+/// hash when [`fit`] shortened them.
+const EVENTS_SUFFIX: &str = ".events";
+
+/// Longest object name (a DNS subdomain).
+pub const MAX_NAME: usize = 253;
+
+/// Name of the ConfigMap holding the event log of run `run`: `<run>.events`, the run's name
+/// shortened (with a hash) when the whole would pass 253 characters.
+pub fn events_config_map(run: &str) -> String {
+    format!("{}{EVENTS_SUFFIX}", fit(run, MAX_NAME - EVENTS_SUFFIX.len()))
+}
+
+/// Labels of a run's event log ConfigMap: found by the run's UID.
+pub fn events_labels(run: &str, uid: &str) -> BTreeMap<String, String> {
+    let mut labels = run_labels(run);
+    labels.insert(LABEL_EVENTS_OF.to_string(), label_value(uid));
+    labels
+}
+
+/// Key of the events (a JSON array, oldest first) in a run's event log ConfigMap.
+pub const EVENTS_KEY: &str = "events.json";
+/// Key of the number of events dropped from a run's event log ConfigMap (the oldest, over its
+/// bounds).
+pub const EVENTS_TRUNCATED_KEY: &str = "truncated";
+
+/// Whether `s` is a valid label value (at most 63 characters of `[A-Za-z0-9._-]`, starting and
+/// ending with a letter or digit): run UIDs are.
+pub fn is_label_value(s: &str) -> bool {
+    s.len() <= MAX_LABEL
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Whether `s` is a valid namespace name (an RFC 1123 label).
+pub fn is_namespace(s: &str) -> bool {
+    s.len() <= MAX_LABEL
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 /// Key of a transcript in its ConfigMap.
 pub const TRANSCRIPT_KEY: &str = "transcript.json";
 
@@ -258,6 +304,52 @@ mod tests {
         assert_eq!(schedule_run_name("nightly", 1_735_689_659), "nightly-28928160");
         assert!(schedule_run_name(&"s".repeat(300), 0).len() <= 253);
         assert_eq!(schedule_labels("nightly")[LABEL_SCHEDULE], "nightly");
+    }
+
+    #[test]
+    fn event_logs_are_named_for_their_run_and_never_as_outputs() {
+        assert_eq!(events_config_map("build-1"), "build-1.events");
+        let long = "r".repeat(253);
+        let name = events_config_map(&long);
+        assert_eq!(name.len(), 253);
+        assert!(name.ends_with(".events"));
+        assert_ne!(name, events_config_map(&format!("{long}x")), "distinct long runs stay distinct");
+        // Dotted run names and step keys: outputs and transcripts never end in `.events`.
+        for run in ["a", "a.events", "x.y", &long] {
+            for key in ["events", "l.2.events", "e[1]"] {
+                assert!(!output_config_map(run, key).ends_with(".events"), "{run} {key}");
+                assert!(!transcript_config_map(run, key).ends_with(".events"), "{run} {key}");
+            }
+        }
+        assert_ne!(events_config_map("a-out"), output_config_map("a", "events"));
+        // A DNS subdomain (what the API server checks for names): at most 253 characters, and
+        // every dot-separated part is lower-case letters, digits and dashes between a letter or
+        // digit at each end.
+        for run in ["a", "x.y", &long, &format!("{}.{}", "a".repeat(240), "b".repeat(12))] {
+            let name = events_config_map(run);
+            assert!(name.len() <= 253);
+            let part_ok = |l: &str| {
+                l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && l.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && l.ends_with(|c: char| c.is_ascii_alphanumeric())
+            };
+            assert!(name.split('.').all(part_ok), "{name}");
+        }
+        let labels = events_labels("r", "0b6e-uid");
+        assert_eq!(labels[LABEL_EVENTS_OF], "0b6e-uid");
+        assert_eq!(labels[LABEL_MANAGED_BY], MANAGED_BY);
+    }
+
+    #[test]
+    fn label_values_and_namespaces_are_checked() {
+        assert!(is_label_value("6f1c2d3e-0000-4000-8000-123456789abc"));
+        assert!(!is_label_value("a,b=c"));
+        assert!(!is_label_value(""));
+        assert!(!is_label_value(&"a".repeat(64)));
+        assert!(is_namespace("team-a"));
+        assert!(!is_namespace("a/../b"));
+        assert!(!is_namespace("A"));
+        assert!(!is_namespace(""));
     }
 
     #[test]

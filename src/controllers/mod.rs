@@ -154,7 +154,17 @@ pub async fn run(
             Arc::new(crate::cache::CacheManager::new(&args.cache.settings(), cache_metrics, Some(tier)))
         })
         .clone();
-    let log = health.events.get_or_init(|| Arc::new(crate::events::EventLog::new(EVENT_LOG_SIZE))).clone();
+    let log = health
+        .events
+        .get_or_init(|| {
+            Arc::new(crate::events::EventLog::with_store(
+                EVENT_LOG_SIZE,
+                client.clone(),
+                scopes(&args),
+                metrics.clone(),
+            ))
+        })
+        .clone();
     let mut handlers: Vec<(i32, Arc<dyn crate::events::Handler>)> =
         vec![(0, log), (10, Arc::new(crate::events::KubernetesEvents::new(events.clone(), args.event_window)))];
     if let Some(url) = &args.cloudevents_url {

@@ -3,13 +3,15 @@
 //! blocks a reconcile. A full queue drops the batch and counts it.
 //!
 //! Handlers: [`EventLog`] (a bounded in-memory log, queryable for replay at
-//! `/api/v1/events?correlationId=`), [`KubernetesEvents`] (one aggregated Kubernetes Event per
+//! `/api/v1/events?correlationId=`, which also keeps each run's events in a ConfigMap owned by
+//! the run: [`store`]), [`KubernetesEvents`] (one aggregated Kubernetes Event per
 //! batch on the involved object) and [`CloudEventsSink`] (structured CloudEvents over HTTP,
 //! with retries).
 
 mod cloudevents;
 mod kubernetes;
 mod log;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ObjectReference;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 pub use cloudevents::CloudEventsSink;
@@ -30,7 +32,7 @@ use crate::locks::lock;
 use crate::metrics::Metrics;
 
 /// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
     RunStarted,
     RunSucceeded,
@@ -55,6 +57,13 @@ impl EventKind {
     pub fn is_warning(self) -> bool {
         matches!(self, EventKind::RunFailed | EventKind::StepFailed | EventKind::ReplicaUnhealthy)
     }
+    /// Whether the run ended or paused: what its event log writes at once.
+    pub fn is_run_end(self) -> bool {
+        matches!(
+            self,
+            EventKind::RunSucceeded | EventKind::RunFailed | EventKind::RunCancelled | EventKind::RunSuspended
+        )
+    }
     /// The CloudEvents `type`.
     pub fn cloud_type(self) -> String {
         let name = format!("{self:?}");
@@ -70,10 +79,13 @@ impl EventKind {
 }
 
 /// One event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VoltEvent {
-    /// Increasing id, unique within this process.
+    /// Increasing id: the time of the event in Unix microseconds, or one more than the id before
+    /// it in this process when that is larger ([`next_id`]). So ids also increase across
+    /// restarts and replicas (whose clocks agree), and `after=` pages through a run's events
+    /// whoever emitted them. Below 2^53: exact as a JSON number.
     pub id: u64,
     pub time: Timestamp,
     pub kind: EventKind,
@@ -82,11 +94,11 @@ pub struct VoltEvent {
     pub namespace: String,
     /// The involved object (`WorkflowRun/name`, `Agent/name`).
     pub object: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub attempt: u32,
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
 }
 
@@ -114,7 +126,8 @@ const QUEUE: usize = 1024;
 #[derive(Clone)]
 pub struct Dispatcher {
     tx: mpsc::Sender<Batch>,
-    next_id: Arc<AtomicU64>,
+    /// The id of the latest event.
+    last_id: Arc<AtomicU64>,
     metrics: Metrics,
 }
 
@@ -130,14 +143,24 @@ impl Dispatcher {
                 }
             }
         });
-        Self { tx, next_id: Arc::new(AtomicU64::new(1)), metrics }
+        Self { tx, last_id: Arc::new(AtomicU64::new(0)), metrics }
     }
 
     /// A new event (id and time filled in).
     pub fn event(&self, kind: EventKind, correlation_id: &str, namespace: &str, object: String) -> VoltEvent {
+        let time = Timestamp::now();
+        let now = u64::try_from(time.as_microsecond()).unwrap_or(0);
+        let mut last = self.last_id.load(Ordering::Relaxed);
+        let id = loop {
+            let id = next_id(last, now);
+            match self.last_id.compare_exchange_weak(last, id, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break id,
+                Err(seen) => last = seen,
+            }
+        };
         VoltEvent {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            time: Timestamp::now(),
+            id,
+            time,
             kind,
             correlation_id: correlation_id.to_string(),
             namespace: namespace.to_string(),
@@ -158,6 +181,12 @@ impl Dispatcher {
             self.metrics.events_dropped.with_label_values(&["dispatcher"]).inc_by(n);
         }
     }
+}
+
+/// The id after `last` at `now_micros` (Unix microseconds): `max(last + 1, now)`. Increasing
+/// within a process, and past any id of an earlier process while the clock goes forward.
+pub fn next_id(last: u64, now_micros: u64) -> u64 {
+    last.saturating_add(1).max(now_micros)
 }
 
 /// Publishes the transitions of an object as Kubernetes Events (a series when one repeats),
@@ -312,6 +341,33 @@ mod tests {
     fn cloud_types_are_dotted() {
         assert_eq!(EventKind::StepSucceeded.cloud_type(), "dev.volt.step.succeeded");
         assert_eq!(EventKind::ReplicaUnhealthy.cloud_type(), "dev.volt.replica.unhealthy");
+    }
+
+    #[test]
+    fn ids_follow_the_clock_and_always_increase() {
+        assert_eq!(next_id(0, 1_700_000_000_000_000), 1_700_000_000_000_000, "a new process starts at the clock");
+        assert_eq!(next_id(1_700_000_000_000_000, 1_700_000_000_000_000), 1_700_000_000_000_001, "same microsecond");
+        assert_eq!(next_id(1_700_000_000_000_500, 1_700_000_000_000_100), 1_700_000_000_000_501, "clock behind");
+        assert_eq!(next_id(u64::MAX, 0), u64::MAX);
+    }
+
+    #[tokio::test]
+    async fn ids_increase_within_a_process_and_past_the_previous_process() {
+        let d = Dispatcher::start(Vec::new(), Metrics::new());
+        let before = u64::try_from(Timestamp::now().as_microsecond()).unwrap_or(0);
+        let ids: Vec<u64> =
+            (0..1000).map(|_| d.event(EventKind::StepStarted, "u", "ns", "WorkflowRun/r".into()).id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "increasing");
+        assert!(ids[0] >= before, "from the clock: {} < {before}", ids[0]);
+        // A restarted process (a new dispatcher, once the clock has passed the ids of the one
+        // before, as it has after any real restart) goes on above them.
+        let last = ids.last().copied().unwrap_or_default();
+        while u64::try_from(Timestamp::now().as_microsecond()).unwrap_or(0) <= last {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let again = Dispatcher::start(Vec::new(), Metrics::new());
+        let first = again.event(EventKind::StepStarted, "u", "ns", "WorkflowRun/r".into()).id;
+        assert!(first > last, "{first} after {last}");
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ mod children;
 mod control_flow;
 mod corpus;
 mod cost;
+mod event_log;
 mod foundation;
 mod harness;
 #[path = "../kit/mod.rs"]
