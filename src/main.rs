@@ -110,6 +110,13 @@ async fn run(mut args: RunArgs) -> Result<(), String> {
     let health = Arc::new(Health::default());
     // The JSON API checks its callers with TokenReview and SubjectAccessReview.
     let _ = health.access.set(Arc::new(volt_operator::auth::Access::kube(client.clone())));
+    // The event log answers on every replica (followers too): what is stored is in ConfigMaps.
+    let _ = health.events.set(Arc::new(volt_operator::events::EventLog::with_store(
+        controllers::EVENT_LOG_SIZE,
+        client.clone(),
+        controllers::scopes(&args),
+        metrics.clone(),
+    )));
     let sharding = shards::leases::Settings::from_args(&args).map_err(|e| e.to_string())?;
     let election =
         if args.leader_elect { Some(leader::Settings::from_args(&args).map_err(|e| e.to_string())?) } else { None };

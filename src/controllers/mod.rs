@@ -114,7 +114,7 @@ pub(crate) async fn drain<K, E, E2>(
 }
 
 /// Events kept for replay at `/api/v1/events`.
-const EVENT_LOG_SIZE: usize = 10_000;
+pub const EVENT_LOG_SIZE: usize = 10_000;
 
 /// Starts the controllers and runs them until `shutdown` is cancelled.
 ///
@@ -230,7 +230,8 @@ pub async fn run(
             )));
         }
     }
-    let workers = Workers { client: client.clone(), args: args.clone(), metrics, health, shared, events };
+    let workers =
+        Workers { client: client.clone(), args: args.clone(), metrics, health: health.clone(), shared, events };
     tasks.push(tokio::spawn(shard_workers(workers, ownership, shutdown.clone())));
     for res in futures::future::join_all(tasks).await {
         if let Err(e) = res {
@@ -240,6 +241,10 @@ pub async fn run(
     // What waits is written once no pass can stage more.
     writer_stop.cancel();
     let _ = writer.await;
+    // And the events that wait for their run's ConfigMap.
+    if let Some(log) = health.events.get() {
+        log.flush().await;
+    }
     gauges.abort();
 }
 
