@@ -5,10 +5,12 @@
 //!
 //! Both answers are cached for a short while ([`TOKEN_TTL`], [`DECISION_TTL`]), so a page that
 //! polls or a stream that reconnects costs no API request per call; tokens are kept only as
-//! their SHA-256.
+//! their SHA-256. The caches are `moka` caches of at most [`CACHE_CAP`] entries each (a full
+//! one evicts the entries least likely to be asked for again), and callers asking the same
+//! question at once share one review.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -18,9 +20,9 @@ use k8s_openapi::api::authorization::v1::{
 };
 use kube::Client;
 use kube::api::{Api, PostParams};
+use moka::Expiry;
+use moka::future::Cache;
 use sha2::{Digest, Sha256};
-
-use crate::locks::lock;
 
 /// How long a reviewed token is trusted before it is reviewed again.
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -28,8 +30,9 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(60);
 pub const REJECTED_TTL: Duration = Duration::from_secs(5);
 /// How long an access decision is reused.
 pub const DECISION_TTL: Duration = Duration::from_secs(10);
-/// Entries kept per cache; a full cache is emptied (the reviews are cheap to redo).
-const CACHE_CAP: usize = 4096;
+/// Entries kept per cache; a full cache evicts (moka's TinyLFU: a flood of new tokens does
+/// not push out the callers that keep coming back).
+pub const CACHE_CAP: u64 = 4096;
 
 /// A caller the cluster authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -202,19 +205,63 @@ impl Reviewer for KubeReviewer {
     }
 }
 
-type TokenEntry = (Instant, Result<Caller, String>);
+/// How long the caches of [`Access`] keep answers, and how many they keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// A token the cluster accepted.
+    pub token: Duration,
+    /// A token the cluster rejected.
+    pub rejected: Duration,
+    /// An access decision.
+    pub decision: Duration,
+    /// Entries per cache.
+    pub capacity: u64,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self { token: TOKEN_TTL, rejected: REJECTED_TTL, decision: DECISION_TTL, capacity: CACHE_CAP }
+    }
+}
+
+/// A reviewed token lives [`CacheLimits::token`] when accepted, [`CacheLimits::rejected`] when not.
+struct TokenExpiry {
+    accepted: Duration,
+    rejected: Duration,
+}
+
+impl Expiry<[u8; 32], Result<Caller, String>> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        answer: &Result<Caller, String>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(if answer.is_ok() { self.accepted } else { self.rejected })
+    }
+}
 
 /// Authentication and authorization of HTTP callers, with the reviews' answers cached.
 pub struct Access {
     reviewer: Arc<dyn Reviewer>,
-    tokens: Mutex<HashMap<[u8; 32], TokenEntry>>,
-    decisions: Mutex<HashMap<(String, Attributes), (Instant, bool)>>,
+    tokens: Cache<[u8; 32], Result<Caller, String>>,
+    decisions: Cache<(String, Attributes), bool>,
     reviews: std::sync::atomic::AtomicU64,
 }
 
 impl Access {
     pub fn new(reviewer: Arc<dyn Reviewer>) -> Self {
-        Self { reviewer, tokens: Default::default(), decisions: Default::default(), reviews: Default::default() }
+        Self::with_limits(reviewer, CacheLimits::default())
+    }
+
+    /// With other cache lifetimes and sizes than the defaults (tests).
+    pub fn with_limits(reviewer: Arc<dyn Reviewer>, limits: CacheLimits) -> Self {
+        let tokens = Cache::builder()
+            .max_capacity(limits.capacity)
+            .expire_after(TokenExpiry { accepted: limits.token, rejected: limits.rejected })
+            .build();
+        let decisions = Cache::builder().max_capacity(limits.capacity).time_to_live(limits.decision).build();
+        Self { reviewer, tokens, decisions, reviews: Default::default() }
     }
 
     /// Reviews with the operator's Kubernetes client.
@@ -231,38 +278,23 @@ impl Access {
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
         let token = authorization.and_then(bearer_token).ok_or(AuthError::NoToken)?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some((at, answer)) = lock(&self.tokens).get(&key).cloned() {
-            let ttl = if answer.is_ok() { TOKEN_TTL } else { REJECTED_TTL };
-            if at.elapsed() < ttl {
-                return answer.map_err(AuthError::InvalidToken);
-            }
-        }
-        self.reviews.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let answer = self.reviewer.review_token(token).await?;
-        let mut tokens = lock(&self.tokens);
-        if tokens.len() >= CACHE_CAP {
-            tokens.clear();
-        }
-        tokens.insert(key, (Instant::now(), answer.clone()));
+        let review = async {
+            self.reviews.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.reviewer.review_token(token).await
+        };
+        // An unavailable cluster is not an answer: it is returned, not cached.
+        let answer = self.tokens.try_get_with(key, review).await.map_err(|e| (*e).clone())?;
         answer.map_err(AuthError::InvalidToken)
     }
 
     /// Whether `caller` may do `attributes`.
     pub async fn allowed(&self, caller: &Caller, attributes: &Attributes) -> Result<bool, AuthError> {
         let key = (decision_key(caller), attributes.clone());
-        if let Some((at, allowed)) = lock(&self.decisions).get(&key).copied()
-            && at.elapsed() < DECISION_TTL
-        {
-            return Ok(allowed);
-        }
-        self.reviews.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let allowed = self.reviewer.review_access(caller, attributes).await?;
-        let mut decisions = lock(&self.decisions);
-        if decisions.len() >= CACHE_CAP {
-            decisions.clear();
-        }
-        decisions.insert(key, (Instant::now(), allowed));
-        Ok(allowed)
+        let review = async {
+            self.reviews.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.reviewer.review_access(caller, attributes).await
+        };
+        self.decisions.try_get_with(key, review).await.map_err(|e| (*e).clone())
     }
 
     /// `Ok` when `caller` may do `attributes`, else [`AuthError::Forbidden`] naming them.
@@ -372,5 +404,41 @@ mod tests {
         assert!(a.allowed(&alice, &list_a).await.expect("answer"));
         assert_eq!(a.reviews_sent(), sent, "cached");
         assert_eq!(Attributes::path("get", "/api/v1/stats").to_string(), "get /api/v1/stats");
+    }
+
+    fn limits(ttl: Duration, capacity: u64) -> CacheLimits {
+        CacheLimits { token: ttl, rejected: ttl, decision: ttl, capacity }
+    }
+
+    #[tokio::test]
+    async fn cached_answers_expire() {
+        let list_a = Attributes::volt("list", "workflowruns", "a");
+        let fake = Fake { rights: vec![("alice".into(), list_a.clone())], down: false };
+        let a = Access::with_limits(Arc::new(fake), limits(Duration::from_millis(40), 16));
+        let alice = a.authenticate(Some("Bearer t-alice")).await.expect("alice");
+        let _ = a.authenticate(Some("Bearer nope")).await;
+        assert!(a.allowed(&alice, &list_a).await.expect("answer"));
+        // (That answers are reused within the TTL is the test above, with the real TTLs.)
+        let sent = a.reviews_sent();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(a.allowed(&alice, &list_a).await.expect("answer"));
+        a.authenticate(Some("Bearer t-alice")).await.expect("alice");
+        let _ = a.authenticate(Some("Bearer nope")).await;
+        assert_eq!(a.reviews_sent(), sent + 3, "after the TTL each is reviewed again");
+    }
+
+    #[tokio::test]
+    async fn a_full_cache_evicts_instead_of_emptying() {
+        let a = Access::with_limits(Arc::new(Fake { rights: vec![], down: false }), limits(TOKEN_TTL, 2));
+        let alice = a.authenticate(Some("Bearer t-alice")).await.expect("alice");
+        let asked: Vec<Attributes> =
+            ["a", "b", "c", "d", "e"].map(|ns| Attributes::volt("get", "workflowruns", ns)).into();
+        for attributes in &asked {
+            assert!(!a.allowed(&alice, attributes).await.expect("answer"));
+            a.decisions.run_pending_tasks().await;
+        }
+        let kept = asked.iter().filter(|at| a.decisions.contains_key(&(decision_key(&alice), (*at).clone()))).count();
+        assert_eq!(a.decisions.entry_count(), 2);
+        assert_eq!(kept, 2, "two decisions are still cached: the cap evicts, it does not clear");
     }
 }

@@ -12,7 +12,8 @@
 //! the session's own stream) nor for its closing. The tool list is listed again when the server
 //! says it changed (`notifications/tools/list_changed`) or when a step asks for a tool it does
 //! not hold. A session that fails a call or does not answer one in time is dropped from the
-//! pool; one unused for [`SESSION_IDLE`] is closed, and at most [`MAX_SESSIONS`] are kept.
+//! pool; one unused for [`SESSION_IDLE`] is closed, and at most [`MAX_SESSIONS`] are kept (the
+//! pool is a `moka` cache: expiry and eviction happen off the lookup's path).
 
 use crate::locks::lock;
 use crate::text::clip;
@@ -22,6 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::{MaybeSendFuture, NotificationContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -44,7 +48,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a pooled session may go unused before it is closed.
 pub const SESSION_IDLE: Duration = Duration::from_secs(300);
 /// Most sessions the pool keeps (the least recently used goes first).
-pub const MAX_SESSIONS: usize = 256;
+pub const MAX_SESSIONS: u64 = 256;
 /// Requests one session carries at once (rmcp's default is 16); steps share sessions.
 const SESSION_CONCURRENCY: usize = 1024;
 
@@ -177,16 +181,13 @@ struct Session {
     tools: Mutex<Arc<Vec<rmcp::model::Tool>>>,
     /// Failed a call or left one unanswered: not handed out again.
     broken: AtomicBool,
-    /// Last handed out.
-    used: Mutex<Instant>,
+    /// Where the pool keeps it.
+    key: SessionKey,
 }
 
 impl Session {
-    fn usable(&self, now: Instant) -> bool {
-        !self.broken.load(Ordering::Relaxed)
-            && !self.client.is_closed()
-            && !self.client.is_transport_closed()
-            && now.saturating_duration_since(*lock(&self.used)) < SESSION_IDLE
+    fn usable(&self) -> bool {
+        !self.broken.load(Ordering::Relaxed) && !self.client.is_closed() && !self.client.is_transport_closed()
     }
 }
 
@@ -199,50 +200,70 @@ struct SessionKey {
     headers: [u8; 32],
 }
 
-/// MCP sessions kept across steps (see the module's documentation). Dropping a session that
-/// no step holds closes it.
-#[derive(Default)]
+/// MCP sessions kept across steps (see the module's documentation): idle ones expire and the
+/// least recently used go when the pool is full, in the cache's own upkeep, not under a lock
+/// every lookup takes. Dropping a session that no step holds closes it. Clones share the pool.
+#[derive(Clone)]
 pub struct Sessions {
-    open: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    open: Cache<SessionKey, Arc<Session>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self::with_limits(SESSION_IDLE, MAX_SESSIONS)
+    }
 }
 
 impl Sessions {
-    /// Sessions in the pool.
+    /// A pool closing sessions unused for `idle`, keeping at most `capacity`.
+    pub fn with_limits(idle: Duration, capacity: u64) -> Self {
+        let open =
+            Cache::builder().max_capacity(capacity).time_to_idle(idle).eviction_policy(EvictionPolicy::lru()).build();
+        Self { open }
+    }
+
+    /// Sessions in the pool (as of the cache's last upkeep, which runs every few operations).
     pub fn len(&self) -> usize {
-        lock(&self.open).len()
+        usize::try_from(self.open.entry_count()).unwrap_or(usize::MAX)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// A usable session for `key`, after closing idle, broken and surplus ones.
-    fn get(&self, key: &SessionKey) -> Option<Arc<Session>> {
-        let now = Instant::now();
-        let mut open = lock(&self.open);
-        open.retain(|_, s| s.usable(now));
-        let found = open.get(key).cloned();
-        if let Some(s) = &found {
-            *lock(&s.used) = now;
+    /// A usable session for `key`; one that broke or closed is taken out.
+    async fn get(&self, key: &SessionKey) -> Option<Arc<Session>> {
+        let session = self.open.get(key).await?;
+        if session.usable() {
+            return Some(session);
         }
-        found
+        self.remove(&session).await;
+        None
     }
 
-    fn put(&self, key: SessionKey, session: Arc<Session>) {
-        let mut open = lock(&self.open);
-        open.insert(key, session);
-        while open.len() > MAX_SESSIONS {
-            let oldest = open.iter().min_by_key(|(_, s)| *lock(&s.used)).map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => open.remove(&k),
-                None => break,
-            };
-        }
+    async fn put(&self, session: Arc<Session>) {
+        self.open.insert(session.key.clone(), session).await;
+    }
+
+    /// Takes `session` out of the pool, if it is still the one kept for its key.
+    async fn remove(&self, session: &Arc<Session>) {
+        self.open
+            .entry_by_ref(&session.key)
+            .and_compute_with(|kept| {
+                let op = match kept {
+                    Some(kept) if Arc::ptr_eq(kept.value(), session) => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
     }
 }
 
 /// The MCP sessions of one attempt and the tools a step may use through them.
 pub struct ToolSet {
+    /// Where broken sessions are taken out of.
+    pool: Sessions,
     tools: BTreeMap<String, Tool>,
     sessions: HashMap<String, Arc<Session>>,
     /// Header values, to take out of messages.
@@ -263,7 +284,8 @@ impl ToolSet {
         wanted: &[String],
         deadline: Option<Instant>,
     ) -> Result<ToolSet, ToolError> {
-        let mut set = ToolSet { tools: BTreeMap::new(), sessions: HashMap::new(), secrets: Vec::new() };
+        let mut set =
+            ToolSet { pool: pool.clone(), tools: BTreeMap::new(), sessions: HashMap::new(), secrets: Vec::new() };
         let mut by_server: BTreeMap<&str, (&McpServer, Vec<&String>)> = BTreeMap::new();
         for t in wanted {
             let Some(server) = spec.tools.iter().find(|s| s.allow.contains(t)) else {
@@ -321,21 +343,21 @@ impl ToolSet {
         }
         let key =
             SessionKey { namespace: namespace.into(), url: server.url.clone(), headers: digest.finalize().into() };
-        if let Some(session) = pool.get(&key) {
+        if let Some(session) = pool.get(&key).await {
             if session.tools_changed.swap(false, Ordering::Relaxed) {
                 self.list(&session, server, deadline).await?;
             }
             return Ok(session);
         }
-        let session = Arc::new(self.connect(http, server, headers, deadline).await?);
-        pool.put(key, session.clone());
+        let session = Arc::new(self.connect(http, server, headers, key, deadline).await?);
+        pool.put(session.clone()).await;
         Ok(session)
     }
 
     /// Lists the tools of `session` again and keeps the list.
     async fn list(
         &self,
-        session: &Session,
+        session: &Arc<Session>,
         server: &McpServer,
         deadline: Option<Instant>,
     ) -> Result<Arc<Vec<rmcp::model::Tool>>, ToolError> {
@@ -343,12 +365,12 @@ impl ToolSet {
         let listed = match tokio::time::timeout(bound, session.client.list_all_tools()).await {
             Ok(Ok(l)) => Arc::new(l),
             Ok(Err(e)) => {
-                session.broken.store(true, Ordering::Relaxed);
+                self.broken(session).await;
                 let message = self.redact(&format!("listing tools: {e}"));
                 return Err(ToolError::Server { server: server.name.clone(), message, retryable: true });
             }
             Err(_) => {
-                session.broken.store(true, Ordering::Relaxed);
+                self.broken(session).await;
                 let message = format!("listing tools took over {:.1}s", bound.as_secs_f64());
                 return Err(ToolError::Server { server: server.name.clone(), message, retryable: true });
             }
@@ -392,6 +414,7 @@ impl ToolSet {
         http: &reqwest::Client,
         server: &McpServer,
         headers: HashMap<HeaderName, HeaderValue>,
+        key: SessionKey,
         deadline: Option<Instant>,
     ) -> Result<Session, ToolError> {
         let config = StreamableHttpClientTransportConfig::with_uri(server.url.as_str())
@@ -423,13 +446,7 @@ impl ToolSet {
             Ok(Err(e)) => return Err(server_err(format!("listing tools: {e}"), true)),
             Err(_) => return Err(server_err(format!("listing tools took over {:.1}s", bound.as_secs_f64()), true)),
         };
-        Ok(Session {
-            client,
-            tools_changed,
-            tools: Mutex::new(Arc::new(listed)),
-            broken: AtomicBool::new(false),
-            used: Mutex::new(Instant::now()),
-        })
+        Ok(Session { client, tools_changed, tools: Mutex::new(Arc::new(listed)), broken: AtomicBool::new(false), key })
     }
 
     /// The tools as the chat completion request's `tools`.
@@ -501,7 +518,7 @@ impl ToolSet {
         let result = match tokio::time::timeout(bound, session.client.call_tool(params)).await {
             Err(_) => {
                 // The request may hold a place in the session until the server answers.
-                session.broken.store(true, Ordering::Relaxed);
+                self.broken(session).await;
                 return Err(ToolError::Hung {
                     tool: name.into(),
                     server: tool.server.clone(),
@@ -509,7 +526,7 @@ impl ToolSet {
                 });
             }
             Ok(Err(e)) => {
-                session.broken.store(true, Ordering::Relaxed);
+                self.broken(session).await;
                 return Err(ToolError::Server {
                     server: tool.server.clone(),
                     message: self.redact(&format!("calling tool {name:?}: {e}")),
@@ -545,6 +562,13 @@ impl ToolSet {
 
     fn redact(&self, text: &str) -> String {
         redact_all(text, &self.secrets)
+    }
+
+    /// Marks `session` as not to be handed out again and takes it out of the pool (steps
+    /// holding it finish with it; it closes when the last lets go).
+    async fn broken(&self, session: &Arc<Session>) {
+        session.broken.store(true, Ordering::Relaxed);
+        self.pool.remove(session).await;
     }
 }
 
@@ -621,5 +645,100 @@ mod tests {
     #[test]
     fn secrets_are_redacted() {
         assert_eq!(redact_all("Bearer tok-123456 used", &["tok-123456".into()]), "Bearer [redacted] used");
+    }
+
+    /// A minimal MCP server over streamable HTTP (JSON answers, no server stream): each
+    /// `initialize` opens a session and notes its `Authorization` header; tool `fail` answers
+    /// HTTP 500.
+    async fn tiny_server() -> (String, Arc<Mutex<Vec<String>>>) {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        let opened: Arc<Mutex<Vec<String>>> = Default::default();
+        let log = opened.clone();
+        let answer = move |headers: HeaderMap, axum::Json(req): axum::Json<Value>| {
+            let log = log.clone();
+            async move {
+                let ok = |result: Value| axum::Json(json!({"jsonrpc": "2.0", "id": req["id"], "result": result}));
+                match req["method"].as_str() {
+                    Some("initialize") => {
+                        let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                        let mut opened = lock(&log);
+                        opened.push(auth.to_string());
+                        let id = format!("s{}", opened.len());
+                        let info = json!({"protocolVersion": req["params"]["protocolVersion"],
+                            "capabilities": {"tools": {}}, "serverInfo": {"name": "tiny", "version": "0"}});
+                        ([("mcp-session-id", id)], ok(info)).into_response()
+                    }
+                    Some("tools/list") => ok(json!({"tools": [
+                        {"name": "add", "inputSchema": {"type": "object"}},
+                        {"name": "fail", "inputSchema": {"type": "object"}}]}))
+                    .into_response(),
+                    Some("tools/call") if req["params"]["name"] == "fail" => {
+                        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                    }
+                    Some("tools/call") => ok(json!({"content": [{"type": "text", "text": "3"}]})).into_response(),
+                    _ => StatusCode::ACCEPTED.into_response(),
+                }
+            }
+        };
+        let app = axum::Router::new().route(
+            "/mcp",
+            axum::routing::post(answer)
+                .get(|| async { StatusCode::METHOD_NOT_ALLOWED })
+                .delete(|| async { StatusCode::OK }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/mcp", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, opened)
+    }
+
+    #[tokio::test]
+    async fn sessions_are_pooled_per_server_and_header_set_and_broken_ones_replaced() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (url, opened) = tiny_server().await;
+        let http = reqwest::Client::new();
+        let secrets = crate::agents::secrets::StaticSecrets::new()
+            .with("ns", "as-a", "Authorization", "Bearer a")
+            .with("ns", "as-b", "Authorization", "Bearer b");
+        let agent = |secret: &str| {
+            spec(
+                json!([{"name": "t", "url": url, "allow": ["add", "fail"], "headersFrom": {"secretRef": {"name": secret}}}]),
+            )
+        };
+        let (as_a, as_b) = (agent("as-a"), agent("as-b"));
+        let wanted = ["add".to_string(), "fail".to_string()];
+        let pool = Sessions::default();
+        let open = |spec| ToolSet::open(&pool, &http, &secrets, "ns", "agent", spec, &wanted, None);
+        let no_decisions = BTreeMap::new();
+
+        let first = open(&as_a).await.expect("a session");
+        let again = open(&as_a).await.expect("the same session");
+        assert!(Arc::ptr_eq(&first.sessions["t"], &again.sessions["t"]), "the same server and headers share one");
+        let other = open(&as_b).await.expect("another session");
+        assert!(!Arc::ptr_eq(&first.sessions["t"], &other.sessions["t"]), "other headers get their own");
+        assert_eq!(*lock(&opened), ["Bearer a", "Bearer b"]);
+        assert_eq!(first.call("add", "{}", None, OPEN_TIMEOUT, &no_decisions, None).await, Ok("3".into()));
+
+        let err = first.call("fail", "{}", None, OPEN_TIMEOUT, &no_decisions, None).await.expect_err("HTTP 500");
+        assert!(matches!(err, ToolError::Server { .. }), "{err}");
+        let replaced = open(&as_a).await.expect("a new session");
+        assert!(!Arc::ptr_eq(&first.sessions["t"], &replaced.sessions["t"]), "a broken session is not handed out");
+        assert!(Arc::ptr_eq(&other.sessions["t"], &open(&as_b).await.expect("b").sessions["t"]), "b is unharmed");
+        assert_eq!(*lock(&opened), ["Bearer a", "Bearer b", "Bearer a"]);
+        for set in [first, again, other, replaced] {
+            set.close().await;
+        }
+
+        // Idle sessions are closed (a pool with a short idle time).
+        let pool = Sessions::with_limits(Duration::from_millis(30), MAX_SESSIONS);
+        let before = lock(&opened).len();
+        let set = ToolSet::open(&pool, &http, &secrets, "ns", "agent", &as_a, &wanted, None).await.expect("a");
+        let held = set.sessions["t"].clone();
+        set.close().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let set = ToolSet::open(&pool, &http, &secrets, "ns", "agent", &as_a, &wanted, None).await.expect("a");
+        assert!(!Arc::ptr_eq(&held, &set.sessions["t"]), "an idle session is not reused");
+        assert_eq!(lock(&opened).len(), before + 2);
     }
 }
