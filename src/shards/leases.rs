@@ -313,7 +313,7 @@ impl Coordinator {
     async fn balance(&mut self, members: &[String]) {
         let n = self.settings.shards as usize;
         let rank = members.iter().position(|m| m == self.me()).unwrap_or(0);
-        let share = n / members.len() + usize::from(rank < n % members.len());
+        let share = share(n, members.len(), rank);
         let owned = self.held.len() - self.releasing.len();
         if owned > share {
             let since = *self.over_since.get_or_insert_with(Instant::now);
@@ -599,6 +599,13 @@ impl Coordinator {
     }
 }
 
+/// The shards the replica of `rank` among `members` live ones (sorted by identity) should hold:
+/// as even a split as can be, the first ones taking the remainder.
+fn share(shards: usize, members: usize, rank: usize) -> usize {
+    let members = members.max(1);
+    shards / members + usize::from(rank < shards % members)
+}
+
 /// `volt_shards_owned` and `volt_shard_changes_total{change}`; `None` when already registered
 /// (an earlier run in this process).
 fn gauges(metrics: &Metrics) -> Option<(IntGauge, IntCounterVec)> {
@@ -627,6 +634,21 @@ mod tests {
         let mut argv = vec!["volt-operator"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("run flags parse: {e}")).run
+    }
+
+    #[test]
+    fn shares_split_every_shard_once() {
+        for shards in 1..=12 {
+            for members in 1..=5 {
+                let shares: Vec<usize> = (0..members).map(|rank| share(shards, members, rank)).collect();
+                assert_eq!(shares.iter().sum::<usize>(), shards, "{shards} shards over {members}: {shares:?}");
+                let (min, max) = (shares.iter().min().copied(), shares.iter().max().copied());
+                assert!(max.unwrap_or(0) - min.unwrap_or(0) <= 1, "uneven: {shares:?}");
+            }
+        }
+        assert_eq!(share(3, 2, 0), 2);
+        assert_eq!(share(3, 2, 1), 1);
+        assert_eq!(share(3, 4, 3), 0, "more replicas than shards: the last waits");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Scale-out (`--shards`): operator processes under the chart's rights split the runs by shard;
-//! one is SIGKILLed and another joins mid-way; every run finishes, no step pod is created twice
+//! one is SIGKILLed and another joins mid-way, then one is stopped and another started (a
+//! rolling update); every run finishes, no step pod is created twice
 //! for one attempt, and no in-process step is called by two replicas at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,7 +21,11 @@ use crate::kit::openai::Stub;
 use crate::kit::{self, LogDir, OperatorProcess, apply, container, endpoint_agent, helm_install, wait_until};
 
 const SHARDS: u32 = 3;
+/// Runs of the first part (a replica killed, another joining).
 const RUNS: usize = 200;
+/// Runs of the second part (a rolling update: a replica stopped, another started).
+const MORE: usize = 100;
+const ALL: usize = RUNS + MORE;
 const LONG: Duration = Duration::from_secs(300);
 
 /// An operator process with `--shards`, identity `name`, on the Leases of `lease` in `ns`.
@@ -150,9 +155,49 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
     println!("failover: the killed replica's shard was held again {taken_over:?} after SIGKILL (lease 6 s)");
 
     wait_until("every run to finish", LONG, || async { finished().await.filter(|n| *n == RUNS).map(|_| ()) }).await;
+    wait_until("one shard per live replica", Duration::from_secs(60), || async {
+        for r in &replicas {
+            if owned(r).await != 1.0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let acquired = replicas[2].metric_by_label("volt_shard_changes_total", "change").await;
+    assert!(acquired.get("acquired").copied().unwrap_or_default() >= 1.0, "the joiner took a shard: {acquired:?}");
+
+    // A rolling update mid-run: one replica stops (SIGTERM: it hands its shard over at once),
+    // then a new one starts and takes a shard from the busiest.
+    for i in RUNS..ALL {
+        apply(&client, &ns, mixed_run(i)).await;
+    }
+    wait_until("some of the new runs to finish", LONG, || async {
+        finished().await.filter(|n| *n >= RUNS + MORE / 5).map(|_| ())
+    })
+    .await;
+    let mut leaving = replicas.remove(0);
+    let stopped_at = Instant::now();
+    let code = leaving.stop(Duration::from_secs(20)).await;
+    assert!(code.success(), "a stopped replica exits 0: {code:?}\n{}", leaving.log_tail());
+    let released = leaving.log_text().contains("released a shard");
+    assert!(released, "the stopped replica released its shard:\n{}", leaving.log_tail());
+    let moved = wait_until("the stopped replica's shard to be held again", LONG, || async {
+        let mut total = 0.0;
+        for r in &replicas {
+            total += owned(r).await;
+        }
+        (total == f64::from(SHARDS)).then(|| stopped_at.elapsed())
+    })
+    .await;
+    println!("rolling update: the stopped replica's shard was held again {moved:?} after SIGTERM");
+    let mut newcomer = replica("r4", &ns, &lease, &dir);
+    newcomer.wait_ready(Duration::from_secs(60)).await;
+    replicas.push(newcomer);
+    wait_until("every run to finish", LONG, || async { finished().await.filter(|n| *n == ALL).map(|_| ()) }).await;
     let all = runs.list(&ListParams::default()).await.expect("list runs");
     let children = all.items.iter().filter(|r| r.labels().contains_key("volt.dev/parent-run")).count();
-    assert_eq!((all.items.len() - children, children), (RUNS, RUNS / 4), "runs and child runs");
+    assert_eq!((all.items.len() - children, children), (ALL, ALL / 4), "runs and child runs");
     for r in &all.items {
         let s = r.status.as_ref().expect("status");
         assert_eq!(s.phase, RunPhase::Succeeded, "{} {}: {}", r.name_any(), s.phase.as_str(), s.message);
@@ -171,15 +216,15 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
         .map(|(name, uids)| (name.clone(), uids.len()))
         .collect();
     assert!(twice.is_empty(), "pods created more than once: {twice:?}");
-    assert_eq!(lock(&pods_seen).len(), RUNS / 4, "one pod per build step");
+    assert_eq!(lock(&pods_seen).len(), ALL / 4, "one pod per build step");
     // No in-process step was called by two replicas at once; every step was called.
     assert_eq!(stub.overlapping(), Vec::<String>::new(), "LLM steps called twice at once");
     let prompts: BTreeSet<String> = stub.seen().into_iter().map(|s| s.user).collect();
-    let expected = RUNS / 4 * 2 + RUNS / 4 + RUNS / 4 * 2 + RUNS / 4 * 3;
+    let expected = ALL / 4 * 2 + ALL / 4 + ALL / 4 * 2 + ALL / 4 * 3;
     assert_eq!(prompts.len(), expected, "every LLM step was called");
 
-    // The joiner took a shard; the survivors and the joiner hold one each.
-    wait_until("one shard per live replica", Duration::from_secs(60), || async {
+    // The newcomer took a shard from the replica that held two: one each again.
+    wait_until("one shard per live replica after the rolling update", Duration::from_secs(60), || async {
         for r in &replicas {
             if owned(r).await != 1.0 {
                 return None;
@@ -188,8 +233,12 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
         Some(())
     })
     .await;
-    let acquired = replicas[2].metric_by_label("volt_shard_changes_total", "change").await;
-    assert!(acquired.get("acquired").copied().unwrap_or_default() >= 1.0, "the joiner took a shard: {acquired:?}");
+    let mut released = 0.0;
+    for r in &replicas {
+        released +=
+            r.metric_by_label("volt_shard_changes_total", "change").await.get("released").copied().unwrap_or(0.0);
+    }
+    assert!(released >= 1.0, "a replica over its share handed a shard to the newcomer");
     for r in &mut replicas {
         r.assert_alive("after the runs");
         r.assert_no_panic();
