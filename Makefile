@@ -83,5 +83,6 @@ bench: deps ## Benchmarks (release build against a local control plane): prints 
 	$(CARGO) build --release --bin volt-operator --example bench --example cost_bench
 	./target/release/examples/bench $(BENCH_ARGS)
 	./target/release/examples/cost_bench $(BENCH_ARGS)
-	# The web view's 2,000-step run page in headless Chromium (its figures are printed: web view, 2,000-step run)
-	$(CARGO) test --test e2e a_2000_step_run_page -- --nocapture
+	# The web view's 2,000-step run page in headless Chromium, against a release build of the
+	# in-process operator like the rest (its figures are printed: web view, 2,000-step run)
+	$(CARGO) test --release --test e2e a_2000_step_run_page -- --nocapture

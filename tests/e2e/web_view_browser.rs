@@ -93,6 +93,11 @@ async fn a_2000_step_run_page_renders_in_under_a_second_and_stays_responsive() {
     }
     const LANES: usize = 50;
     const DEPTH: usize = 40;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "load average (1, 5, 15 min) before the run: {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
     let env = Env::new("ui-bench").await;
     let with_ui = operator_with_ui(&env).await;
     let base = with_ui.base.clone();
@@ -119,6 +124,12 @@ async fn a_2000_step_run_page_renders_in_under_a_second_and_stays_responsive() {
     )
     .await;
     eprintln!("web view, 2,000-step run: {seen}");
+    // The box's load beside the figures (a shared 2-core machine: the figures follow it).
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "load average (1, 5, 15 min) after the run: {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
     assert!(seen["error"].is_null(), "the browser script failed: {seen:#}");
     assert_eq!(seen["nodes"], (LANES * DEPTH) as u64, "{seen:#}");
     assert_eq!(seen["phase_at_render"], "Running", "measured while it runs: {seen:#}");
