@@ -143,6 +143,11 @@ pub struct HttpStepArgs {
     #[arg(long = "http-step-deny", env = "VOLT_HTTP_STEP_DENY", value_name = "CIDRS",
           default_value = "169.254.0.0/16,fe80::/10", value_parser = CidrList::parse)]
     pub deny: CidrList,
+    /// Let HTTP steps, Agent and MCP URLs reach the operator's own HTTP port over loopback
+    /// (blocked by default: its JSON API answers with the operator's view of every namespace).
+    #[arg(long = "http-step-allow-own-port", env = "VOLT_HTTP_STEP_ALLOW_OWN_PORT", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_own_port: bool,
 }
 
 /// Step-result cache settings.

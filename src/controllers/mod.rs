@@ -203,7 +203,7 @@ pub async fn run(
                 agent::AgentSettings {
                     resync: args.health_check_interval,
                     load_interval: args.metrics_interval,
-                    own_port: Some(args.http_addr.port()),
+                    own_port: (!args.http_step.allow_own_port).then(|| args.http_addr.port()),
                     ownership: ownership.clone(),
                 },
                 shutdown.clone(),
@@ -230,8 +230,15 @@ pub async fn run(
             )));
         }
     }
-    let workers =
-        Workers { client: client.clone(), args: args.clone(), metrics, health: health.clone(), shared, events };
+    let workers = Workers {
+        client: client.clone(),
+        args: args.clone(),
+        metrics,
+        health: health.clone(),
+        shared,
+        events,
+        sharded: ownership.is_sharded(),
+    };
     tasks.push(tokio::spawn(shard_workers(workers, ownership, shutdown.clone())));
     for res in futures::future::join_all(tasks).await {
         if let Err(e) = res {
@@ -256,6 +263,8 @@ struct Workers {
     health: Arc<Health>,
     shared: Arc<run::Shared>,
     events: crate::events::EventSink,
+    /// Whether there are shards (component names then say which).
+    sharded: bool,
 }
 
 impl Workers {
@@ -264,7 +273,14 @@ impl Workers {
         let mut tasks = Vec::new();
         for scope in scopes(&self.args) {
             let where_ = scope.clone().unwrap_or_else(|| "all-namespaces".into());
-            let name = |kind: &str| format!("controller/{kind}/{where_}/shard-{shard}");
+            let sharded = self.sharded;
+            let name = |kind: &str| {
+                if sharded {
+                    format!("controller/{kind}/{where_}/shard-{shard}")
+                } else {
+                    format!("controller/{kind}/{where_}")
+                }
+            };
             let client = self.client.clone();
             tasks.push(tokio::spawn(supervised(
                 self.health.clone(),

@@ -106,7 +106,8 @@ async fn the_json_api_shows_each_caller_what_kubectl_would() {
 }
 
 /// HTTP steps may not call the operator's own port through loopback (its JSON API, from inside
-/// the operator), by address or by name; other loopback ports stay reachable.
+/// the operator), by address or by name; other loopback ports stay reachable; the flag
+/// `--http-step-allow-own-port` lifts the block.
 #[tokio::test]
 async fn http_steps_do_not_reach_the_operators_own_port() {
     let env = Env::new("access-own-port").await;
@@ -141,5 +142,17 @@ async fn http_steps_do_not_reach_the_operators_own_port() {
     }
     let ok = kit::step(&s, "other-port");
     assert_eq!(ok.output.as_deref(), Some("fine"), "{ok:#?}");
+    op.stop().await;
+
+    // `--http-step-allow-own-port` lifts the block.
+    let op = Operator::start_with(&env.ns, |args| {
+        args.http_addr = ([127, 0, 0, 1], port).into();
+        args.http_step.allow_own_port = true;
+    })
+    .await;
+    env.apply(run_obj("allowed", json!({"steps": [step("health", format!("http://127.0.0.1:{port}/healthz"))]}))).await;
+    let s = env.finished("allowed", Duration::from_secs(60)).await;
+    let row = kit::step(&s, "health");
+    assert_eq!(row.phase, volt_operator::api::StepPhase::Succeeded, "{row:#?}");
     op.stop().await;
 }

