@@ -106,6 +106,19 @@ async fn until_finished(runs: &Api<WorkflowRun>, count: usize, replicas: &[Opera
     }
 }
 
+/// Waits (a minute at most) until each replica holds one shard.
+async fn one_shard_each(replicas: &[OperatorProcess], what: &str) {
+    wait_until(what, Duration::from_secs(60), || async {
+        for r in replicas {
+            if owned(r).await != 1.0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
 /// The shards each process holds (`volt_shards_owned`).
 async fn owned(p: &OperatorProcess) -> f64 {
     p.metric("volt_shards_owned").await
@@ -160,15 +173,7 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
     for r in &mut replicas {
         r.wait_ready(Duration::from_secs(60)).await;
     }
-    wait_until("a shard on each replica", Duration::from_secs(60), || async {
-        for r in &replicas {
-            if owned(r).await != 1.0 {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
+    one_shard_each(&replicas, "a shard on each replica").await;
 
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
     for i in 0..RUNS {
@@ -201,15 +206,7 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
     println!("failover: the killed replica's shard was held again {taken_over:?} after SIGKILL (lease 6 s)");
 
     until_finished(&runs, RUNS, &replicas).await;
-    wait_until("one shard per live replica", Duration::from_secs(60), || async {
-        for r in &replicas {
-            if owned(r).await != 1.0 {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
+    one_shard_each(&replicas, "one shard per live replica").await;
     let acquired = replicas[2].metric_by_label("volt_shard_changes_total", "change").await;
     assert!(acquired.get("acquired").copied().unwrap_or_default() >= 1.0, "the joiner took a shard: {acquired:?}");
 
@@ -270,15 +267,7 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
     assert_eq!(prompts.len(), expected, "every LLM step was called");
 
     // The newcomer took a shard from the replica that held two: one each again.
-    wait_until("one shard per live replica after the rolling update", Duration::from_secs(60), || async {
-        for r in &replicas {
-            if owned(r).await != 1.0 {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
+    one_shard_each(&replicas, "one shard per live replica after the rolling update").await;
     let mut released = 0.0;
     for r in &replicas {
         released +=
