@@ -204,14 +204,15 @@ impl Coordinator {
         let now = Instant::now();
         if now >= self.next_renew {
             self.next_renew = now + self.settings.renew_every();
+            // The shards first: their deadlines are the fence.
+            let shards: Vec<u32> = self.held.keys().copied().collect();
+            for shard in shards {
+                self.renew(shard).await;
+            }
             let member = self.renew_member().await;
             self.health.api_reachable.store(member.is_ok(), Ordering::Relaxed);
             if let Err(e) = member {
                 warn!(error = %e, "renewing the membership Lease failed");
-            }
-            let shards: Vec<u32> = self.held.keys().copied().collect();
-            for shard in shards {
-                self.renew(shard).await;
             }
         }
         // A held shard past its deadline: renewals failed for too long.

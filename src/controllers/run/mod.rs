@@ -227,10 +227,12 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
     let ns = run.namespace().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
     let now = Timestamp::now();
-    // The fence: a shard this replica no longer holds (its controller is stopping) is not
-    // acted on; its new holder takes the run from its written status.
+    // The fence: a run of a shard this replica does not hold now is not acted on. Lost for
+    // good, the shard's controller is stopping and its new holder takes the run from its
+    // written status; a renewal late past the deadline (a loaded API server) passes, and the
+    // run is looked at again.
     if !shared.ownership.holds_run(&run) {
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     // A child run that ended wakes its parent, which takes the child's end as its step's.
     if let Some(parent) = children::parent_of(&run)
@@ -529,7 +531,11 @@ pub async fn controller(
     for uid in &uids {
         shared.pool.forget_run(uid);
     }
-    shared.status.flush(&uids, Duration::from_secs(10)).await;
+    // Handed over (or shutting down): write what waits while the Lease is still held. Lost:
+    // nothing may be written; the new holder starts from what was.
+    if shared.ownership.holds(shard) {
+        shared.status.flush(&uids, Duration::from_secs(10)).await;
+    }
     for uid in &uids {
         ctx.release(uid);
         shared.status.forget(uid);

@@ -169,8 +169,9 @@ impl StatusWriter {
     }
 
     /// Writes what is due until `shutdown`, then everything that waits. Only what `fence`
-    /// allows: the status of a run whose shard (or leadership) this replica lost is dropped, for
-    /// a replica that lost its Lease must not overwrite the new holder's writes.
+    /// allows: the status of a run whose shard (or leadership) this replica does not hold now
+    /// waits (a renewal late past its deadline) and is forgotten when the shard's controller
+    /// stops, for a replica that lost its Lease must not overwrite the new holder's writes.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, fence: Fence) {
         let tick = (self.interval / 10).clamp(Duration::from_millis(10), Duration::from_millis(200));
         loop {
@@ -188,26 +189,17 @@ impl StatusWriter {
         }
     }
 
-    /// Drops what waits for runs of shards this replica no longer holds.
-    pub fn drop_unfenced(&self, fence: &dyn Fn(Option<&str>) -> bool) {
-        let mut entries = lock(&self.entries);
-        let before = entries.len();
-        entries.retain(|_, e| e.writing || fence(e.slot.as_deref()));
-        let dropped = before - entries.len();
-        if dropped > 0 {
-            debug!(dropped, "dropped the statuses of runs whose shard this replica no longer holds");
-        }
-    }
-
     /// Starts a write for every run whose status is due (all that wait, with `all`).
     fn start_due(self: &Arc<Self>, all: bool, fence: &dyn Fn(Option<&str>) -> bool) {
-        self.drop_unfenced(fence);
         let due: Vec<(String, String, String, WorkflowRunStatus, u64, Option<u32>)> = {
             let mut entries = lock(&self.entries);
             entries
                 .iter_mut()
                 .filter(|(_, e)| {
-                    e.dirty && !e.writing && (all || e.urgent || e.at.is_none_or(|t| t.elapsed() >= self.interval))
+                    e.dirty
+                        && !e.writing
+                        && (all || e.urgent || e.at.is_none_or(|t| t.elapsed() >= self.interval))
+                        && fence(e.slot.as_deref())
                 })
                 .map(|(uid, e)| {
                     e.writing = true;
@@ -443,7 +435,7 @@ mod tests {
             stop.cancel();
             let _ = task.await;
             assert_eq!(api.status_patches(), writes, "shard held: {held}");
-            assert!(!writer.pending("u"), "written or dropped");
+            assert_eq!(writer.pending("u"), !held, "written, or kept for the shard's controller to forget");
         }
         // A run of another shard is never written.
         let api = Api::default();
@@ -451,7 +443,9 @@ mod tests {
         let stop = CancellationToken::new();
         let task = tokio::spawn(writer.clone().run(stop.clone(), Arc::new(|slot| slot == Some("7"))));
         writer.stage(&run(), &WorkflowRunStatus::default(), &status(RunPhase::Running, "0/2"));
-        until("the status to be dropped", || !writer.pending("u")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(writer.pending("u"), "kept while the shard is not held, until forgotten");
+        writer.forget("u");
         stop.cancel();
         let _ = task.await;
         assert_eq!(api.status_patches(), 0);
