@@ -39,7 +39,7 @@ pub async fn finished(
     if !run.labels().contains_key(naming::LABEL_FINISHED) && !writer.pending(&uid) {
         let ns = run.namespace().unwrap_or_default();
         match mark_finished(client, &ns, &run.name_any(), status, run.spec.ttl_seconds_after_finished).await {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
         }

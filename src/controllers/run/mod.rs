@@ -454,12 +454,14 @@ pub async fn controller(
         // A child run leaves this cache when its end is written (it is labelled finished):
         // that wakes its parent, which reads the child's end from the API. The reconcile that
         // sees the child's end in the cache may come too late to find it there.
-        let admission = shared.admission.clone();
+        // And the status writer forgets the run it kept until the cache dropped it.
+        let (admission, status) = (shared.admission.clone(), shared.status.clone());
         move |event| {
-            if let watcher::Event::Delete(child) = event
-                && let Some(parent) = children::parent_of(child)
-            {
-                admission.scopes.wake(&child.namespace().unwrap_or_default(), parent);
+            if let watcher::Event::Delete(run) = event {
+                status.forget(&run.uid().unwrap_or_default());
+                if let Some(parent) = children::parent_of(run) {
+                    admission.scopes.wake(&run.namespace().unwrap_or_default(), parent);
+                }
             }
         }
     })

@@ -212,15 +212,12 @@ impl StatusWriter {
             tokio::spawn(async move {
                 let Ok(_permit) = this.writes.clone().acquire_owned().await else { return };
                 let mut result = this.write(&ns, &name, &status).await;
-                // A run's end is written: label it, so that caches of active runs drop it.
+                // A run's end is written: label it, so that caches of active runs drop it. The
+                // entry stays (with the label's resourceVersion) until the cache has dropped the
+                // run: a pass that comes meanwhile with the cache's older object must start from
+                // the end, not run the last steps again and write over it.
                 if result.is_ok() && status.phase.is_finished() {
-                    match mark_finished(&this.client, &ns, &name, &status, ttl).await {
-                        Ok(()) => {
-                            lock(&this.entries).remove(&uid);
-                            return;
-                        }
-                        Err(e) => result = Err(e),
-                    }
+                    result = mark_finished(&this.client, &ns, &name, &status, ttl).await;
                 }
                 let mut entries = lock(&this.entries);
                 let Some(e) = entries.get_mut(&uid) else { return };
@@ -273,7 +270,7 @@ pub async fn mark_finished(
     name: &str,
     status: &WorkflowRunStatus,
     ttl: Option<u32>,
-) -> Result<(), kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let mut annotations = serde_json::Map::new();
     if let Some(ttl) = ttl {
         let done = status.finished_at.as_ref().map(|t| t.0).unwrap_or_else(jiff::Timestamp::now);
@@ -285,8 +282,8 @@ pub async fn mark_finished(
         "annotations": annotations,
     }});
     let api: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    Ok(())
+    let labelled = api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(labelled.resource_version())
 }
 
 #[cfg(test)]
@@ -393,6 +390,11 @@ mod tests {
         .await;
         assert_eq!(api.status_patches(), 3, "two progress stages shared one write");
         assert!(!writer.pending("u"));
+        // A pass that comes with the cache's older object starts from the end (it would run the
+        // last steps again and write over the end), until the cache drops the finished run.
+        until("the label's resourceVersion", || writer.fresh(&run).phase == RunPhase::Succeeded).await;
+        writer.forget("u");
+        assert_eq!(writer.fresh(&run).phase, RunPhase::default(), "forgotten once the cache dropped it");
         stop.cancel();
         let _ = task.await;
     }
