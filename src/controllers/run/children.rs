@@ -5,7 +5,7 @@
 //! child; the parent's suspend reaches it ([`Children::sync_suspend`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams, PostParams};
@@ -49,12 +49,21 @@ pub struct Children {
     runs: Store<WorkflowRun>,
     workflows: Store<Workflow>,
     /// Children created recently (name -> when), so a lagging cache is not taken for a deletion.
-    expectations: Mutex<HashMap<String, Instant>>,
+    expectations: Expectations,
 }
 
+/// Children created recently, by name; shared with the watch, which clears a child's entry when
+/// the child leaves the cache (it ended), so its parent reads the end from the API at once.
+pub type Expectations = Arc<Mutex<HashMap<String, Instant>>>;
+
 impl Children {
-    pub fn new(client: Client, runs: Store<WorkflowRun>, workflows: Store<Workflow>) -> Self {
-        Self { client, runs, workflows, expectations: Default::default() }
+    pub fn new(
+        client: Client,
+        runs: Store<WorkflowRun>,
+        workflows: Store<Workflow>,
+        expectations: Expectations,
+    ) -> Self {
+        Self { client, runs, workflows, expectations }
     }
 
     fn api(&self, ns: &str) -> Api<WorkflowRun> {

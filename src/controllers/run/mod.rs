@@ -442,6 +442,7 @@ pub async fn controller(
         .reflect(agent_writer)
         .touched_objects();
     let (runs, run_writer) = reflector::store();
+    let expectations = children::Expectations::default();
     let active = with_shard(&format!("!{}", naming::LABEL_FINISHED));
     let run_stream = watcher(
         api_for::<WorkflowRun>(&client, &scope),
@@ -455,11 +456,12 @@ pub async fn controller(
         // that wakes its parent, which reads the child's end from the API. The reconcile that
         // sees the child's end in the cache may come too late to find it there.
         // And the status writer forgets the run it kept until the cache dropped it.
-        let (admission, status) = (shared.admission.clone(), shared.status.clone());
+        let (admission, status, expected) = (shared.admission.clone(), shared.status.clone(), expectations.clone());
         move |event| {
             if let watcher::Event::Delete(run) = event {
                 status.forget(&run.uid().unwrap_or_default());
                 if let Some(parent) = children::parent_of(run) {
+                    lock(&expected).remove(&run.name_any());
                     admission.scopes.wake(&run.namespace().unwrap_or_default(), parent);
                 }
             }
@@ -477,7 +479,7 @@ pub async fn controller(
             client.clone(),
             shared.pool.clone(),
             pod_reader.clone(),
-            children::Children::new(client.clone(), runs.clone(), wf_reader.clone()),
+            children::Children::new(client.clone(), runs.clone(), wf_reader.clone(), expectations),
             resources::Resources::new(client.clone(), {
                 let admission = shared.admission.clone();
                 Arc::new(move |ns: &str, name: &str| admission.scopes.wake(ns, name))
