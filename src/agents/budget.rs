@@ -12,6 +12,14 @@
 //! from the object's status the first time it sees it (so usage survives restarts), and writes
 //! the usage back, coalesced, from [`Budgets::snapshot`]. Windows start again at their UTC
 //! boundary, checked on every use.
+//!
+//! With shards ([`Budgets::sharded`]) every replica spends: the ledger counts by shard (the
+//! shard of the call's run), each replica writes the shares of the shards it holds to the
+//! Budget's `status.shards` ([`Budgets::pending_shares`]), and every replica takes the others'
+//! shares from the Budget's watch, keeping per shard the larger of its own count and the
+//! stored one. Within a window a share only grows, so that merge loses nothing of a share
+//! written by one holder at a time; a replica learns of the others' spending one flush
+//! interval late at most.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -77,6 +85,8 @@ pub struct CallScope {
     pub agent: String,
     /// The run, by uid, with its `spec.budget` and what it used before this process saw it.
     pub run: Option<RunScope>,
+    /// The run's slot (label `volt.dev/shard`): with shards, whose share the call counts in.
+    pub slot: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -148,16 +158,38 @@ fn trim(x: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// What the calls of one shard's runs used in a Budget's window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Share {
+    pub used: Spend,
+    /// The last refusal in this window.
+    pub refused: Option<String>,
+}
+
+impl Share {
+    /// Takes what `other` has that this share lacks: the larger figures, a refusal.
+    fn merge(&mut self, other: &Share) -> bool {
+        let before = self.clone();
+        self.used.tokens = self.used.tokens.max(other.used.tokens);
+        self.used.cost = self.used.cost.max(other.used.cost);
+        if self.refused.is_none() {
+            self.refused.clone_from(&other.refused);
+        }
+        *self != before
+    }
+}
+
 /// One Budget as the ledger keeps it.
 #[derive(Debug, Clone)]
 struct Kept {
     spec: BudgetSpec,
     created: Timestamp,
     window_start: Timestamp,
-    used: Spend,
+    /// By shard (only shard 0 without shards).
+    shares: BTreeMap<u32, Share>,
+    /// With shards: each share as the Budget's status last showed it (or as written).
+    stored: BTreeMap<u32, Share>,
     held: Spend,
-    /// The last refusal in this window.
-    refused: Option<String>,
     /// Changed since the last [`Budgets::snapshot`].
     dirty: bool,
 }
@@ -166,11 +198,52 @@ impl Kept {
     fn roll(&mut self, now: Timestamp) {
         let start = window_start(self.spec.window, now, self.created);
         if start > self.window_start {
-            self.window_start = start;
-            self.used = Spend::default();
-            self.refused = None;
-            self.dirty = true;
+            self.restart(start);
         }
+    }
+
+    /// A new window from `start`.
+    fn restart(&mut self, start: Timestamp) {
+        self.window_start = start;
+        self.shares.clear();
+        self.stored.clear();
+        self.dirty = true;
+    }
+
+    fn used(&self) -> Spend {
+        let mut sum = Spend::default();
+        for s in self.shares.values() {
+            sum.add(s.used);
+        }
+        sum
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.shares.values().find_map(|s| s.refused.clone())
+    }
+
+    /// The shares of the status that belong to this window, by shard.
+    fn stored_shares(&self, status: &BudgetStatus) -> BTreeMap<u32, Share> {
+        status
+            .shards
+            .iter()
+            .filter(|(_, s)| s.window_start.0 == self.window_start)
+            .filter_map(|(k, s)| {
+                let share = Share { used: Spend { tokens: s.tokens, cost: s.cost }, refused: s.refused.clone() };
+                Some((k.parse().ok()?, share))
+            })
+            .collect()
+    }
+
+    /// Takes the status's shares of this window (with shards); true when any count grew.
+    fn merge_stored(&mut self, status: &BudgetStatus) -> bool {
+        let stored = self.stored_shares(status);
+        let mut grew = false;
+        for (k, s) in &stored {
+            grew |= self.shares.entry(*k).or_default().merge(s);
+        }
+        self.stored.extend(stored);
+        grew
     }
 
     fn counts(&self, scope: &CallScope) -> bool {
@@ -203,6 +276,16 @@ pub struct Snapshot {
     pub refused: Option<String>,
 }
 
+/// A share this replica counted that the Budget's status does not show yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingShare {
+    pub namespace: String,
+    pub name: String,
+    pub shard: u32,
+    pub share: Share,
+    pub window_start: Timestamp,
+}
+
 /// Suspends a run (`spec.suspend: true`) when a Budget with `onExceeded: Suspend` refuses one
 /// of its calls.
 pub trait Suspender: Send + Sync {
@@ -219,6 +302,8 @@ pub struct Budgets {
     expected_scopes: Mutex<(usize, HashSet<String>)>,
     suspender: std::sync::OnceLock<Arc<dyn Suspender>>,
     dirty: Notify,
+    /// With shards, how many (calls count in their run's shard's share); 0 without.
+    shards: u32,
 }
 
 impl Default for Budgets {
@@ -231,6 +316,7 @@ impl Default for Budgets {
             expected_scopes: Mutex::new((0, HashSet::new())),
             suspender: std::sync::OnceLock::new(),
             dirty: Notify::new(),
+            shards: 0,
         }
     }
 }
@@ -247,6 +333,24 @@ impl Budgets {
         b.synced.send_replace(scopes == 0);
         *b.lock_scopes() = (scopes, HashSet::new());
         b
+    }
+
+    /// Counts by shard, `shards` of them, and takes the other replicas' shares from the status.
+    pub fn sharded(mut self, shards: u32) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    pub fn is_sharded(&self) -> bool {
+        self.shards > 0
+    }
+
+    /// The share a call counts in.
+    fn shard_of(&self, scope: &CallScope) -> u32 {
+        match (self.shards, scope.slot) {
+            (0, _) | (_, None) => 0,
+            (n, Some(slot)) => slot % n,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
@@ -275,6 +379,7 @@ impl Budgets {
     }
 
     /// A Budget as its object says; the first time, its window's usage comes from its status.
+    /// With shards, every time: the other replicas' shares.
     pub fn upsert(
         &self,
         namespace: &str,
@@ -284,47 +389,59 @@ impl Budgets {
         created: Timestamp,
     ) {
         let now = Timestamp::now();
+        let mut grew = false;
         {
             let mut l = self.lock();
             let key = (namespace.to_string(), name.to_string());
             match l.budgets.get_mut(&key) {
                 Some(k) => {
                     if k.spec.window != spec.window {
-                        k.window_start = window_start(spec.window, now, created);
-                        k.used = Spend::default();
-                        k.refused = None;
-                        k.dirty = true;
+                        k.restart(window_start(spec.window, now, created));
                     }
                     k.spec = spec.clone();
                     k.roll(now);
+                    if let Some(s) = status.filter(|_| self.is_sharded()) {
+                        grew = k.merge_stored(s);
+                        k.dirty |= grew;
+                    }
                 }
                 None => {
                     let start = window_start(spec.window, now, created);
                     let stored = status.and_then(|s| s.window_start.as_ref().map(|t| (t.0, s)));
-                    let (used, refused) = match stored {
-                        // The stored window is the current one: go on from its usage.
-                        Some((t, s)) if t == start => (
-                            Spend { tokens: s.used.tokens, cost: s.used.cost },
-                            s.conditions
-                                .iter()
-                                .find(|c| c.type_ == crate::api::EXCEEDED && c.status == "True")
-                                .map(|c| c.message.clone()),
-                        ),
-                        _ => (Spend::default(), None),
-                    };
-                    let dirty = stored.is_none_or(|(t, _)| t != start);
-                    let kept = Kept {
+                    let mut kept = Kept {
                         spec: spec.clone(),
                         created,
                         window_start: start,
-                        used,
+                        shares: BTreeMap::new(),
+                        stored: BTreeMap::new(),
                         held: Spend::default(),
-                        refused,
-                        dirty,
+                        dirty: stored.is_none_or(|(t, _)| t != start),
                     };
+                    match stored {
+                        // The stored window is the current one: go on from its shares, or
+                        // (without shards, or from before them) from its total.
+                        Some((t, s)) if t == start => {
+                            if self.is_sharded() && !kept.stored_shares(s).is_empty() {
+                                kept.merge_stored(s);
+                            } else {
+                                let refused = s
+                                    .conditions
+                                    .iter()
+                                    .find(|c| c.type_ == crate::api::EXCEEDED && c.status == "True")
+                                    .map(|c| c.message.clone());
+                                let used = Spend { tokens: s.used.tokens, cost: s.used.cost };
+                                kept.shares.insert(0, Share { used, refused });
+                            }
+                        }
+                        _ => {}
+                    }
                     l.budgets.insert(key, kept);
                 }
             }
+        }
+        if grew {
+            self.dirty.notify_waiters();
+            self.dirty.notify_one();
         }
         self.changed.notify_waiters();
     }
@@ -341,11 +458,50 @@ impl Budgets {
         k.roll(Timestamp::now());
         k.dirty = false;
         Some(Snapshot {
-            used: k.used,
+            used: k.used(),
             window_start: k.window_start,
             window_end: window_end(k.spec.window, k.window_start),
-            refused: k.refused.clone(),
+            refused: k.refused(),
         })
+    }
+
+    /// With shards: the shares of a Budget (or of every Budget) that differ from what its
+    /// status shows, for the caller to write for the shards it holds.
+    pub fn pending_shares(&self, budget: Option<(&str, &str)>) -> Vec<PendingShare> {
+        if !self.is_sharded() {
+            return Vec::new();
+        }
+        let now = Timestamp::now();
+        let mut l = self.lock();
+        let mut out = Vec::new();
+        for ((ns, name), k) in l.budgets.iter_mut() {
+            if budget.is_some_and(|(bns, bname)| (bns, bname) != (ns.as_str(), name.as_str())) {
+                continue;
+            }
+            k.roll(now);
+            for (shard, share) in &k.shares {
+                if k.stored.get(shard) != Some(share) {
+                    out.push(PendingShare {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        shard: *shard,
+                        share: share.clone(),
+                        window_start: k.window_start,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// A share was written: the status shows it now.
+    pub fn share_written(&self, p: &PendingShare) {
+        let mut l = self.lock();
+        if let Some(k) = l.budgets.get_mut(&(p.namespace.clone(), p.name.clone()))
+            && k.window_start == p.window_start
+        {
+            k.stored.insert(p.shard, p.share.clone());
+        }
     }
 
     /// Budgets whose usage changed since their last snapshot.
@@ -369,6 +525,7 @@ impl Budgets {
     /// Holds `need` against every budget `scope` counts against, or says which one refuses.
     pub fn try_reserve(self: &Arc<Self>, scope: &CallScope, need: Spend) -> Result<Reservation, BudgetError> {
         let now = Timestamp::now();
+        let shard = self.shard_of(scope);
         let mut l = self.lock();
         let mut keys = Vec::new();
         for (key, k) in l.budgets.iter_mut().filter(|((ns, _), _)| *ns == scope.namespace) {
@@ -376,8 +533,9 @@ impl Budgets {
             if !k.counts(scope) {
                 continue;
             }
-            if !fits(k.spec.max_tokens, k.spec.max_cost, k.used, k.held, need) {
-                let [spent, more, limit] = describe(k.spec.max_tokens, k.spec.max_cost, k.used, k.held, need);
+            let used = k.used();
+            if !fits(k.spec.max_tokens, k.spec.max_cost, used, k.held, need) {
+                let [spent, more, limit] = describe(k.spec.max_tokens, k.spec.max_cost, used, k.held, need);
                 let what = match k.spec.window {
                     BudgetWindow::Total => format!("budget {:?}", key.1),
                     w => format!("budget {:?} ({w:?} window from {})", key.1, k.window_start),
@@ -390,8 +548,9 @@ impl Budgets {
                     budget: Some(key.clone()),
                     on_exceeded: k.spec.on_exceeded,
                 };
-                if k.refused.is_none() {
-                    k.refused = Some(err.to_string());
+                let share = k.shares.entry(shard).or_default();
+                if share.refused.is_none() {
+                    share.refused = Some(err.to_string());
                     k.dirty = true;
                     self.dirty.notify_waiters();
                     self.dirty.notify_one();
@@ -433,7 +592,7 @@ impl Budgets {
                 k.held.add(need);
             }
         }
-        Ok(Reservation { budgets: self.clone(), keys, run: run_uid, need, settled: false })
+        Ok(Reservation { budgets: self.clone(), keys, run: run_uid, shard, need, settled: false })
     }
 
     /// Like [`Budgets::try_reserve`], after waiting for the Budgets to be listed; a refusal
@@ -483,14 +642,14 @@ impl Budgets {
         }
     }
 
-    fn release(&self, keys: &[(String, String)], run: Option<&str>, need: Spend, used: Option<Spend>) {
+    fn release(&self, keys: &[(String, String)], run: Option<&str>, shard: u32, need: Spend, used: Option<Spend>) {
         {
             let mut l = self.lock();
             for key in keys {
                 if let Some(k) = l.budgets.get_mut(key) {
                     k.held.sub(need);
                     if let Some(u) = used {
-                        k.used.add(u);
+                        k.shares.entry(shard).or_default().used.add(u);
                         k.dirty = true;
                     }
                 }
@@ -520,6 +679,8 @@ pub struct Reservation {
     budgets: Arc<Budgets>,
     keys: Vec<(String, String)>,
     run: Option<String>,
+    /// The share it counts in.
+    shard: u32,
     need: Spend,
     settled: bool,
 }
@@ -528,7 +689,7 @@ impl Reservation {
     /// The call used `used`: the hold becomes usage.
     pub fn settle(mut self, used: Spend) {
         self.settled = true;
-        self.budgets.release(&self.keys, self.run.as_deref(), self.need, Some(used));
+        self.budgets.release(&self.keys, self.run.as_deref(), self.shard, self.need, Some(used));
     }
 
     /// What the call holds.
@@ -545,7 +706,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
-            self.budgets.release(&self.keys, self.run.as_deref(), self.need, None);
+            self.budgets.release(&self.keys, self.run.as_deref(), self.shard, self.need, None);
         }
     }
 }
@@ -564,7 +725,12 @@ mod tests {
     }
 
     fn scope(agent: &str, workflow: Option<&str>) -> CallScope {
-        CallScope { namespace: "ns".into(), workflow: workflow.map(String::from), agent: agent.into(), run: None }
+        CallScope {
+            namespace: "ns".into(),
+            workflow: workflow.map(String::from),
+            agent: agent.into(),
+            ..Default::default()
+        }
     }
 
     fn t(tokens: u64) -> Spend {
@@ -688,6 +854,81 @@ mod tests {
         let snap = b.snapshot("ns", "d").expect("kept");
         assert_eq!(snap.used.tokens, 0);
         assert_eq!(snap.refused, None);
+    }
+
+    fn status_with_shares(start: Timestamp, shares: &[(&str, u64, Timestamp)]) -> BudgetStatus {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        BudgetStatus {
+            used: crate::api::BudgetUsed { tokens: shares.iter().map(|s| s.1).sum(), cost: 0.0 },
+            window_start: Some(Time(start)),
+            shards: shares
+                .iter()
+                .map(|(k, tokens, at)| {
+                    let share =
+                        crate::api::BudgetShare { tokens: *tokens, cost: 0.0, window_start: Time(*at), refused: None };
+                    (k.to_string(), share)
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn with_shards_every_replica_counts_its_shards_and_the_others_from_the_status() {
+        let b = Arc::new(Budgets::default().sharded(3));
+        let now = Timestamp::now();
+        let s = spec(BudgetWindow::Daily, Some(100), None);
+        let start = window_start(BudgetWindow::Daily, now, now);
+        b.upsert("ns", "team", &s, None, now);
+        let on = |slot| CallScope { slot: Some(slot), ..scope("a", None) };
+        // Slots 4 and 5 are shards 1 and 2 of 3: each call counts in its shard's share.
+        b.try_reserve(&on(4), t(10)).expect("room").settle(t(10));
+        b.try_reserve(&on(5), t(20)).expect("room").settle(t(20));
+        let pending = b.pending_shares(Some(("ns", "team")));
+        let figures: Vec<(u32, u64)> = pending.iter().map(|p| (p.shard, p.share.used.tokens)).collect();
+        assert_eq!(figures, vec![(1, 10), (2, 20)]);
+        assert!(pending.iter().all(|p| p.window_start == start));
+        b.share_written(&pending[0]);
+        assert_eq!(b.pending_shares(None).len(), 1, "shard 1's share is written, shard 2's waits");
+        // Another replica's share of shard 0 comes with the watch: 60 more, 90 in all.
+        b.upsert("ns", "team", &s, Some(&status_with_shares(start, &[("0", 60, start), ("1", 10, start)])), now);
+        assert_eq!(b.snapshot("ns", "team").expect("kept").used.tokens, 90);
+        let err = b.try_reserve(&on(4), t(11)).err().expect("refused on the total").to_string();
+        assert!(err.contains("90 tokens used"), "{err}");
+        // A stored share below this replica's count (written before its last calls) does not
+        // lower it; a share of an earlier window counts for nothing.
+        let yesterday = start.checked_sub(jiff::SignedDuration::from_hours(24)).expect("time");
+        let status = status_with_shares(start, &[("0", 60, start), ("1", 3, start), ("2", 500, yesterday)]);
+        b.upsert("ns", "team", &s, Some(&status), now);
+        let snap = b.snapshot("ns", "team").expect("kept");
+        assert_eq!(snap.used.tokens, 90);
+        // The refusal is shard 1's to write, and shows in the total.
+        assert!(snap.refused.is_some());
+        assert!(b.pending_shares(None).iter().any(|p| p.shard == 1 && p.share.refused.is_some()));
+    }
+
+    #[test]
+    fn with_shards_a_restart_goes_on_from_the_shares_or_from_the_total_before_shards() {
+        let now = Timestamp::now();
+        let s = spec(BudgetWindow::Monthly, Some(1000), None);
+        let start = window_start(BudgetWindow::Monthly, now, now);
+        let b = Budgets::default().sharded(2);
+        b.upsert("ns", "x", &s, Some(&status_with_shares(start, &[("0", 7, start), ("1", 5, start)])), now);
+        assert_eq!(b.snapshot("ns", "x").expect("kept").used.tokens, 12);
+        assert!(b.pending_shares(None).is_empty(), "what the status shows is not written again");
+        // Written before shards were on: the total goes on as shard 0's share.
+        let before = BudgetStatus { shards: Default::default(), ..status_with_shares(start, &[("0", 40, start)]) };
+        let b = Budgets::default().sharded(2);
+        b.upsert("ns", "x", &s, Some(&before), now);
+        assert_eq!(b.snapshot("ns", "x").expect("kept").used.tokens, 40);
+        let pending = b.pending_shares(None);
+        assert_eq!(pending.iter().map(|p| (p.shard, p.share.used.tokens)).collect::<Vec<_>>(), vec![(0, 40)]);
+        // Without shards, the ledger neither keeps shares to write nor takes them from the status.
+        let b = Budgets::default();
+        b.upsert("ns", "x", &s, Some(&status_with_shares(start, &[("0", 7, start)])), now);
+        b.upsert("ns", "x", &s, Some(&status_with_shares(start, &[("0", 70, start)])), now);
+        assert_eq!(b.snapshot("ns", "x").expect("kept").used.tokens, 7);
+        assert!(b.pending_shares(None).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -388,6 +388,7 @@ impl CallRun {
                 budget: self.meta.budget.clone(),
                 used_before: Spend { tokens: self.meta.used.0, cost: self.meta.used.1 },
             }),
+            slot: self.meta.slot,
         }
     }
 }

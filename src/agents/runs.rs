@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use kube::Api;
+use kube::{Api, ResourceExt};
 
 use crate::api::{RunBudget, WorkflowRun};
 use crate::engine::RunInfo;
@@ -57,6 +57,8 @@ pub struct RunMeta {
     pub budget: Option<RunBudget>,
     /// The run's `status.usage` when read: tokens and cost.
     pub used: (u64, f64),
+    /// The run's slot (label `volt.dev/shard`), with shards.
+    pub slot: Option<u32>,
 }
 
 /// Where run metadata comes from: the API server in the cluster, nothing in local mode.
@@ -101,6 +103,7 @@ impl RunSource for KubeRuns {
                         priority: r.spec.priority,
                         budget: r.spec.budget.clone(),
                         used: (usage.input_tokens + usage.output_tokens, usage.cost),
+                        slot: r.labels().get(crate::naming::LABEL_SHARD).and_then(|l| crate::shards::parse_slot(l)),
                     }
                 }
                 Ok(_) => return cached.map(|(_, m)| m),

@@ -116,6 +116,23 @@ pub struct BudgetStatus {
     /// When the current window started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_start: Option<Time>,
+    /// With `--shards`: what the replicas holding each shard counted, by shard number. Each
+    /// replica writes the shares of the shards it holds; `used` is their sum over the window.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub shards: std::collections::BTreeMap<String, BudgetShare>,
+}
+
+/// What the replicas holding one shard counted in a Budget's window.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetShare {
+    pub tokens: u64,
+    pub cost: f64,
+    /// The window these figures belong to; a share of an earlier window counts for nothing.
+    pub window_start: Time,
+    /// The last call this shard's replica refused in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// Tokens and cost used in a window.

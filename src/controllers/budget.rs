@@ -7,6 +7,11 @@
 //! `flush` interval, however many calls it counts; and at each window boundary. A restarted
 //! operator reads the usage back from the status (see [`crate::agents::budget`]); what was
 //! used in the last interval before a crash is not counted.
+//!
+//! With shards every replica writes the shares of the shards it holds (`status.shards`, one
+//! field manager per shard, so that a share's writer changes with its shard's holder), and
+//! shard 0's holder writes the rest: `used` is the sum of the shares. A shard handed over
+//! writes its shares first ([`write_shares`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +28,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::Budgets;
+use crate::agents::budget::PendingShare;
 use crate::api::{
-    Agent, Budget, BudgetStatus, BudgetUsed, Cond, EXCEEDED, FIELD_MANAGER, KState, Workflow, own_conditions,
-    set_condition, set_kstatus,
+    Agent, Budget, BudgetShare, BudgetStatus, BudgetUsed, Cond, EXCEEDED, FIELD_MANAGER, KState, Workflow,
+    own_conditions, set_condition, set_kstatus,
 };
 use crate::kube_util::{WatchBackoff, api_for};
 use crate::metrics::Metrics;
@@ -77,6 +83,48 @@ async fn missing_selections(budget: &Budget, client: &Client) -> Result<Option<S
     Ok((!missing.is_empty()).then(|| missing.join("; ")))
 }
 
+/// The field manager of a shard's share: one per shard, so that whichever replica holds the
+/// shard owns its share, and shard 0's holder's apply of the rest leaves it alone.
+fn share_manager(shard: u32) -> String {
+    format!("{FIELD_MANAGER}-shard-{shard}")
+}
+
+/// Writes the shares this replica counted for the shards it holds, of one Budget or all
+/// (`budget`), of one shard or all (`shard`).
+pub async fn write_shares(
+    client: &Client,
+    budgets: &Budgets,
+    ownership: &crate::shards::Ownership,
+    metrics: &Metrics,
+    budget: Option<(&str, &str)>,
+    shard: Option<u32>,
+) -> Result<(), kube::Error> {
+    let pending = budgets.pending_shares(budget);
+    for p in pending.iter().filter(|p| shard.is_none_or(|s| s == p.shard) && ownership.holds(p.shard)) {
+        let PendingShare { namespace, name, shard, share, window_start } = p;
+        let api: Api<Budget> = Api::namespaced(client.clone(), namespace);
+        let share = BudgetShare {
+            tokens: share.used.tokens,
+            cost: crate::engine::usage::round_cost(share.used.cost),
+            window_start: Time(*window_start),
+            refused: share.refused.clone(),
+        };
+        let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Budget",
+                           "status": {"shards": {shard.to_string(): share}}});
+        let params = PatchParams::apply(&share_manager(*shard)).force();
+        match api.patch_status(name, &params, &Patch::Apply(&patch)).await {
+            Ok(_) => {
+                budgets.share_written(p);
+                metrics.status_writes.with_label_values(&["BudgetShare"]).inc();
+            }
+            // Deleted meanwhile: nothing to count in.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Problems of a spec the schema cannot see.
 pub fn check_spec(spec: &crate::api::BudgetSpec) -> Result<(), String> {
     if spec.max_tokens.is_none() && spec.max_cost.is_none() {
@@ -109,6 +157,9 @@ async fn reconcile(budget: Arc<Budget>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         Err(m) => Some(m),
         Ok(()) => missing_selections(&budget, &ctx.client).await?,
     };
+    if ctx.budgets.is_sharded() {
+        write_shares(&ctx.client, &ctx.budgets, &ctx.ownership, &ctx.metrics, Some((&ns, &name)), None).await?;
+    }
     let mut requeue = ctx.resync;
     if let Some(s) = &snap {
         status.used = BudgetUsed { tokens: s.used.tokens, cost: crate::engine::usage::round_cost(s.used.cost) };
@@ -139,7 +190,9 @@ async fn reconcile(budget: Arc<Budget>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     set_condition(&mut status.conditions, exceeded, generation, now);
     if status != old && ctx.ownership.leads() {
         let api: Api<Budget> = Api::namespaced(ctx.client.clone(), &ns);
-        let sent = BudgetStatus { conditions: own_conditions(&status.conditions), ..status };
+        // The shares are their holders' (see `write_shares`).
+        let sent =
+            BudgetStatus { conditions: own_conditions(&status.conditions), shards: Default::default(), ..status };
         let patch = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Budget", "status": sent});
         api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         ctx.metrics.status_writes.with_label_values(&["Budget"]).inc();

@@ -134,7 +134,11 @@ pub async fn run(
     // Agent steps: the Agent controllers feed the registry, the run controllers call through it.
     let registry = Arc::new(crate::agents::Registry::default());
     // Budgets: the Budget controllers feed the ledger; calls wait until every scope listed.
-    let budgets = Arc::new(crate::agents::Budgets::waiting_for(scopes(&args).len()));
+    let mut budgets = crate::agents::Budgets::waiting_for(scopes(&args).len());
+    if ownership.is_sharded() {
+        budgets = budgets.sharded(ownership.shards());
+    }
+    let budgets = Arc::new(budgets);
     budgets.set_suspender(Arc::new(crate::agents::runs::KubeSuspender { client: client.clone() }));
     let caller = crate::agents::LlmCaller::new(
         registry.clone(),
@@ -237,7 +241,8 @@ pub async fn run(
         health: health.clone(),
         shared,
         events,
-        sharded: ownership.is_sharded(),
+        budgets,
+        ownership: ownership.clone(),
     };
     tasks.push(tokio::spawn(shard_workers(workers, ownership, shutdown.clone())));
     for res in futures::future::join_all(tasks).await {
@@ -263,8 +268,8 @@ struct Workers {
     health: Arc<Health>,
     shared: Arc<run::Shared>,
     events: crate::events::EventSink,
-    /// Whether there are shards (component names then say which).
-    sharded: bool,
+    budgets: Arc<crate::agents::Budgets>,
+    ownership: Arc<Ownership>,
 }
 
 impl Workers {
@@ -273,7 +278,7 @@ impl Workers {
         let mut tasks = Vec::new();
         for scope in scopes(&self.args) {
             let where_ = scope.clone().unwrap_or_else(|| "all-namespaces".into());
-            let sharded = self.sharded;
+            let sharded = self.ownership.is_sharded();
             let name = |kind: &str| {
                 if sharded {
                     format!("controller/{kind}/{where_}/shard-{shard}")
@@ -315,6 +320,16 @@ impl Workers {
             }
         }
         futures::future::join_all(tasks).await;
+        // Handed over (or shutting down): what its calls spent, while the Lease is still held.
+        if self.ownership.is_sharded() && self.ownership.holds(shard) {
+            let (client, budgets, ownership) = (&self.client, &self.budgets, &self.ownership);
+            let write = budget::write_shares(client, budgets, ownership, &self.metrics, None, Some(shard));
+            match tokio::time::timeout(Duration::from_secs(10), write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(shard, error = %e, "writing the shard's Budget shares"),
+                Err(_) => warn!(shard, "writing the shard's Budget shares took over 10 s"),
+            }
+        }
     }
 }
 

@@ -20,13 +20,13 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use volt_operator::api::{Agent, RunPhase, WorkflowRun, WorkflowRunStatus};
 
-use crate::kit::control_plane::{self, OPERATOR_USER};
+use crate::kit::control_plane;
 use crate::kit::kubelet::{self, Kubelet, PodPlan};
 use crate::kit::openai::Stub;
 use crate::kit::tools::{CHART, helm_binary};
 use crate::kit::{
-    self, LogDir, Operator, OperatorProcess, apply, chart_identity, helm, helm_install, helm_uninstall, kube_config,
-    kubectl, metric_sum, repo, wait_for, wait_until,
+    self, LogDir, Operator, OperatorProcess, apply, chart_identity, helm, helm_install, helm_install_for_operator_user,
+    helm_uninstall, kube_config, kubectl, metric_sum, repo, wait_for, wait_until,
 };
 
 const LONG: Duration = Duration::from_secs(90);
@@ -704,17 +704,7 @@ async fn leader_election_between_operator_processes() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "pkg-leader").await;
     let rel = release("vl");
-    helm_install(
-        &rel,
-        &ns,
-        &[
-            format!("watchNamespaces={{{ns}}}"),
-            "rbac.extraSubjects[0].kind=User".into(),
-            format!("rbac.extraSubjects[0].name={OPERATOR_USER}"),
-            "rbac.extraSubjects[0].apiGroup=rbac.authorization.k8s.io".into(),
-        ],
-    )
-    .await;
+    helm_install_for_operator_user(&rel, &ns, &[]).await;
     let lease = format!("{rel}-volt-operator");
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
 

@@ -1,7 +1,8 @@
 //! Scale-out (`--shards`): operator processes under the chart's rights split the runs by shard;
 //! one is SIGKILLed and another joins mid-way, then one is stopped and another started (a
 //! rolling update); every run finishes, no step pod is created twice
-//! for one attempt, and no in-process step is called by two replicas at once.
+//! for one attempt, and no in-process step is called by two replicas at once. A Budget counts
+//! the calls of every replica and refuses on every shard once they have spent it together.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -11,14 +12,18 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use volt_operator::api::{RunPhase, WorkflowRun};
+use volt_operator::api::{Budget, RunPhase, WorkflowRun, condition_status};
 
-use crate::kit::control_plane::{self, OPERATOR_USER};
+use crate::kit::control_plane;
 use crate::kit::openai::Stub;
-use crate::kit::{self, LogDir, OperatorProcess, apply, container, endpoint_agent, helm_install, wait_until};
+use crate::kit::{
+    self, LogDir, OperatorProcess, apply, container, endpoint_agent, helm_install_for_operator_user, wait_for,
+    wait_until,
+};
 
 const SHARDS: u32 = 3;
 /// Runs of the first part (a replica killed, another joining).
@@ -36,6 +41,7 @@ fn replica(name: &str, ns: &str, lease: &str, dir: &LogDir) -> OperatorProcess {
         .args(["--shards", &SHARDS.to_string(), "--lease-namespace", ns, "--lease-name", lease])
         .args(["--lease-duration", "6", "--lease-grace", "2", "--max-concurrent-runs", "0"])
         .args(["--health-check-interval", "1", "--log-format", "text", "--log-level", "info"])
+        .args(["--budget-flush-interval", "1"])
         .env("POD_NAME", name)
         .spawn()
 }
@@ -130,18 +136,7 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "shards").await;
     let rel = format!("vs-{:04x}", rand::random::<u16>());
-    helm_install(
-        &rel,
-        &ns,
-        &[
-            format!("watchNamespaces={{{ns}}}"),
-            format!("sharding.shards={SHARDS}"),
-            "rbac.extraSubjects[0].kind=User".into(),
-            format!("rbac.extraSubjects[0].name={OPERATOR_USER}"),
-            "rbac.extraSubjects[0].apiGroup=rbac.authorization.k8s.io".into(),
-        ],
-    )
-    .await;
+    helm_install_for_operator_user(&rel, &ns, &[format!("sharding.shards={SHARDS}")]).await;
     let lease = format!("{rel}-volt-operator");
     let dir = LogDir::new("shards");
 
@@ -285,4 +280,107 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
     let list = leases.list(&ListParams::default().labels("volt.dev/lease-role=shard")).await.expect("leases");
     let held: Vec<String> = list.items.iter().filter_map(|l| l.spec.as_ref()?.holder_identity.clone()).collect();
     assert!(held.is_empty(), "shard Leases still held after every replica stopped: {held:?}");
+}
+
+/// The shard of a run, from its label.
+fn shard_of(run: &WorkflowRun) -> u32 {
+    let slot = run.labels().get("volt.dev/shard").and_then(|l| l.parse::<u32>().ok());
+    slot.unwrap_or_else(|| panic!("{} has no shard label", run.name_any())) % SHARDS
+}
+
+/// Waits until the runs named `prefix-*` have all finished; returns them.
+async fn all_finished(runs: &Api<WorkflowRun>, prefix: &str, count: usize) -> Vec<WorkflowRun> {
+    wait_until(&format!("{count} runs {prefix}-* to finish"), LONG, || async {
+        let list = runs.list(&ListParams::default()).await.ok()?;
+        let mine: Vec<WorkflowRun> =
+            list.items.into_iter().filter(|r| r.name_any().starts_with(&format!("{prefix}-"))).collect();
+        let done = mine.iter().filter(|r| r.status.as_ref().is_some_and(|s| s.phase.is_finished())).count();
+        (done == count).then_some(mine)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_budget_counts_the_calls_of_every_replica_and_refuses_on_every_shard() {
+    let cp = control_plane::shared();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "shard-budget").await;
+    let rel = format!("vb-{:04x}", rand::random::<u16>());
+    helm_install_for_operator_user(&rel, &ns, &[format!("sharding.shards={SHARDS}")]).await;
+    let lease = format!("{rel}-volt-operator");
+    let dir = LogDir::new("shard-budget");
+    let stub = Stub::start("model", Duration::from_millis(20)).await;
+    apply(&client, &ns, endpoint_agent("model", &stub.base_url(), json!({}))).await;
+    apply(
+        &client,
+        &ns,
+        json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Budget", "metadata": {"name": "team"},
+               "spec": {"window": "Total", "maxTokens": 1_000_000_000u64, "selector": {"agents": ["model"]}}}),
+    )
+    .await;
+    let mut replicas: Vec<OperatorProcess> = (0..3).map(|i| replica(&format!("b{i}"), &ns, &lease, &dir)).collect();
+    for r in &mut replicas {
+        r.wait_ready(Duration::from_secs(60)).await;
+    }
+    one_shard_each(&replicas, "a shard on each replica").await;
+    let ask = |prefix: &str, i: usize| {
+        let step = json!({"id": "ask", "agent": {"ref": "model", "prompt": format!("{prefix}/{i}")}});
+        kit::run_obj(&format!("{prefix}-{i:02}"), json!({"steps": [step]}))
+    };
+
+    // 40 runs of one call each, spread over the shards (and so over the replicas).
+    for i in 0..40 {
+        apply(&client, &ns, ask("spend", i)).await;
+    }
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
+    let spent_runs = all_finished(&runs, "spend", 40).await;
+    let mut spent = 0;
+    for r in &spent_runs {
+        let s = r.status.as_ref().expect("status");
+        assert_eq!(s.phase, RunPhase::Succeeded, "{}: {}", r.name_any(), s.message);
+        let usage = s.usage.expect("usage");
+        spent += usage.input_tokens + usage.output_tokens;
+    }
+    let shards: BTreeSet<u32> = spent_runs.iter().map(shard_of).collect();
+    assert_eq!(shards.len(), SHARDS as usize, "40 runs on every shard: {shards:?}");
+    // The Budget shows every replica's calls: one share per shard, summed.
+    let budgets: Api<Budget> = Api::namespaced(client.clone(), &ns);
+    let b = wait_for(&budgets, "team", LONG, |b| b.status.as_ref().is_some_and(|s| s.used.tokens == spent)).await;
+    let st = b.status.expect("status");
+    let shares: BTreeMap<&str, u64> = st.shards.iter().map(|(k, s)| (k.as_str(), s.tokens)).collect();
+    assert_eq!(shares.len(), SHARDS as usize, "a share per shard: {shares:?}");
+    assert!(shares.values().all(|t| *t > 0), "every shard spent: {shares:?}");
+    assert_eq!(shares.values().sum::<u64>(), spent, "the shares add up: {shares:?}");
+
+    // Spent in full: no replica may call again, though none of them spent it alone.
+    let patch = json!({"spec": {"maxTokens": spent}});
+    let b = budgets.patch("team", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("lower the budget");
+    let generation = b.metadata.generation;
+    wait_for(&budgets, "team", LONG, |b| b.status.as_ref().is_some_and(|s| s.observed_generation == generation)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the other replicas' watches
+    let before = stub.requests();
+    for i in 0..12 {
+        apply(&client, &ns, ask("over", i)).await;
+    }
+    let refused = all_finished(&runs, "over", 12).await;
+    for r in &refused {
+        let s = r.status.as_ref().expect("status");
+        assert_eq!(s.phase, RunPhase::Failed, "{} (shard {}): {}", r.name_any(), shard_of(r), s.message);
+        assert!(s.message.contains("budget \"team\""), "{}", s.message);
+        assert!(s.message.contains(&format!("{spent} tokens used")), "{}", s.message);
+    }
+    let shards: BTreeSet<u32> = refused.iter().map(shard_of).collect();
+    assert!(shards.len() >= 2, "refused on more than one shard: {shards:?}");
+    assert_eq!(stub.requests(), before, "no call went out");
+    let b = wait_for(&budgets, "team", LONG, |b| {
+        b.status
+            .as_ref()
+            .is_some_and(|s| condition_status(&s.conditions, "Exceeded").is_some_and(|c| c.status == "True"))
+    })
+    .await;
+    assert_eq!(b.status.expect("status").used.tokens, spent, "refused calls spend nothing");
+    for r in &mut replicas {
+        r.assert_no_panic();
+        r.stop(Duration::from_secs(20)).await;
+    }
 }

@@ -75,5 +75,7 @@ pub use net::{free_port, free_ports, http_get, http_get_as, serve, serve_on};
 pub use objects::{container, container_failing, endpoint_agent, run_obj, step};
 pub use openai::Stub;
 pub use process::{OperatorBuilder, OperatorProcess};
-pub use tools::{Ran, helm, helm_install, helm_uninstall, kubectl, kubectl_stdin, operator_bin, repo};
+pub use tools::{
+    Ran, helm, helm_install, helm_install_for_operator_user, helm_uninstall, kubectl, kubectl_stdin, operator_bin, repo,
+};
 pub use wait::{run_finished, wait_for, wait_until};

@@ -127,6 +127,20 @@ pub async fn helm_install(release: &str, ns: &str, sets: &[String]) {
     helm(&args).await;
 }
 
+/// Installs the chart as [`helm_install`] does, for an operator process run by the tests as
+/// the control plane's operator user: the chart's rights go to that user too, and the chart
+/// watches `ns` only.
+pub async fn helm_install_for_operator_user(release: &str, ns: &str, sets: &[String]) {
+    let mut all = vec![
+        format!("watchNamespaces={{{ns}}}"),
+        "rbac.extraSubjects[0].kind=User".into(),
+        format!("rbac.extraSubjects[0].name={}", control_plane::OPERATOR_USER),
+        "rbac.extraSubjects[0].apiGroup=rbac.authorization.k8s.io".into(),
+    ];
+    all.extend_from_slice(sets);
+    helm_install(release, ns, &all).await;
+}
+
 /// Uninstalls `release` from `ns` on the shared control plane.
 pub async fn helm_uninstall(release: &str, ns: &str) {
     let kubeconfig = control_plane::shared().kubeconfig_path().display().to_string();
