@@ -19,6 +19,11 @@
 //! delay asked, and halves the rate for [`TIGHTEN_FOR`]; a further 429 halves it again (down
 //! to a tenth).
 //!
+//! With shards ([`Limits::set_share`]) each replica takes its share of every limit: the part of
+//! the shards it holds. Runs are spread over the shards by a hash of their UID, so each
+//! replica's share of the calls follows its share of the shards, and together the replicas keep
+//! to the limit (a replica whose shards are busier than the others' waits while they have room).
+//!
 //! Why not `governor`: its GCRA has no way to give back the unused part of a reservation, and
 //! no queue ordered by priority; both are what this module is for.
 
@@ -92,6 +97,8 @@ impl Bucket {
 #[derive(Debug)]
 struct State {
     limit: RateLimit,
+    /// The part of `limit` this replica takes (with shards).
+    share: f64,
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     refilled: Instant,
@@ -106,9 +113,10 @@ struct State {
 }
 
 impl State {
-    fn new(limit: &RateLimit, now: Instant) -> Self {
+    fn new(limit: &RateLimit, share: f64, now: Instant) -> Self {
         let mut s = State {
             limit: RateLimit::default(),
+            share: 1.0,
             requests: None,
             tokens: None,
             refilled: now,
@@ -118,18 +126,19 @@ impl State {
             tightened_until: None,
             paused_until: None,
         };
-        s.configure(limit);
+        s.configure(limit, share);
         s
     }
 
-    /// New limits: buckets start full (a changed limit takes effect at once).
-    fn configure(&mut self, limit: &RateLimit) {
-        if &self.limit == limit {
+    /// New limits, or a new share of them: buckets start full (a change takes effect at once).
+    fn configure(&mut self, limit: &RateLimit, share: f64) {
+        if &self.limit == limit && self.share == share {
             return;
         }
         self.limit = limit.clone();
-        self.requests = limit.requests_per_minute.map(|r| Bucket::new(f64::from(r), 1.0));
-        self.tokens = limit.tokens_per_minute.map(|t| Bucket::new(t as f64, 1.0));
+        self.share = share;
+        self.requests = limit.requests_per_minute.map(|r| Bucket::new(f64::from(r) * share, 1.0));
+        self.tokens = limit.tokens_per_minute.map(|t| Bucket::new(t as f64 * share, 1.0));
     }
 
     fn refill(&mut self, now: Instant) {
@@ -237,10 +246,10 @@ impl Drop for InQueue<'_> {
 }
 
 impl Limiter {
-    fn new(agent: &str, limit: &RateLimit) -> Self {
+    fn new(agent: &str, limit: &RateLimit, share: f64) -> Self {
         Limiter {
             agent: agent.to_string(),
-            state: Mutex::new(State::new(limit, Instant::now())),
+            state: Mutex::new(State::new(limit, share, Instant::now())),
             changed: Notify::new(),
         }
     }
@@ -374,22 +383,52 @@ impl Limiter {
 }
 
 /// The limiters of every agent that has a `spec.rateLimit`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Limits {
     agents: Mutex<HashMap<AgentKey, Arc<Limiter>>>,
+    /// The part of each limit this replica takes: 1 without shards.
+    share: Mutex<f64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { agents: Mutex::default(), share: Mutex::new(1.0) }
+    }
 }
 
 impl Limits {
+    fn share(&self) -> f64 {
+        *self.share.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This replica's part of every limit (with shards: the part of the shards it holds), in
+    /// (0, 1]; the limiters change at once.
+    pub fn set_share(&self, share: f64) {
+        let share = if share.is_finite() { share.clamp(1e-3, 1.0) } else { 1.0 };
+        *self.share.lock().unwrap_or_else(|p| p.into_inner()) = share;
+        let limiters: Vec<Arc<Limiter>> =
+            self.agents.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for l in limiters {
+            {
+                let mut s = l.lock();
+                let limit = s.limit.clone();
+                s.configure(&limit, share);
+            }
+            l.changed.notify_waiters();
+        }
+    }
+
     /// The limiter of `agent` under `limit` (created on first use; a changed limit applies at
     /// once); `None` when the agent has no limit.
     pub fn for_agent(&self, agent: &AgentKey, limit: Option<&RateLimit>) -> Option<Arc<Limiter>> {
+        let share = self.share();
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let Some(limit) = limit.filter(|l| l.requests_per_minute.is_some() || l.tokens_per_minute.is_some()) else {
             agents.remove(agent);
             return None;
         };
-        let limiter = agents.entry(agent.clone()).or_insert_with(|| Arc::new(Limiter::new(&agent.name, limit)));
-        limiter.lock().configure(limit);
+        let limiter = agents.entry(agent.clone()).or_insert_with(|| Arc::new(Limiter::new(&agent.name, limit, share)));
+        limiter.lock().configure(limit, share);
         Some(limiter.clone())
     }
 
@@ -417,9 +456,40 @@ mod tests {
         Need { requests: 1.0, tokens }
     }
 
+    impl Limiter {
+        fn new_whole(agent: &str, limit: &RateLimit) -> Self {
+            Limiter::new(agent, limit, 1.0)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_shards_a_replica_takes_its_share_of_the_limit() {
+        let limits = Limits::default();
+        let key = AgentKey { namespace: "ns".into(), name: "a".into() };
+        limits.set_share(1.0 / 3.0);
+        let l = limits.for_agent(&key, Some(&rl(Some(600), None))).expect("limited");
+        let start = Instant::now();
+        for _ in 0..103 {
+            l.acquire(one(0.0), 0, None).await.expect("permit").settle(0);
+        }
+        // A third of 600/min: 3 at once (a bucket of 3.33), then 100 more at 200/min, the first
+        // of them 0.2 s later.
+        let took = start.elapsed().as_secs_f64();
+        assert!((took - 29.9).abs() < 0.05, "{took}");
+        // All the shards: the whole limit again, on the limiter already made.
+        limits.set_share(1.0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let start = Instant::now();
+        for _ in 0..110 {
+            l.acquire(one(0.0), 0, None).await.expect("permit").settle(0);
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((took - 10.0).abs() < 0.05, "{took}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn requests_go_out_at_the_limit_after_a_one_second_burst() {
-        let l = Arc::new(Limiter::new("a", &rl(Some(600), None)));
+        let l = Arc::new(Limiter::new_whole("a", &rl(Some(600), None)));
         let start = Instant::now();
         for _ in 0..110 {
             l.acquire(one(0.0), 0, None).await.expect("permit").settle(0);
@@ -431,7 +501,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn unused_tokens_go_back_and_overuse_is_taken() {
-        let l = Arc::new(Limiter::new("a", &rl(None, Some(6000))));
+        let l = Arc::new(Limiter::new_whole("a", &rl(None, Some(6000))));
         // Bucket: 100 tokens. A worst case of 100 takes it all...
         let p = l.acquire(one(100.0), 0, None).await.expect("permit");
         // ...but the call used 10: 90 come back, so the next 90 go at once.
@@ -449,7 +519,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reservation_larger_than_the_bucket_goes_when_it_is_full() {
-        let l = Arc::new(Limiter::new("a", &rl(None, Some(600))));
+        let l = Arc::new(Limiter::new_whole("a", &rl(None, Some(600))));
         // Bucket: 10 tokens a second, 10 at most. 35 goes at once (full bucket), leaves a debt.
         let start = Instant::now();
         l.acquire(one(35.0), 0, None).await.expect("permit").settle(35);
@@ -462,7 +532,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn dropped_permits_give_their_tokens_back() {
-        let l = Arc::new(Limiter::new("a", &rl(None, Some(600))));
+        let l = Arc::new(Limiter::new_whole("a", &rl(None, Some(600))));
         drop(l.acquire(one(10.0), 0, None).await.expect("permit"));
         let start = Instant::now();
         l.acquire(one(10.0), 0, None).await.expect("permit").settle(10);
@@ -472,7 +542,7 @@ mod tests {
     /// Waiters are served by priority, then in arrival order.
     #[tokio::test(start_paused = true)]
     async fn the_queue_is_by_priority_then_first_come() {
-        let l = Arc::new(Limiter::new("a", &rl(Some(60), None)));
+        let l = Arc::new(Limiter::new_whole("a", &rl(Some(60), None)));
         l.acquire(one(0.0), 0, None).await.expect("first").settle(0);
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
@@ -493,7 +563,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_that_gives_up_leaves_the_queue() {
-        let l = Arc::new(Limiter::new("a", &rl(Some(60), None)));
+        let l = Arc::new(Limiter::new_whole("a", &rl(Some(60), None)));
         l.acquire(one(0.0), 0, None).await.expect("first").settle(0);
         let deadline = Instant::now() + Duration::from_millis(300);
         let err = l.acquire(one(0.0), 9, Some(deadline)).await.expect_err("out of time");
@@ -507,7 +577,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_429_pauses_and_halves_the_rate_for_a_while() {
-        let l = Arc::new(Limiter::new("a", &rl(Some(600), None)));
+        let l = Arc::new(Limiter::new_whole("a", &rl(Some(600), None)));
         l.rate_limited(Some(Duration::from_secs(2)));
         assert_eq!(l.factor(), 0.5);
         let start = Instant::now();

@@ -148,6 +148,7 @@ pub async fn run(
     .with_metrics(metrics.llm.clone())
     .with_budgets(budgets.clone())
     .with_runs(crate::agents::runs::KubeRuns::new(client.clone()));
+    let limits = caller.limits().clone();
     let agents: Option<Arc<dyn AgentCaller>> = Some(Arc::new(caller));
     let events = crate::events::EventSink::start(client.clone(), metrics.clone());
     let cache = health
@@ -177,6 +178,9 @@ pub async fn run(
     let dispatcher = crate::events::Dispatcher::start(handlers, metrics.clone());
     cache.publish_to(dispatcher.clone());
     let mut tasks = Vec::new();
+    if ownership.is_sharded() {
+        tasks.push(tokio::spawn(rate_limit_share(limits, ownership.clone(), shutdown.clone())));
+    }
     tasks.push(tokio::spawn(health.system.clone().run(
         client.clone(),
         scopes(&args),
@@ -369,6 +373,20 @@ async fn shard_workers(workers: Workers, ownership: Arc<Ownership>, shutdown: Ca
         token.cancel();
         let _ = handle.await;
         ownership.set_running(shard, false);
+    }
+}
+
+/// With shards: each Agent's rate limits, this replica's part of them follows the part of the
+/// shards it runs.
+async fn rate_limit_share(limits: Arc<crate::agents::Limits>, ownership: Arc<Ownership>, shutdown: CancellationToken) {
+    let mut assigned = ownership.assigned();
+    loop {
+        let held = assigned.borrow_and_update().len().max(1);
+        limits.set_share(held as f64 / f64::from(ownership.shards()));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = assigned.changed() => if changed.is_err() { return },
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! one is SIGKILLed and another joins mid-way, then one is stopped and another started (a
 //! rolling update); every run finishes, no step pod is created twice
 //! for one attempt, and no in-process step is called by two replicas at once. A Budget counts
-//! the calls of every replica and refuses on every shard once they have spent it together.
+//! the calls of every replica and refuses on every shard once they have spent it together; an
+//! Agent's rate limit holds for the replicas together.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -300,16 +301,35 @@ async fn all_finished(runs: &Api<WorkflowRun>, prefix: &str, count: usize) -> Ve
     .await
 }
 
-#[tokio::test]
-async fn a_budget_counts_the_calls_of_every_replica_and_refuses_on_every_shard() {
+/// Three replicas with shards in a new namespace `prefix-*`, under the chart's rights, a shard
+/// each; with the client and the namespace.
+async fn three_replicas(prefix: &str) -> (kube::Client, String, Vec<OperatorProcess>) {
     let cp = control_plane::shared();
     let client = cp.client().await;
-    let ns = cp.namespace(&client, "shard-budget").await;
+    let ns = cp.namespace(&client, prefix).await;
     let rel = format!("vb-{:04x}", rand::random::<u16>());
     helm_install_for_operator_user(&rel, &ns, &[format!("sharding.shards={SHARDS}")]).await;
     let lease = format!("{rel}-volt-operator");
-    let dir = LogDir::new("shard-budget");
+    let dir = LogDir::new(prefix);
+    let mut replicas: Vec<OperatorProcess> =
+        (0..3).map(|i| replica(&format!("{prefix}-{i}"), &ns, &lease, &dir)).collect();
+    for r in &mut replicas {
+        r.wait_ready(Duration::from_secs(60)).await;
+    }
+    one_shard_each(&replicas, "a shard on each replica").await;
+    (client, ns, replicas)
+}
+
+/// A run `prefix-i` of one call to `agent`.
+fn ask(agent: &str, prefix: &str, i: usize) -> Value {
+    let step = json!({"id": "ask", "agent": {"ref": agent, "prompt": format!("{prefix}/{i}")}});
+    kit::run_obj(&format!("{prefix}-{i:02}"), json!({"steps": [step]}))
+}
+
+#[tokio::test]
+async fn a_budget_counts_the_calls_of_every_replica_and_refuses_on_every_shard() {
     let stub = Stub::start("model", Duration::from_millis(20)).await;
+    let (client, ns, mut replicas) = three_replicas("shard-budget").await;
     apply(&client, &ns, endpoint_agent("model", &stub.base_url(), json!({}))).await;
     apply(
         &client,
@@ -318,19 +338,12 @@ async fn a_budget_counts_the_calls_of_every_replica_and_refuses_on_every_shard()
                "spec": {"window": "Total", "maxTokens": 1_000_000_000u64, "selector": {"agents": ["model"]}}}),
     )
     .await;
-    let mut replicas: Vec<OperatorProcess> = (0..3).map(|i| replica(&format!("b{i}"), &ns, &lease, &dir)).collect();
-    for r in &mut replicas {
-        r.wait_ready(Duration::from_secs(60)).await;
-    }
-    one_shard_each(&replicas, "a shard on each replica").await;
-    let ask = |prefix: &str, i: usize| {
-        let step = json!({"id": "ask", "agent": {"ref": "model", "prompt": format!("{prefix}/{i}")}});
-        kit::run_obj(&format!("{prefix}-{i:02}"), json!({"steps": [step]}))
-    };
+    let budgets: Api<Budget> = Api::namespaced(client.clone(), &ns);
+    wait_for(&budgets, "team", LONG, |b| b.status.as_ref().is_some_and(|s| s.observed_generation.is_some())).await;
 
     // 40 runs of one call each, spread over the shards (and so over the replicas).
     for i in 0..40 {
-        apply(&client, &ns, ask("spend", i)).await;
+        apply(&client, &ns, ask("model", "spend", i)).await;
     }
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
     let spent_runs = all_finished(&runs, "spend", 40).await;
@@ -344,7 +357,6 @@ async fn a_budget_counts_the_calls_of_every_replica_and_refuses_on_every_shard()
     let shards: BTreeSet<u32> = spent_runs.iter().map(shard_of).collect();
     assert_eq!(shards.len(), SHARDS as usize, "40 runs on every shard: {shards:?}");
     // The Budget shows every replica's calls: one share per shard, summed.
-    let budgets: Api<Budget> = Api::namespaced(client.clone(), &ns);
     let b = wait_for(&budgets, "team", LONG, |b| b.status.as_ref().is_some_and(|s| s.used.tokens == spent)).await;
     let st = b.status.expect("status");
     let shares: BTreeMap<&str, u64> = st.shards.iter().map(|(k, s)| (k.as_str(), s.tokens)).collect();
@@ -360,7 +372,7 @@ async fn a_budget_counts_the_calls_of_every_replica_and_refuses_on_every_shard()
     tokio::time::sleep(Duration::from_secs(2)).await; // the other replicas' watches
     let before = stub.requests();
     for i in 0..12 {
-        apply(&client, &ns, ask("over", i)).await;
+        apply(&client, &ns, ask("model", "over", i)).await;
     }
     let refused = all_finished(&runs, "over", 12).await;
     for r in &refused {
@@ -379,6 +391,34 @@ async fn a_budget_counts_the_calls_of_every_replica_and_refuses_on_every_shard()
     })
     .await;
     assert_eq!(b.status.expect("status").used.tokens, spent, "refused calls spend nothing");
+    for r in &mut replicas {
+        r.assert_no_panic();
+        r.stop(Duration::from_secs(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_agents_rate_limit_holds_for_the_replicas_together() {
+    // The provider takes 60 a minute and bursts of 3 (and half a second of slack for the
+    // network): three replicas that each took the whole limit would send three times that.
+    let stub = Stub::start("limited", Duration::from_millis(5)).await;
+    stub.limit_rpm_burst(60, 3.5);
+    let (client, ns, mut replicas) = three_replicas("shard-rate").await;
+    let agent = endpoint_agent("limited", &stub.base_url(), json!({"rateLimit": {"requestsPerMinute": 60}}));
+    apply(&client, &ns, agent).await;
+    for i in 0..24 {
+        apply(&client, &ns, ask("limited", "calls", i)).await;
+    }
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
+    let done = all_finished(&runs, "calls", 24).await;
+    for r in &done {
+        let s = r.status.as_ref().expect("status");
+        assert_eq!(s.phase, RunPhase::Succeeded, "{}: {}", r.name_any(), s.message);
+    }
+    let shards: BTreeSet<u32> = done.iter().map(shard_of).collect();
+    assert!(shards.len() >= 2, "calls from more than one replica: {shards:?}");
+    assert_eq!(stub.rate_limited(), 0, "no call met the provider's limit");
+    assert_eq!(stub.requests(), 24);
     for r in &mut replicas {
         r.assert_no_panic();
         r.stop(Duration::from_secs(20)).await;
