@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod budget;
+mod catalog;
 pub mod run;
 pub mod schedule;
 mod shard_label;
@@ -195,7 +196,11 @@ pub async fn run(
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(shared.clone().write_status(writer_stop.clone()));
     let gauges = tokio::spawn(shared.clone().gauges());
+    let mut catalogs = Vec::new();
     for scope in scopes(&args) {
+        let (catalog, task) = catalog::Catalog::start(&client, &scope, shutdown.clone());
+        tasks.push(task);
+        catalogs.push((scope.clone(), catalog.clone()));
         info!(namespace = scope.as_deref().unwrap_or("<all>"), "starting controllers");
         let where_ = scope.clone().unwrap_or_else(|| "all-namespaces".into());
         let name = |kind: &str| format!("controller/{kind}/{where_}");
@@ -234,19 +239,25 @@ pub async fn run(
             tasks.push(tokio::spawn(supervised(
                 health.clone(),
                 name("shard-labeller"),
-                shard_label::controller(client.clone(), scope.clone(), ownership.clone(), shutdown.clone()),
+                shard_label::controller(
+                    client.clone(),
+                    scope.clone(),
+                    catalog.workflows.clone(),
+                    ownership.clone(),
+                    shutdown.clone(),
+                ),
             )));
         }
     }
     let workers = Workers {
         client: client.clone(),
-        args: args.clone(),
         metrics,
         health: health.clone(),
         shared,
         events,
         budgets,
         ownership: ownership.clone(),
+        catalogs,
     };
     tasks.push(tokio::spawn(shard_workers(workers, ownership, shutdown.clone())));
     for res in futures::future::join_all(tasks).await {
@@ -267,20 +278,21 @@ pub async fn run(
 /// What a shard's controllers are made of.
 struct Workers {
     client: Client,
-    args: RunArgs,
     metrics: Metrics,
     health: Arc<Health>,
     shared: Arc<run::Shared>,
     events: crate::events::EventSink,
     budgets: Arc<crate::agents::Budgets>,
     ownership: Arc<Ownership>,
+    /// Each scope's Workflows and Agents, shared by the shards' controllers.
+    catalogs: Vec<(Option<String>, catalog::Catalog)>,
 }
 
 impl Workers {
     /// The controllers of one shard, in every scope, until `stop`.
     async fn shard(&self, shard: u32, stop: CancellationToken) {
         let mut tasks = Vec::new();
-        for scope in scopes(&self.args) {
+        for (scope, catalog) in &self.catalogs {
             let where_ = scope.clone().unwrap_or_else(|| "all-namespaces".into());
             let sharded = self.ownership.is_sharded();
             let name = |kind: &str| {
@@ -297,6 +309,7 @@ impl Workers {
                 run::controller(
                     client.clone(),
                     scope.clone(),
+                    catalog.clone(),
                     self.shared.clone(),
                     self.health.clone(),
                     stop.clone(),

@@ -25,7 +25,7 @@ use tracing::info;
 
 use super::{Error, drain, error_requeue};
 use crate::api::{Workflow, WorkflowRun};
-use crate::kube_util::{ServedFromWatchCache, WatchBackoff, api_for, slim_meta};
+use crate::kube_util::{WatchBackoff, api_for};
 use crate::naming;
 use crate::shards::{Ownership, slot_of_uid};
 
@@ -86,14 +86,13 @@ fn error_policy(_run: Arc<WorkflowRun>, _err: &Error, _ctx: Arc<Ctx>) -> Action 
 }
 
 /// The labeller for one scope, until `shutdown`.
-pub async fn controller(client: Client, scope: Option<String>, ownership: Arc<Ownership>, shutdown: CancellationToken) {
-    let (wf_reader, wf_writer) = reflector::store();
-    let wf_stream = watcher(api_for::<Workflow>(&client, &scope), watcher::Config::default().served_from_watch_cache())
-        .backoff(WatchBackoff::default())
-        .modify(|w: &mut Workflow| slim_meta(&mut w.metadata))
-        .reflect(wf_writer)
-        .touched_objects();
-    let wf_task = tokio::spawn(futures::StreamExt::for_each(wf_stream, |_| async {}));
+pub async fn controller(
+    client: Client,
+    scope: Option<String>,
+    workflows: Store<Workflow>,
+    ownership: Arc<Ownership>,
+    shutdown: CancellationToken,
+) {
     let unlabelled = format!("!{}", naming::LABEL_SHARD);
     let (runs, run_writer) = reflector::store();
     let run_stream = watcher(api_for::<WorkflowRun>(&client, &scope), watcher::Config::default().labels(&unlabelled))
@@ -104,13 +103,12 @@ pub async fn controller(client: Client, scope: Option<String>, ownership: Arc<Ow
         })
         .reflect(run_writer)
         .touched_objects();
-    crate::kube_util::wait_ready(&wf_reader).await;
-    let ctx = Arc::new(Ctx { client, ownership, workflows: wf_reader });
+    crate::kube_util::wait_ready(&workflows).await;
+    let ctx = Arc::new(Ctx { client, ownership, workflows });
     let stream = Controller::for_stream(run_stream, runs)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx);
     drain("shard-labeller", stream).await;
-    wf_task.abort();
 }
 
 #[cfg(test)]

@@ -220,24 +220,26 @@ impl Coordinator {
         for shard in late {
             self.lose(shard, "no renewal before its deadline");
         }
-        self.observe();
-        let members = self.members();
+        // One view of the Leases for the whole step.
+        let leases = self.store.state();
+        self.observe(&leases);
+        let members = self.members(&leases);
         self.ownership.set_members(members.clone());
         self.finish_releases().await;
-        if self.agreed(&members) {
-            self.balance(&members).await;
+        if self.agreed(&leases, &members) {
+            self.balance(&leases, &members).await;
         }
-        self.collect_members().await;
+        self.collect_members(&leases).await;
         if let Some((owned, _)) = &self.gauges {
             owned.set(self.held.len() as i64);
         }
     }
 
     /// Notes each Lease's resourceVersion and when it was first seen.
-    fn observe(&mut self) {
+    fn observe(&mut self, leases: &[Arc<Lease>]) {
         let now = Instant::now();
         let mut seen = HashMap::new();
-        for lease in self.store.state() {
+        for lease in leases {
             let name = lease.name_any();
             let rv = lease.resource_version().unwrap_or_default();
             let at = match self.observed.get(&name) {
@@ -270,10 +272,8 @@ impl Coordinator {
     }
 
     /// Live replicas (this one included), sorted by identity, with the `--shards` each declares.
-    fn members(&self) -> Vec<String> {
-        let mut members: Vec<String> = self
-            .store
-            .state()
+    fn members(&self, leases: &[Arc<Lease>]) -> Vec<String> {
+        let mut members: Vec<String> = leases
             .iter()
             .filter(|l| Self::role(l) == Some("member") && self.live(l))
             .filter_map(|l| l.spec.as_ref().and_then(|s| s.holder_identity.clone()))
@@ -288,9 +288,8 @@ impl Coordinator {
 
     /// Whether every live replica runs with this `--shards`, and no Lease of a shard beyond it
     /// is held.
-    fn agreed(&self, members: &[String]) -> bool {
+    fn agreed(&self, leases: &[Arc<Lease>], members: &[String]) -> bool {
         let n = self.settings.shards.to_string();
-        let leases = self.store.state();
         let disagree = leases.iter().filter(|l| self.live(l)).find(|l| {
             let declared = l.annotations().get(naming::ANNOTATION_SHARDS).map(String::as_str);
             let holder = l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).unwrap_or_default();
@@ -311,7 +310,7 @@ impl Coordinator {
     }
 
     /// Releases what is over this replica's share; takes free shards while under it.
-    async fn balance(&mut self, members: &[String]) {
+    async fn balance(&mut self, leases: &[Arc<Lease>], members: &[String]) {
         let n = self.settings.shards as usize;
         let rank = members.iter().position(|m| m == self.me()).unwrap_or(0);
         let share = share(n, members.len(), rank);
@@ -333,7 +332,7 @@ impl Coordinator {
         if owned >= share || !self.releasing.is_empty() {
             return;
         }
-        let leases: HashMap<String, Lease> = self.store.state().iter().map(|l| (l.name_any(), (**l).clone())).collect();
+        let leases: HashMap<String, &Arc<Lease>> = leases.iter().map(|l| (l.name_any(), l)).collect();
         let mut wanted = share - owned;
         // Start at a different shard per replica, so that they do not all race for the same one.
         for i in 0..n {
@@ -347,7 +346,7 @@ impl Coordinator {
             let name = naming::shard_lease(&self.settings.prefix, shard);
             let taken = match leases.get(&name) {
                 None => self.create_shard(shard, &name).await,
-                Some(l) if !self.live(l) => self.take(shard, l.clone()).await,
+                Some(l) if !self.live(l) => self.take(shard, (***l).clone()).await,
                 Some(_) => false,
             };
             if taken {
@@ -443,6 +442,11 @@ impl Coordinator {
         info!(shard, how, "acquired a shard; starting its controllers");
     }
 
+    /// A Lease's spec as the watch last showed it.
+    fn stored_spec(&self, name: &str) -> Option<LeaseSpec> {
+        self.store.get(&reflector::ObjectRef::new(name).within(&self.settings.namespace)).and_then(|l| l.spec.clone())
+    }
+
     fn deadline(&self, sent: Instant) -> Instant {
         sent + self.settings.duration.saturating_sub(self.settings.grace)
     }
@@ -452,11 +456,7 @@ impl Coordinator {
         let name = naming::shard_lease(&self.settings.prefix, shard);
         let mut lease = Lease { metadata: self.shard_meta(shard, &name), spec: None };
         lease.metadata.resource_version = Some(rv);
-        let mut spec = self
-            .store
-            .get(&reflector::ObjectRef::new(&name).within(&self.settings.namespace))
-            .and_then(|l| l.spec.clone())
-            .unwrap_or_else(|| self.spec(0));
+        let mut spec = self.stored_spec(&name).unwrap_or_else(|| self.spec(0));
         spec.holder_identity = Some(self.me().to_string());
         spec.renew_time = Some(MicroTime(Timestamp::now()));
         spec.lease_duration_seconds = Some(i32::try_from(self.settings.duration.as_secs()).unwrap_or(i32::MAX));
@@ -516,11 +516,7 @@ impl Coordinator {
         let name = naming::shard_lease(&self.settings.prefix, shard);
         let mut lease = Lease { metadata: self.shard_meta(shard, &name), spec: None };
         lease.metadata.resource_version = Some(held.rv);
-        let mut spec = self
-            .store
-            .get(&reflector::ObjectRef::new(&name).within(&self.settings.namespace))
-            .and_then(|l| l.spec.clone())
-            .unwrap_or_default();
+        let mut spec = self.stored_spec(&name).unwrap_or_default();
         spec.holder_identity = None;
         spec.renew_time = None;
         spec.acquire_time = None;
@@ -560,12 +556,12 @@ impl Coordinator {
     }
 
     /// Shard 0's holder deletes membership Leases of replicas gone for long (killed ones).
-    async fn collect_members(&self) {
+    async fn collect_members(&self, leases: &[Arc<Lease>]) {
         if !self.held.contains_key(&0) {
             return;
         }
-        for lease in self.store.state() {
-            if Self::role(&lease) != Some("member") || self.live(&lease) {
+        for lease in leases {
+            if Self::role(lease) != Some("member") || self.live(lease) {
                 continue;
             }
             let gone = self.observed.get(&lease.name_any()).is_some_and(|(_, at)| at.elapsed() >= MEMBER_GC_AFTER);

@@ -36,7 +36,9 @@ pub async fn finished(
     status: &WorkflowRunStatus,
 ) -> Result<Action, Error> {
     let uid = run.uid().unwrap_or_default();
-    if !run.labels().contains_key(naming::LABEL_FINISHED) && !writer.pending(&uid) {
+    // Labelled already: by this object, or by this process's writer (a pass that came with the
+    // cache's older object).
+    if !run.labels().contains_key(naming::LABEL_FINISHED) && !writer.pending(&uid) && !writer.ended(&uid) {
         let ns = run.namespace().unwrap_or_default();
         match mark_finished(client, &ns, &run.name_any(), status, run.spec.ttl_seconds_after_finished).await {
             Ok(_) => {}

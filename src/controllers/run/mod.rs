@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
@@ -40,7 +40,7 @@ use crate::executors::http::HttpExecutor;
 use crate::executors::http_policy::{HttpStepPolicy, cluster_api_addresses};
 use crate::executors::pool::TaskPool;
 use crate::executors::{AgentCaller, InProcessRunner};
-use crate::kube_util::{ServedFromWatchCache, WatchBackoff, api_for, slim_meta, wait_ready};
+use crate::kube_util::{ServedFromWatchCache, WatchBackoff, api_for, wait_ready};
 use crate::metrics::Metrics;
 use crate::naming;
 use crate::pass::{self, Pass, PendingCache};
@@ -407,6 +407,7 @@ pub fn settings(args: &RunArgs) -> Settings {
 pub async fn controller(
     client: Client,
     scope: Option<String>,
+    catalog: super::catalog::Catalog,
     shared: Arc<Shared>,
     health: Arc<Health>,
     shutdown: CancellationToken,
@@ -429,18 +430,7 @@ pub async fn controller(
     .modify(finished::slim_pod)
     .reflect(pod_writer)
     .touched_objects();
-    let (wf_reader, wf_writer) = reflector::store();
-    let wf_stream = watcher(api_for::<Workflow>(&client, &scope), watcher::Config::default().served_from_watch_cache())
-        .backoff(WatchBackoff::default())
-        .modify(|w: &mut Workflow| slim_meta(&mut w.metadata))
-        .reflect(wf_writer)
-        .touched_objects();
-    let (agent_reader, agent_writer) = reflector::store();
-    let agent_stream = watcher(api_for::<Agent>(&client, &scope), watcher::Config::default().served_from_watch_cache())
-        .backoff(WatchBackoff::default())
-        .modify(|a: &mut Agent| slim_meta(&mut a.metadata))
-        .reflect(agent_writer)
-        .touched_objects();
+    let wf_reader = catalog.workflows.clone();
     let (runs, run_writer) = reflector::store();
     let expectations = children::Expectations::default();
     let active = with_shard(&format!("!{}", naming::LABEL_FINISHED));
@@ -484,26 +474,26 @@ pub async fn controller(
                 let admission = shared.admission.clone();
                 Arc::new(move |ns: &str, name: &str| admission.scopes.wake(ns, name))
             }),
+            {
+                let ownership = shared.ownership.clone();
+                Arc::new(move |slot| ownership.holds_slot(slot))
+            },
         ),
         outputs: Outputs::new(client.clone(), shared.inline_output_limit),
         client,
         shared: shared.clone(),
         workflows: wf_reader.clone(),
-        agents: agent_reader,
+        agents: catalog.agents.clone(),
         dags: Default::default(),
     });
 
-    // Workflows and Agents only feed their stores; a changed Workflow never changes a started run.
-    let wf_task = tokio::spawn(wf_stream.for_each(|_| async {}));
-    let agent_task = tokio::spawn(agent_stream.for_each(|_| async {}));
-
     // Readiness: every cache synced.
     let synced = {
-        let (runs, pods, wfs, health) = (runs.clone(), pod_reader, wf_reader, health.clone());
+        let (runs, pods, health) = (runs.clone(), pod_reader, health.clone());
         async move {
             wait_ready(&runs).await;
             wait_ready(&pods).await;
-            wait_ready(&wfs).await;
+            catalog.ready().await;
             health.synced.store(true, std::sync::atomic::Ordering::Relaxed);
             info!("WorkflowRun controller caches synced");
         }
@@ -526,8 +516,6 @@ pub async fn controller(
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx.clone());
     drain("workflowrun", stream).await;
-    wf_task.abort();
-    agent_task.abort();
     sweeper.abort();
     shared.admission.scopes.remove(registered);
     lock(&shared.finished).retain(|c| !Arc::ptr_eq(c, &finished_counts));

@@ -44,6 +44,18 @@ pub struct ClusterRuntime {
     forbidden: Mutex<HashMap<String, Instant>>,
     pub children: Children,
     resources: Resources,
+    /// Whether this replica holds a run's shard (by its `volt.dev/shard` label): checked at
+    /// every start, the one place every pod, child run, object and in-process task begins.
+    fence: super::status_writer::Fence,
+}
+
+/// A start refused because the run's shard is no longer this replica's.
+#[derive(Debug, thiserror::Error)]
+#[error("run {run:?}: its shard (slot {slot}) is not held by this replica now; step {step:?} not started")]
+struct Fenced {
+    run: String,
+    slot: String,
+    step: String,
 }
 
 fn is_pod(kind: Option<StepKind>) -> bool {
@@ -81,7 +93,14 @@ fn on_pool(kind: Option<StepKind>) -> bool {
 }
 
 impl ClusterRuntime {
-    pub fn new(client: Client, pool: TaskPool, pods: Store<Pod>, children: Children, resources: Resources) -> Self {
+    pub fn new(
+        client: Client,
+        pool: TaskPool,
+        pods: Store<Pod>,
+        children: Children,
+        resources: Resources,
+        fence: super::status_writer::Fence,
+    ) -> Self {
         Self {
             client,
             pool,
@@ -90,6 +109,7 @@ impl ClusterRuntime {
             forbidden: Default::default(),
             children,
             resources,
+            fence,
         }
     }
 
@@ -231,6 +251,12 @@ impl StepRuntime for ClusterRuntime {
         kind: Option<StepKind>,
     ) -> BoxFuture<'a, Result<Started, kube::Error>> {
         Box::pin(async move {
+            // The pass checked the fence when it began; it may have taken longer than the grace.
+            if !(self.fence)(run.shard.as_deref()) {
+                let slot = run.shard.clone().unwrap_or_default();
+                let fenced = Fenced { run: run.name.clone(), slot, step: task.key.clone() };
+                return Err(kube::Error::Service(Box::new(fenced)));
+            }
             match kind {
                 Some(StepKind::Container) => return self.create_pod(run, task).await,
                 Some(StepKind::Workflow) => return self.children.start(run, task).await,
@@ -272,5 +298,69 @@ impl StepRuntime for ClusterRuntime {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::Work;
+    use crate::executors::{Outcome, TaskExecutor};
+
+    /// An in-process step that never ends.
+    struct Forever;
+    impl TaskExecutor for Forever {
+        fn run<'a>(&'a self, _: &'a RunInfo, _: &'a TaskStart) -> BoxFuture<'a, Outcome> {
+            Box::pin(futures::future::pending())
+        }
+    }
+
+    fn runtime(held: bool) -> ClusterRuntime {
+        // Never reached: nothing here sends a request.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        let pool = TaskPool::new(4, Arc::new(Forever), Arc::new(|_: &str, _: &str| {}));
+        let (runs, _) = kube::runtime::reflector::store();
+        let (workflows, _) = kube::runtime::reflector::store();
+        let (pods, _) = kube::runtime::reflector::store();
+        let children = Children::new(client.clone(), runs, workflows, Default::default());
+        let resources = Resources::new(client.clone(), Arc::new(|_: &str, _: &str| {}));
+        let fence: super::super::status_writer::Fence = Arc::new(move |slot| held && slot == Some("7"));
+        ClusterRuntime::new(client, pool, pods, children, resources, fence)
+    }
+
+    #[tokio::test]
+    async fn nothing_starts_for_a_run_whose_shard_is_not_held() {
+        let run = RunInfo {
+            name: "r".into(),
+            namespace: "ns".into(),
+            uid: "u".into(),
+            shard: Some("7".into()),
+            ..Default::default()
+        };
+        let task = TaskStart {
+            key: "ask".into(),
+            step_id: "ask".into(),
+            index: None,
+            attempt: 1,
+            work: Work::Agent {
+                agent: Some("a".into()),
+                selector: None,
+                strategy: None,
+                prompt: "hi".into(),
+                llm: Default::default(),
+            },
+            timeout: None,
+            cache: None,
+        };
+        let lost = runtime(false);
+        let err = lost.start(&run, &task, Some(StepKind::Agent)).await.expect_err("refused");
+        assert!(err.to_string().contains("slot 7"), "{err}");
+        assert_eq!(lost.pool.running(), 0, "no task started");
+        let held = runtime(true);
+        held.start(&run, &task, Some(StepKind::Agent)).await.expect("started");
+        assert_eq!(held.pool.running(), 1);
     }
 }

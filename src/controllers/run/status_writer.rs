@@ -168,6 +168,14 @@ impl StatusWriter {
         lock(&self.entries).get(uid).is_some_and(|e| e.dirty || e.writing)
     }
 
+    /// Whether this process wrote the run's end and labelled it finished (it keeps the entry
+    /// until its cache drops the run).
+    pub fn ended(&self, uid: &str) -> bool {
+        lock(&self.entries)
+            .get(uid)
+            .is_some_and(|e| !e.dirty && !e.writing && e.status.phase.is_finished() && e.resource_version.is_some())
+    }
+
     /// Writes what is due until `shutdown`, then everything that waits. Only what `fence`
     /// allows: the status of a run whose shard (or leadership) this replica does not hold now
     /// waits (a renewal late past its deadline) and is forgotten when the shard's controller
@@ -379,6 +387,7 @@ mod tests {
         }
         assert_eq!(writer.fresh(&run).progress, "2/3", "a pass starts from the staged status");
         assert!(writer.pending("u"));
+        assert!(!writer.ended("u"));
         until("the progress to be written", || api.status_patches() == 2).await;
         assert!(t.elapsed() >= Duration::from_millis(300), "progress waited {:?}", t.elapsed());
         // The end: written at once, then the run is labelled finished.
@@ -393,8 +402,11 @@ mod tests {
         // A pass that comes with the cache's older object starts from the end (it would run the
         // last steps again and write over the end), until the cache drops the finished run.
         until("the label's resourceVersion", || writer.fresh(&run).phase == RunPhase::Succeeded).await;
+        // Such a pass does not label the run again: the writer did.
+        assert!(writer.ended("u"), "the end is written and labelled");
         writer.forget("u");
         assert_eq!(writer.fresh(&run).phase, RunPhase::default(), "forgotten once the cache dropped it");
+        assert!(!writer.ended("u"));
         stop.cancel();
         let _ = task.await;
     }
