@@ -132,41 +132,101 @@ async fn owned(p: &OperatorProcess) -> f64 {
     p.metric("volt_shards_owned").await
 }
 
-#[tokio::test]
-async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
+/// A new namespace `prefix-*` with the chart installed for the operator user, shards on.
+struct Fixture {
+    client: kube::Client,
+    ns: String,
+    /// The replicas' `--lease-name`.
+    lease: String,
+    dir: LogDir,
+}
+
+async fn fixture(prefix: &str) -> Fixture {
     let cp = control_plane::shared();
     let client = cp.client().await;
-    let ns = cp.namespace(&client, "shards").await;
+    let ns = cp.namespace(&client, prefix).await;
     let rel = format!("vs-{:04x}", rand::random::<u16>());
     helm_install_for_operator_user(&rel, &ns, &[format!("sharding.shards={SHARDS}")]).await;
-    let lease = format!("{rel}-volt-operator");
-    let dir = LogDir::new("shards");
+    Fixture { client, ns, lease: format!("{rel}-volt-operator"), dir: LogDir::new(prefix) }
+}
 
-    // Every pod ever created, by name: one UID each, or a step's pod was created twice.
-    let pods_seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
-    let pod_watch = {
-        let (api, seen) = (Api::<Pod>::namespaced(client.clone(), &ns), pods_seen.clone());
-        tokio::spawn(watcher(api, watcher::Config::default().labels("volt.dev/run")).for_each(move |e| {
+impl Fixture {
+    fn replica(&self, name: &str) -> OperatorProcess {
+        replica(name, &self.ns, &self.lease, &self.dir)
+    }
+
+    /// The `mixed_run`s' peers: a kubelet stand-in whose pods take `pod`, an LLM stub that
+    /// answers in `llm`, its Agent, and the Workflow of the child runs.
+    async fn mixed_peers(&self, pod: Duration, llm: Duration) -> (kit::kubelet::Kubelet, Stub) {
+        let kubelet =
+            kit::kubelet::Kubelet::start(self.client.clone(), &self.ns, None, kit::kubelet::scripted(move |_| pod));
+        let stub = Stub::start("model", llm).await;
+        apply(&self.client, &self.ns, endpoint_agent("model", &stub.base_url(), json!({}))).await;
+        let child = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "child"},
+               "spec": {"steps": [{"id": "ask", "agent": {"ref": "model", "prompt": "{{ run.name }}/child"}}]}});
+        apply(&self.client, &self.ns, child).await;
+        (kubelet, stub)
+    }
+}
+
+/// Every pod ever created in a namespace, by name, with each UID it had: a name with two UIDs
+/// is a step's pod created twice for one attempt (pod names are per run, step and attempt).
+struct PodLog {
+    seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodLog {
+    fn start(client: &kube::Client, ns: &str) -> PodLog {
+        let seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+        let (api, log) = (Api::<Pod>::namespaced(client.clone(), ns), seen.clone());
+        let task = tokio::spawn(watcher(api, watcher::Config::default().labels("volt.dev/run")).for_each(move |e| {
             if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = e {
-                lock(&seen).entry(p.name_any()).or_default().insert(p.uid().unwrap_or_default());
+                lock(&log).entry(p.name_any()).or_default().insert(p.uid().unwrap_or_default());
             }
             futures::future::ready(())
-        }))
-    };
-    let _kubelet =
-        kit::kubelet::Kubelet::start(client.clone(), &ns, None, kit::kubelet::scripted(|_| Duration::from_millis(400)));
-    let stub = Stub::start("model", Duration::from_millis(300)).await;
-    apply(&client, &ns, endpoint_agent("model", &stub.base_url(), json!({}))).await;
-    apply(
-        &client,
-        &ns,
-        json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "child"},
-               "spec": {"steps": [{"id": "ask", "agent": {"ref": "model", "prompt": "{{ run.name }}/child"}}]}}),
-    )
-    .await;
+        }));
+        PodLog { seen, task }
+    }
+}
+
+/// After `runs` `mixed_run`s: each succeeded with a shard label (a child with its parent's), no
+/// pod was created twice, no LLM step was called by two replicas at once, every one was called.
+async fn each_mixed_run_done_once(client: &kube::Client, ns: &str, runs: usize, pods: PodLog, stub: &Stub) {
+    let all = Api::<WorkflowRun>::namespaced(client.clone(), ns).list(&ListParams::default()).await.expect("runs");
+    let children = all.items.iter().filter(|r| r.labels().contains_key("volt.dev/parent-run")).count();
+    assert_eq!((all.items.len() - children, children), (runs, runs / 4), "runs and child runs");
+    for r in &all.items {
+        let s = r.status.as_ref().expect("status");
+        assert_eq!(s.phase, RunPhase::Succeeded, "{} {}: {}", r.name_any(), s.phase.as_str(), s.message);
+        let slot = r.labels().get("volt.dev/shard").unwrap_or_else(|| panic!("{} has no shard label", r.name_any()));
+        if let Some(parent) = r.labels().get("volt.dev/parent-run") {
+            let p = all.items.iter().find(|p| &p.name_any() == parent).expect("the parent run");
+            assert_eq!(p.labels().get("volt.dev/shard"), Some(slot), "a child shares its parent's shard");
+        }
+    }
+    pods.task.abort();
+    let seen = lock(&pods.seen).clone();
+    let twice: Vec<(&String, usize)> =
+        seen.iter().filter(|(_, uids)| uids.len() > 1).map(|(name, uids)| (name, uids.len())).collect();
+    assert!(twice.is_empty(), "pods created more than once: {twice:?}");
+    assert_eq!(seen.len(), runs / 4, "one pod per build step");
+    // One request in flight per prompt: two at once would be a step run on two replicas at once.
+    assert_eq!(stub.overlapping(), Vec::<String>::new(), "LLM steps called twice at once");
+    let prompts: BTreeSet<String> = stub.seen().into_iter().map(|s| s.user).collect();
+    // Per four runs: 2 (plan, write) + 1 (review) + 2 (plan, the child's ask) + 3 (each).
+    assert_eq!(prompts.len(), runs / 4 * 8, "every LLM step was called");
+}
+
+#[tokio::test]
+async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
+    let f = fixture("shards").await;
+    let (client, ns) = (f.client.clone(), f.ns.clone());
+    let pods = PodLog::start(&client, &ns);
+    let (_kubelet, stub) = f.mixed_peers(Duration::from_millis(400), Duration::from_millis(300)).await;
 
     // Three replicas: a shard each.
-    let mut replicas: Vec<OperatorProcess> = (0..3).map(|i| replica(&format!("r{i}"), &ns, &lease, &dir)).collect();
+    let mut replicas: Vec<OperatorProcess> = (0..3).map(|i| f.replica(&format!("r{i}"))).collect();
     for r in &mut replicas {
         r.wait_ready(Duration::from_secs(60)).await;
     }
@@ -190,7 +250,7 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
     let mut dead = replicas.remove(1);
     let killed_at = Instant::now();
     dead.sigkill().await;
-    let mut joiner = replica("r3", &ns, &lease, &dir);
+    let mut joiner = f.replica("r3");
     joiner.wait_ready(Duration::from_secs(60)).await;
     replicas.push(joiner);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
@@ -231,37 +291,11 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
     })
     .await;
     println!("rolling update: the stopped replica's shard was held again {moved:?} after SIGTERM");
-    let mut newcomer = replica("r4", &ns, &lease, &dir);
+    let mut newcomer = f.replica("r4");
     newcomer.wait_ready(Duration::from_secs(60)).await;
     replicas.push(newcomer);
     until_finished(&runs, ALL, &replicas).await;
-    let all = runs.list(&ListParams::default()).await.expect("list runs");
-    let children = all.items.iter().filter(|r| r.labels().contains_key("volt.dev/parent-run")).count();
-    assert_eq!((all.items.len() - children, children), (ALL, ALL / 4), "runs and child runs");
-    for r in &all.items {
-        let s = r.status.as_ref().expect("status");
-        assert_eq!(s.phase, RunPhase::Succeeded, "{} {}: {}", r.name_any(), s.phase.as_str(), s.message);
-        let slot = r.labels().get("volt.dev/shard").unwrap_or_else(|| panic!("{} has no shard label", r.name_any()));
-        if let Some(parent) = r.labels().get("volt.dev/parent-run") {
-            let p = all.items.iter().find(|p| &p.name_any() == parent).expect("the parent run");
-            assert_eq!(p.labels().get("volt.dev/shard"), Some(slot), "a child shares its parent's shard");
-        }
-    }
-
-    // No step pod was created twice for one attempt (pod names are per run, step and attempt).
-    pod_watch.abort();
-    let twice: Vec<(String, usize)> = lock(&pods_seen)
-        .iter()
-        .filter(|(_, uids)| uids.len() > 1)
-        .map(|(name, uids)| (name.clone(), uids.len()))
-        .collect();
-    assert!(twice.is_empty(), "pods created more than once: {twice:?}");
-    assert_eq!(lock(&pods_seen).len(), ALL / 4, "one pod per build step");
-    // No in-process step was called by two replicas at once; every step was called.
-    assert_eq!(stub.overlapping(), Vec::<String>::new(), "LLM steps called twice at once");
-    let prompts: BTreeSet<String> = stub.seen().into_iter().map(|s| s.user).collect();
-    let expected = ALL / 4 * 2 + ALL / 4 + ALL / 4 * 2 + ALL / 4 * 3;
-    assert_eq!(prompts.len(), expected, "every LLM step was called");
+    each_mixed_run_done_once(&client, &ns, ALL, pods, &stub).await;
 
     // The newcomer took a shard from the replica that held two: one each again.
     one_shard_each(&replicas, "one shard per live replica after the rolling update").await;
@@ -303,22 +337,15 @@ async fn all_finished(runs: &Api<WorkflowRun>, prefix: &str, count: usize) -> Ve
 }
 
 /// Three replicas with shards in a new namespace `prefix-*`, under the chart's rights, a shard
-/// each; with the client and the namespace.
-async fn three_replicas(prefix: &str) -> (kube::Client, String, Vec<OperatorProcess>) {
-    let cp = control_plane::shared();
-    let client = cp.client().await;
-    let ns = cp.namespace(&client, prefix).await;
-    let rel = format!("vb-{:04x}", rand::random::<u16>());
-    helm_install_for_operator_user(&rel, &ns, &[format!("sharding.shards={SHARDS}")]).await;
-    let lease = format!("{rel}-volt-operator");
-    let dir = LogDir::new(prefix);
-    let mut replicas: Vec<OperatorProcess> =
-        (0..3).map(|i| replica(&format!("{prefix}-{i}"), &ns, &lease, &dir)).collect();
+/// each; with their fixture (which keeps their logs).
+async fn three_replicas(prefix: &str) -> (Fixture, Vec<OperatorProcess>) {
+    let f = fixture(prefix).await;
+    let mut replicas: Vec<OperatorProcess> = (0..3).map(|i| f.replica(&format!("{prefix}-{i}"))).collect();
     for r in &mut replicas {
         r.wait_ready(Duration::from_secs(60)).await;
     }
     one_shard_each(&replicas, "a shard on each replica").await;
-    (client, ns, replicas)
+    (f, replicas)
 }
 
 /// A run `prefix-i` of one call to `agent`.
@@ -330,7 +357,8 @@ fn ask(agent: &str, prefix: &str, i: usize) -> Value {
 #[tokio::test]
 async fn a_budget_counts_the_calls_of_every_replica_and_refuses_on_every_shard() {
     let stub = Stub::start("model", Duration::from_millis(20)).await;
-    let (client, ns, mut replicas) = three_replicas("shard-budget").await;
+    let (f, mut replicas) = three_replicas("shard-budget").await;
+    let (client, ns) = (f.client.clone(), f.ns.clone());
     apply(&client, &ns, endpoint_agent("model", &stub.base_url(), json!({}))).await;
     apply(
         &client,
@@ -404,7 +432,8 @@ async fn an_agents_rate_limit_holds_for_the_replicas_together() {
     // network): three replicas that each took the whole limit would send three times that.
     let stub = Stub::start("limited", Duration::from_millis(5)).await;
     stub.limit_rpm_burst(60, 3.5);
-    let (client, ns, mut replicas) = three_replicas("shard-rate").await;
+    let (f, mut replicas) = three_replicas("shard-rate").await;
+    let (client, ns) = (f.client.clone(), f.ns.clone());
     let agent = endpoint_agent("limited", &stub.base_url(), json!({"rateLimit": {"requestsPerMinute": 60}}));
     apply(&client, &ns, agent).await;
     for i in 0..24 {
@@ -434,42 +463,14 @@ async fn an_agents_rate_limit_holds_for_the_replicas_together() {
 
 #[tokio::test]
 async fn turning_shards_on_takes_over_the_runs_under_way() {
-    let cp = control_plane::shared();
-    let client = cp.client().await;
-    let ns = cp.namespace(&client, "shard-on").await;
-    let rel = format!("vo-{:04x}", rand::random::<u16>());
-    helm_install_for_operator_user(&rel, &ns, &[format!("sharding.shards={SHARDS}")]).await;
-    let lease = format!("{rel}-volt-operator");
-    let dir = LogDir::new("shard-on");
-    let pods_seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
-    let pod_watch = {
-        let (api, seen) = (Api::<Pod>::namespaced(client.clone(), &ns), pods_seen.clone());
-        tokio::spawn(watcher(api, watcher::Config::default().labels("volt.dev/run")).for_each(move |e| {
-            if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = e {
-                lock(&seen).entry(p.name_any()).or_default().insert(p.uid().unwrap_or_default());
-            }
-            futures::future::ready(())
-        }))
-    };
-    let _kubelet = kit::kubelet::Kubelet::start(
-        client.clone(),
-        &ns,
-        None,
-        kit::kubelet::scripted(|_| Duration::from_millis(1500)),
-    );
-    let stub = Stub::start("model", Duration::from_millis(600)).await;
-    apply(&client, &ns, endpoint_agent("model", &stub.base_url(), json!({}))).await;
-    apply(
-        &client,
-        &ns,
-        json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "child"},
-               "spec": {"steps": [{"id": "ask", "agent": {"ref": "model", "prompt": "{{ run.name }}/child"}}]}}),
-    )
-    .await;
+    let f = fixture("shard-on").await;
+    let (client, ns) = (f.client.clone(), f.ns.clone());
+    let pods = PodLog::start(&client, &ns);
+    let (_kubelet, stub) = f.mixed_peers(Duration::from_millis(1500), Duration::from_millis(600)).await;
 
     // One operator without shards starts the runs...
     let mut single =
-        OperatorProcess::builder(control_plane::shared().operator_kubeconfig_path(), dir.join("single.log"))
+        OperatorProcess::builder(control_plane::shared().operator_kubeconfig_path(), f.dir.join("single.log"))
             .name("single")
             .namespaces(&[ns.as_str()])
             .args(["--max-concurrent-runs", "0", "--log-format", "text"])
@@ -492,31 +493,14 @@ async fn turning_shards_on_takes_over_the_runs_under_way() {
     let under_way = list.items.iter().filter(|r| !r.status.as_ref().is_some_and(|s| s.phase.is_finished())).count();
     assert!(under_way > 0, "runs under way when sharding is turned on");
     assert!(list.items.iter().all(|r| !r.labels().contains_key("volt.dev/shard")), "no shards yet");
-    let mut replicas: Vec<OperatorProcess> = (0..3).map(|i| replica(&format!("on-{i}"), &ns, &lease, &dir)).collect();
+    let mut replicas: Vec<OperatorProcess> = (0..3).map(|i| f.replica(&format!("on-{i}"))).collect();
     for r in &mut replicas {
         r.wait_ready(Duration::from_secs(60)).await;
     }
     until_finished(&runs, RUNS, &replicas).await;
     println!("sharding turned on with {under_way} of {RUNS} runs under way");
 
-    let all = runs.list(&ListParams::default()).await.expect("runs");
-    for r in &all.items {
-        let s = r.status.as_ref().expect("status");
-        assert_eq!(s.phase, RunPhase::Succeeded, "{} {}: {}", r.name_any(), s.phase.as_str(), s.message);
-        let slot = r.labels().get("volt.dev/shard").unwrap_or_else(|| panic!("{} has no shard label", r.name_any()));
-        if let Some(parent) = r.labels().get("volt.dev/parent-run") {
-            let p = all.items.iter().find(|p| &p.name_any() == parent).expect("the parent run");
-            assert_eq!(p.labels().get("volt.dev/shard"), Some(slot), "a child shares its parent's shard");
-        }
-    }
-    pod_watch.abort();
-    let twice: Vec<String> =
-        lock(&pods_seen).iter().filter(|(_, uids)| uids.len() > 1).map(|(name, _)| name.clone()).collect();
-    assert!(twice.is_empty(), "pods created more than once: {twice:?}");
-    assert_eq!(lock(&pods_seen).len(), RUNS / 4, "one pod per build step");
-    assert_eq!(stub.overlapping(), Vec::<String>::new(), "LLM steps called twice at once");
-    let prompts: BTreeSet<String> = stub.seen().into_iter().map(|s| s.user).collect();
-    assert_eq!(prompts.len(), RUNS / 4 * 8, "every LLM step was called");
+    each_mixed_run_done_once(&client, &ns, RUNS, pods, &stub).await;
     for r in &mut replicas {
         r.assert_no_panic();
         r.stop(Duration::from_secs(20)).await;
