@@ -465,6 +465,11 @@ impl Coordinator {
         match self.api.replace(&name, &PostParams::default(), &lease).await {
             Ok(renewed) => {
                 let deadline = self.deadline(sent);
+                // The answer came after the fence's deadline: the shard was paused meanwhile.
+                if self.held.get(&shard).is_some_and(|h| Instant::now() >= h.deadline) {
+                    warn!(shard, "a shard renewal came back after its deadline; the shard's work paused until then");
+                    self.count("paused");
+                }
                 if let Some(h) = self.held.get_mut(&shard) {
                     h.rv = renewed.resource_version().unwrap_or_default();
                     h.deadline = deadline;
@@ -608,7 +613,10 @@ fn share(shards: usize, members: usize, rank: usize) -> usize {
 fn gauges(metrics: &Metrics) -> Option<(IntGauge, IntCounterVec)> {
     let owned = IntGauge::new("volt_shards_owned", "Shards whose Lease this replica holds.").ok()?;
     let changes = IntCounterVec::new(
-        Opts::new("volt_shard_changes_total", "Shards this replica acquired, released or lost."),
+        Opts::new(
+            "volt_shard_changes_total",
+            "Shards this replica acquired, released or lost, and renewals that came back after the fence's deadline (paused).",
+        ),
         &["change"],
     )
     .ok()?;

@@ -305,6 +305,11 @@ async fn shards_split_runs_and_hand_over_without_running_a_step_twice() {
             r.metric_by_label("volt_shard_changes_total", "change").await.get("released").copied().unwrap_or(0.0);
     }
     assert!(released >= 1.0, "a replica over its share handed a shard to the newcomer");
+    let mut paused = 0.0;
+    for r in &replicas {
+        paused += r.metric_by_label("volt_shard_changes_total", "change").await.get("paused").copied().unwrap_or(0.0);
+    }
+    println!("renewals back after the fence's deadline (the live replicas): {paused}");
     for r in &mut replicas {
         r.assert_alive("after the runs");
         r.assert_no_panic();
