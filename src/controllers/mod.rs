@@ -356,6 +356,9 @@ async fn shard_workers(workers: Workers, ownership: Arc<Ownership>, shutdown: Ca
     let workers = Arc::new(workers);
     let mut assigned = ownership.assigned();
     let mut running: BTreeMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)> = BTreeMap::new();
+    // Shards whose controllers are stopping: one that stops slowly keeps no other from starting.
+    let mut stopping = tokio::task::JoinSet::new();
+    let mut stopping_shards = std::collections::BTreeSet::new();
     loop {
         let want = assigned.borrow_and_update().clone();
         let gone: Vec<u32> = running.keys().filter(|s| !want.contains(s)).copied().collect();
@@ -363,12 +366,16 @@ async fn shard_workers(workers: Workers, ownership: Arc<Ownership>, shutdown: Ca
             if let Some((token, handle)) = running.remove(&shard) {
                 info!(shard, "stopping the controllers of a shard");
                 token.cancel();
-                let _ = handle.await;
-                ownership.set_running(shard, false);
+                stopping_shards.insert(shard);
+                stopping.spawn(async move {
+                    let _ = handle.await;
+                    shard
+                });
             }
         }
         for shard in want {
-            if running.contains_key(&shard) {
+            // A shard taken back while its controllers still stop starts once they have.
+            if running.contains_key(&shard) || stopping_shards.contains(&shard) {
                 continue;
             }
             info!(shard, "starting the controllers of a shard");
@@ -380,12 +387,27 @@ async fn shard_workers(workers: Workers, ownership: Arc<Ownership>, shutdown: Ca
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = assigned.changed() => if changed.is_err() { break },
+            Some(stopped) = stopping.join_next() => {
+                if let Ok(shard) = stopped {
+                    stopping_shards.remove(&shard);
+                    if !running.contains_key(&shard) {
+                        ownership.set_running(shard, false);
+                    }
+                }
+            }
         }
     }
-    for (shard, (token, handle)) in running {
+    for (_, (token, _)) in running.iter() {
         token.cancel();
+    }
+    for (shard, (_, handle)) in running {
         let _ = handle.await;
         ownership.set_running(shard, false);
+    }
+    while let Some(stopped) = stopping.join_next().await {
+        if let Ok(shard) = stopped {
+            ownership.set_running(shard, false);
+        }
     }
 }
 

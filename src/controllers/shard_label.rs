@@ -29,6 +29,9 @@ use crate::kube_util::{WatchBackoff, api_for};
 use crate::naming;
 use crate::shards::{Ownership, slot_of_uid};
 
+/// Runs labelled at once.
+const LABEL_CONCURRENCY: u16 = 16;
+
 /// How soon a run whose shard this replica does not hold is looked at again (no request).
 const RECHECK: Duration = Duration::from_secs(1);
 
@@ -105,7 +108,10 @@ pub async fn controller(
         .touched_objects();
     crate::kube_util::wait_ready(&workflows).await;
     let ctx = Arc::new(Ctx { client, ownership, workflows });
+    // Bounded: a burst of new runs is labelled a few at a time, not with thousands of requests
+    // (and connections) at once, which slowed the API server past the Lease renewals.
     let stream = Controller::for_stream(run_stream, runs)
+        .with_config(kube::runtime::controller::Config::default().concurrency(LABEL_CONCURRENCY))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx);
     drain("shard-labeller", stream).await;

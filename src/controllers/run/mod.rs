@@ -29,7 +29,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{Agent, RetryPolicy, RunPhase, Workflow, WorkflowRun, WorkflowRunStatus, WorkflowSpec};
 use crate::cache::CacheManager;
@@ -386,6 +386,9 @@ fn error_policy(_run: Arc<WorkflowRun>, err: &Error, ctx: Arc<Ctx>) -> Action {
     error_requeue()
 }
 
+/// How long passes in flight may take to end once the controller is stopped.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Settings of the run controller taken from the command line.
 pub fn settings(args: &RunArgs) -> Settings {
     Settings {
@@ -510,12 +513,23 @@ pub async fn controller(
         finished_counts.clone(),
     ));
 
+    let stop = shutdown.clone();
     let stream = controller
         .owns_stream(pod_stream)
         .reconcile_on(futures::stream::poll_fn(move |cx| wake_rx.poll_recv(cx)))
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx.clone());
-    drain("workflowrun", stream).await;
+    // Passes in flight may end within STOP_GRACE of the stop; a pass stuck on an API server that
+    // does not answer is dropped then (as if the process had stopped), so that a shard handed
+    // over or lost never keeps this replica from running the shards it holds.
+    let drained = drain("workflowrun", stream);
+    tokio::pin!(drained);
+    tokio::select! {
+        _ = &mut drained => {}
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(STOP_GRACE).await } => {
+            warn!(shard, "passes in flight did not end within {STOP_GRACE:?} of the stop; dropping them");
+        }
+    }
     sweeper.abort();
     shared.admission.scopes.remove(registered);
     lock(&shared.finished).retain(|c| !Arc::ptr_eq(c, &finished_counts));
