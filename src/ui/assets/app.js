@@ -19,6 +19,8 @@ const COL_W = 190, NODE_W = 160, NODE_H = 34, ROW_H = 46, PAD = 20;
 const $ = (sel, root = document) => root.querySelector(sel);
 const main = () => $("#main");
 let current = null; // the open page: {stop()}
+// Decisions sent from this page, by run and step, so that a live re-render keeps saying so.
+const sent = new Map();
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -320,6 +322,7 @@ function runPage(ns, name) {
         </dl>
         ${r.phase === "Waiting" ? `<div class="decide"><input id="comment" placeholder="comment" size="24">
           <button class="approve" id="approve">Approve</button><button class="reject" id="reject">Reject</button></div>` : ""}
+        ${sent.has(`${base}/${rowKey}`) ? `<p id="decided">${sent.get(`${base}/${rowKey}`)}.</p>` : ""}
         ${r.message ? `<h3>Message</h3><pre>${esc(r.message)}</pre>` : ""}
         ${s.output != null ? `<h3>Output${s.kind === "http" ? " (response body)" : ""}</h3><pre id="output">${esc(s.output)}</pre>` : ""}
         ${s.transcript ? `<h3>Transcript</h3><pre id="transcript">${esc(s.transcript)}</pre>` : ""}
@@ -338,7 +341,9 @@ function runPage(ns, name) {
               method: "POST", headers: { "Content-Type": "application/json" },
               body: JSON.stringify({ step: rowKey, decision, comment: $("#comment", panel).value }),
             });
-            panel.insertAdjacentHTML("beforeend", `<p id="decided">${decision === "Approve" ? "Approved" : "Rejected"}.</p>`);
+            const said = decision === "Approve" ? "Approved" : "Rejected";
+            sent.set(`${base}/${rowKey}`, said);
+            if (!$("#decided", panel)) panel.insertAdjacentHTML("beforeend", `<p id="decided">${said}.</p>`);
           } catch (e) { panel.insertAdjacentHTML("beforeend", `<p class="error" id="decide-error">${esc(e.message)}</p>`); b.disabled = false; }
         });
       }
