@@ -388,7 +388,7 @@ impl CallRun {
                 budget: self.meta.budget.clone(),
                 used_before: Spend { tokens: self.meta.used.0, cost: self.meta.used.1 },
             }),
-            slot: self.meta.slot,
+            slot: self.run.as_ref().and_then(|r| r.slot),
         }
     }
 }

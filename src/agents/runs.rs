@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use kube::{Api, ResourceExt};
+use kube::Api;
 
 use crate::api::{RunBudget, WorkflowRun};
 use crate::engine::RunInfo;
@@ -24,6 +24,8 @@ pub struct RunRef {
     pub attempt: u32,
     /// The traceparent the run continues ([`RunInfo::traceparent`]).
     pub traceparent: Option<String>,
+    /// The run's slot ([`RunInfo::shard`]), with shards.
+    pub slot: Option<u32>,
 }
 
 tokio::task_local! {
@@ -39,6 +41,7 @@ pub fn in_run<F: Future>(run: &RunInfo, step: &str, attempt: u32, fut: F) -> imp
         step: step.into(),
         attempt,
         traceparent: run.traceparent.clone(),
+        slot: run.shard.as_deref().and_then(crate::shards::parse_slot),
     };
     CURRENT.scope(r, fut)
 }
@@ -57,8 +60,6 @@ pub struct RunMeta {
     pub budget: Option<RunBudget>,
     /// The run's `status.usage` when read: tokens and cost.
     pub used: (u64, f64),
-    /// The run's slot (label `volt.dev/shard`), with shards.
-    pub slot: Option<u32>,
 }
 
 /// Where run metadata comes from: the API server in the cluster, nothing in local mode.
@@ -103,7 +104,6 @@ impl RunSource for KubeRuns {
                         priority: r.spec.priority,
                         budget: r.spec.budget.clone(),
                         used: (usage.input_tokens + usage.output_tokens, usage.cost),
-                        slot: r.labels().get(crate::naming::LABEL_SHARD).and_then(|l| crate::shards::parse_slot(l)),
                     }
                 }
                 Ok(_) => return cached.map(|(_, m)| m),
