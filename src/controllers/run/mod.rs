@@ -118,9 +118,14 @@ impl Shared {
     /// Writes staged statuses until `stop`, then what still waits: each only while this
     /// replica holds the run's shard (or leads).
     pub async fn write_status(self: Arc<Self>, stop: CancellationToken) {
+        self.status.clone().run(stop, self.fence()).await
+    }
+
+    /// Whether this replica may act on a run now, by its `volt.dev/shard` label: what every
+    /// status write and every start checks.
+    fn fence(&self) -> status_writer::Fence {
         let ownership = self.ownership.clone();
-        let fence: status_writer::Fence = Arc::new(move |slot| ownership.holds_slot(slot));
-        self.status.clone().run(stop, fence).await
+        Arc::new(move |slot| ownership.holds_slot(slot))
     }
 
     /// Runs by phase (active ones from the scopes' caches, finished ones from their sweepers'
@@ -477,10 +482,7 @@ pub async fn controller(
                 let admission = shared.admission.clone();
                 Arc::new(move |ns: &str, name: &str| admission.scopes.wake(ns, name))
             }),
-            {
-                let ownership = shared.ownership.clone();
-                Arc::new(move |slot| ownership.holds_slot(slot))
-            },
+            shared.fence(),
         ),
         outputs: Outputs::new(client.clone(), shared.inline_output_limit),
         client,
