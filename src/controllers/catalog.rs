@@ -3,9 +3,10 @@
 //! across hand-overs (a shard that moves here lists no Workflows or Agents again).
 
 use futures::StreamExt;
-use kube::Client;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,23 +20,34 @@ pub struct Catalog {
     pub agents: Store<Agent>,
 }
 
+/// A cache of `K` in `scope`, metadata slimmed, and the stream that feeds it.
+fn slim_cache<K>(
+    client: &Client,
+    scope: &Option<String>,
+) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + use<K>)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api_for::<K>(client, scope), watcher::Config::default().served_from_watch_cache())
+        .backoff(WatchBackoff::default())
+        .modify(|o: &mut K| slim_meta(o.meta_mut()))
+        .reflect(writer)
+        .touched_objects();
+    (store, stream)
+}
+
 impl Catalog {
     /// Watches the Workflows and Agents of `scope` until `shutdown`.
     pub fn start(client: &Client, scope: &Option<String>, shutdown: CancellationToken) -> (Catalog, JoinHandle<()>) {
-        let (workflows, wf_writer) = reflector::store();
-        let wf_stream =
-            watcher(api_for::<Workflow>(client, scope), watcher::Config::default().served_from_watch_cache())
-                .backoff(WatchBackoff::default())
-                .modify(|w: &mut Workflow| slim_meta(&mut w.metadata))
-                .reflect(wf_writer)
-                .touched_objects();
-        let (agents, agent_writer) = reflector::store();
-        let agent_stream =
-            watcher(api_for::<Agent>(client, scope), watcher::Config::default().served_from_watch_cache())
-                .backoff(WatchBackoff::default())
-                .modify(|a: &mut Agent| slim_meta(&mut a.metadata))
-                .reflect(agent_writer)
-                .touched_objects();
+        let (workflows, wf_stream) = slim_cache::<Workflow>(client, scope);
+        let (agents, agent_stream) = slim_cache::<Agent>(client, scope);
         // Both only feed their stores.
         let task = tokio::spawn(async move {
             let feed = futures::future::join(wf_stream.for_each(|_| async {}), agent_stream.for_each(|_| async {}));
