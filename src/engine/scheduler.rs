@@ -222,6 +222,29 @@ pub struct TaskStart {
     pub cache: Option<CacheSpec>,
 }
 
+#[cfg(test)]
+impl TaskStart {
+    /// Attempt `attempt` of an agent step `ask` (agent `a`, prompt `hi`), for tests of what
+    /// starts tasks.
+    pub(crate) fn agent_for_tests(attempt: u32) -> TaskStart {
+        TaskStart {
+            key: "ask".into(),
+            step_id: "ask".into(),
+            index: None,
+            attempt,
+            work: Work::Agent {
+                agent: Some("a".into()),
+                selector: None,
+                strategy: None,
+                prompt: "hi".into(),
+                llm: Default::default(),
+            },
+            timeout: None,
+            cache: None,
+        }
+    }
+}
+
 /// What the caller must do.
 // Starts are the common action and there are few actions per pass: boxing would only churn
 // the callers.

@@ -234,27 +234,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Work;
     use crate::executors::InProcessRunner;
     use crate::executors::http::HttpExecutor;
-
-    fn task(attempt: u32) -> TaskStart {
-        TaskStart {
-            key: "ask".into(),
-            step_id: "ask".into(),
-            index: None,
-            attempt,
-            work: Work::Agent {
-                agent: Some("a".into()),
-                selector: None,
-                strategy: None,
-                prompt: "hi".into(),
-                llm: Default::default(),
-            },
-            timeout: None,
-            cache: None,
-        }
-    }
 
     /// A pass whose status write failed starts its attempts again: an attempt whose result
     /// waits in the inbox must not run a second time.
@@ -265,14 +246,14 @@ mod tests {
         let runner = Arc::new(InProcessRunner::new(HttpExecutor::new(), None));
         let pool = TaskPool::new(4, runner, Arc::new(|_: &str, _: &str| {}));
         let run = RunInfo { namespace: "ns".into(), name: "r".into(), uid: "u".into(), ..Default::default() };
-        pool.spawn(run.clone(), task(1));
+        pool.spawn(run.clone(), TaskStart::agent_for_tests(1));
         pool.idle(Duration::from_secs(5)).await;
         assert!(pool.knows("u", "ask", 1), "the result waits");
-        pool.spawn(run.clone(), task(1));
+        pool.spawn(run.clone(), TaskStart::agent_for_tests(1));
         pool.idle(Duration::from_secs(5)).await;
         assert_eq!(pool.drain("u").len(), 1, "the attempt ran once");
         // Once taken, a new attempt runs.
-        pool.spawn(run, task(2));
+        pool.spawn(run, TaskStart::agent_for_tests(2));
         pool.idle(Duration::from_secs(5)).await;
         assert_eq!(pool.drain("u").len(), 1);
     }
@@ -293,7 +274,7 @@ mod tests {
     async fn a_panic_is_a_failed_attempt() {
         let pool = TaskPool::new(1, Arc::new(Panics), Arc::new(|_: &str, _: &str| {}));
         let run = RunInfo { namespace: "ns".into(), name: "r".into(), uid: "u".into(), ..Default::default() };
-        pool.spawn(run, task(1));
+        pool.spawn(run, TaskStart::agent_for_tests(1));
         pool.idle(Duration::from_secs(5)).await;
         assert_eq!(pool.running(), 0, "no live entry is left behind");
         match pool.drain("u").as_slice() {

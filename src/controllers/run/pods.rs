@@ -306,7 +306,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::engine::Work;
     use crate::executors::{Outcome, TaskExecutor};
 
     /// An in-process step that never ends.
@@ -340,21 +339,7 @@ mod tests {
             shard: Some("7".into()),
             ..Default::default()
         };
-        let task = TaskStart {
-            key: "ask".into(),
-            step_id: "ask".into(),
-            index: None,
-            attempt: 1,
-            work: Work::Agent {
-                agent: Some("a".into()),
-                selector: None,
-                strategy: None,
-                prompt: "hi".into(),
-                llm: Default::default(),
-            },
-            timeout: None,
-            cache: None,
-        };
+        let task = TaskStart::agent_for_tests(1);
         let lost = runtime(false);
         let err = lost.start(&run, &task, Some(StepKind::Agent)).await.expect_err("refused");
         assert!(err.to_string().contains("slot 7"), "{err}");
