@@ -504,6 +504,13 @@ async fn turning_shards_on_takes_over_the_runs_under_way() {
     }
     until_finished(&runs, RUNS, &replicas).await;
     println!("sharding turned on with {under_way} of {RUNS} runs under way");
+    // Runs that had finished before sharding was turned on are labelled too (their TTL sweep
+    // belongs to their shard), by the labeller, not by a pass: wait for it, do not race it.
+    wait_until("every run, finished ones included, to carry a shard label", LONG, || async {
+        let list = runs.list(&ListParams::default()).await.ok()?;
+        list.items.iter().all(|r| r.labels().contains_key("volt.dev/shard")).then_some(())
+    })
+    .await;
 
     each_mixed_run_done_once(&client, &ns, RUNS, pods, &stub).await;
     for r in &mut replicas {
