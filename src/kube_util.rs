@@ -1,6 +1,6 @@
 //! Kubernetes helpers shared by the controllers and the system watcher: API handles for a
 //! scope, watch backoff, list settings, metadata slimming of cached objects, and the client
-//! whose requests are counted.
+//! whose requests are counted and bounded in time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,10 +51,16 @@ where
     }
 }
 
-/// Builds a kube client whose requests are counted in `metrics` by verb.
-pub async fn client_with_metrics(config: kube::Config, metrics: &Metrics) -> Result<Client, kube::Error> {
-    let layer = crate::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
-    let client = kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build();
+/// Builds the operator's kube client: its requests are counted in `metrics` by verb, and all
+/// but watches are bounded by `timeout` ([`crate::api_timeout`]; `None`: unbounded).
+pub async fn client_with_metrics(
+    config: kube::Config,
+    metrics: &Metrics,
+    timeout: Option<Duration>,
+) -> Result<Client, kube::Error> {
+    let counter = crate::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
+    let bound = crate::api_timeout::ApiTimeoutLayer { timeout };
+    let client = kube::client::ClientBuilder::try_from(config)?.with_layer(&bound).with_layer(&counter).build();
     Ok(client)
 }
 

@@ -15,6 +15,7 @@
 //! - [`locks`]: [`locks::lock`], a mutex's guard even when poisoned.
 //! - [`naming`]: names, labels and status keys of everything the operator makes.
 //! - [`pass`]: one pass of a run over a [`pass::StepRuntime`], shared by the controller and local mode.
+//! - [`api_timeout`]: the time bound on the operator's API requests (all but watches).
 //! - [`kube_util`]: API handles, watch settings and metadata slimming for the controllers.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`telemetry`]: OpenTelemetry traces of runs, steps and their calls, exported over OTLP.
@@ -23,6 +24,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod api_timeout;
 pub mod auth;
 pub mod cache;
 pub mod config;

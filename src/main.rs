@@ -104,7 +104,7 @@ async fn run(mut args: RunArgs) -> Result<(), String> {
         .map_err(|e| format!("no Kubernetes configuration (KUBECONFIG or in-cluster): {e}"))?;
     // HTTP steps may not reach the cluster API.
     args.cluster_url = Some(config.cluster_url.clone());
-    let client = kube_util::client_with_metrics(config, &metrics)
+    let client = kube_util::client_with_metrics(config, &metrics, args.api_bound())
         .await
         .map_err(|e| format!("building the Kubernetes client: {e}"))?;
     let health = Arc::new(Health::default());

@@ -97,6 +97,12 @@ pub struct RunArgs {
     #[arg(long, env = "VOLT_BUDGET_FLUSH_INTERVAL", default_value = "5", value_parser = parse_secs)]
     pub budget_flush_interval: Duration,
 
+    /// Longest wait for the API server to answer a request (and between parts of an answer), in
+    /// seconds; a request past it fails and is retried like any API error. Watches are not
+    /// bounded by it. 0: no bound (kube's default).
+    #[arg(long, env = "VOLT_API_TIMEOUT", default_value = "60", value_parser = parse_secs)]
+    pub api_timeout: Duration,
+
     /// Step outputs larger than this many bytes go to a ConfigMap instead of the run's status.
     #[arg(long, env = "VOLT_INLINE_OUTPUT_LIMIT", default_value_t = 4096)]
     pub inline_output_limit: usize,
@@ -188,6 +194,11 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 impl RunArgs {
+    /// The bound of API requests, `None` when `--api-timeout 0` turns it off.
+    pub fn api_bound(&self) -> Option<Duration> {
+        Some(self.api_timeout).filter(|t| !t.is_zero())
+    }
+
     /// Defaults suitable for tests and embedding: everything as with no flags.
     pub fn defaults() -> Self {
         match Self::try_parse_from(["volt-operator"]) {

@@ -10,11 +10,14 @@
 //! - [`conflicts`]: a third of the operator's status writes are answered 409 Conflict, while
 //!   another client patches the run's labels and annotations and applies a condition of its own
 //!   to the run's status.
+//! - [`silence`]: one in eight of the operator's requests (all but watches) is never answered,
+//!   half before the API server sees it, half after it has acted on it.
 //!
 //! What every test checks, from the outside: each run's end state and outputs; a watch of every
 //! pod created in the namespace (deleted ones too) shows one pod per step attempt; a watch of the
 //! runs shows that a step result, once written, is never lost or rewritten; the OpenAI stub's
-//! log shows which agent calls were made twice, and each such repeat is explained by a crash.
+//! log shows which agent calls were made twice, and each such repeat is explained by a crash or
+//! by a result write that got no answer.
 //!
 //! `VOLT_CHAOS_SEED=<n>` replays a seed; each test prints the one it used.
 
@@ -24,6 +27,7 @@ mod kit;
 mod conflicts;
 mod outage;
 mod sigkill;
+mod silence;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;

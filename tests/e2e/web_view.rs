@@ -79,8 +79,13 @@ pub async fn operator_with_ui(env: &Env) -> WithUi {
     let stop = tokio_util::sync::CancellationToken::new();
     let ui_metrics = volt_operator::metrics::Metrics::new();
     let config = kit::kube_config(kit::control_plane::shared().kubeconfig_path()).await;
-    let client =
-        volt_operator::kube_util::client_with_metrics(config, &ui_metrics).await.expect("the web view's client");
+    let client = volt_operator::kube_util::client_with_metrics(
+        config,
+        &ui_metrics,
+        volt_operator::config::RunArgs::defaults().api_bound(),
+    )
+    .await
+    .expect("the web view's client");
     let ui = volt_operator::ui::Ui {
         health: op.health.clone(),
         runs: volt_operator::ui::RunStore::start(&client, &[Some(env.ns.clone())], stop.clone()),

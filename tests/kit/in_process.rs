@@ -33,7 +33,9 @@ impl Operator {
     pub async fn start_with(ns: &str, tune: impl FnOnce(&mut RunArgs)) -> Self {
         let config = control_plane::kube_config(control_plane::shared().kubeconfig_path()).await;
         let metrics = Metrics::new();
-        let client = volt_operator::kube_util::client_with_metrics(config, &metrics).await.expect("operator client");
+        let client = volt_operator::kube_util::client_with_metrics(config, &metrics, RunArgs::defaults().api_bound())
+            .await
+            .expect("operator client");
         Self::start_on(ns, client, metrics, tune).await
     }
 
@@ -43,7 +45,9 @@ impl Operator {
         super::grant_operator(admin, ns).await;
         let config = control_plane::kube_config(control_plane::shared().operator_kubeconfig_path()).await;
         let metrics = Metrics::new();
-        let client = volt_operator::kube_util::client_with_metrics(config, &metrics).await.expect("operator client");
+        let client = volt_operator::kube_util::client_with_metrics(config, &metrics, RunArgs::defaults().api_bound())
+            .await
+            .expect("operator client");
         Self::start_on(ns, client, metrics, |_| {}).await
     }
 
