@@ -689,3 +689,65 @@ fn workflow_steps_run_child_runs_in_process_and_cycles_and_missing_workflows_fai
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_and_a_runs_own_budget_refuse_the_call_that_would_go_over() {
+    use kit::openai::Stub;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let stub = Stub::start("local-budget", Duration::ZERO).await;
+    // Each call reserves its prompt's estimate plus maxTokens (50) and uses about 10 tokens.
+    let file = write(
+        tmp.path(),
+        "spend.yaml",
+        &format!(
+            "apiVersion: volt.dev/v1alpha1\nkind: Agent\nmetadata: {{name: b}}\n\
+             spec: {{model: stub-model, parameters: {{maxTokens: 50}}, endpoint: {{baseUrl: '{}'}}}}\n---\n\
+             apiVersion: volt.dev/v1alpha1\nkind: Budget\nmetadata: {{name: small}}\n\
+             spec: {{window: Daily, maxTokens: 150, onExceeded: Suspend, selector: {{workflows: [spend], agents: [b]}}}}\n---\n\
+             {WORKFLOW}metadata: {{name: spend}}\nspec:\n  steps:\n\
+             \x20 - id: ask\n    forEach: '[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20]'\n    maxParallel: 1\n\
+             \x20   agent: {{ref: b, prompt: 'item {{{{ item }}}}'}}\n",
+            stub.base_url()
+        ),
+    );
+    let cache = tmp.path().to_path_buf();
+    let args = ["local", "run", file.as_str(), "--no-cache", "-o", "json"].map(String::from);
+    let run =
+        tokio::task::spawn_blocking(move || volt(&cache, &args.each_ref().map(String::as_str))).await.expect("run");
+    // The step that would go over fails naming the Budget; no call went over it; and Suspend,
+    // which a local run cannot do, fails the step rather than wait.
+    assert_eq!(run.code, 1, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("Budget/small: onExceeded Suspend fails the step in local mode"), "{}", run.stderr);
+    let status = run.json();
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(message.contains("budget \"small\" (Daily window from"), "{status:#}");
+    assert!(message.contains("maxTokens 150"), "{message}");
+    let rows: Vec<&Json> = status["steps"].as_object().expect("steps").values().collect();
+    let answered: Vec<u64> = rows
+        .iter()
+        .filter_map(|r| Some(r["tokens"]["prompt"].as_u64()? + r["tokens"]["completion"].as_u64()?))
+        .collect();
+    assert!(answered.len() >= 2 && answered.len() < 20, "some calls, not all: {answered:?}");
+    assert!(answered.iter().sum::<u64>() <= 150, "never over the budget: {answered:?}");
+    assert_eq!(stub.requests(), answered.len(), "a call per answered step, none refused after it was sent");
+
+    // A WorkflowRun's own spec.budget, too small for one call: refused before it is sent.
+    let before = stub.requests();
+    let own = write(
+        tmp.path(),
+        "own.yaml",
+        "apiVersion: volt.dev/v1alpha1\nkind: WorkflowRun\nmetadata: {name: own}\n\
+         spec: {workflowRef: {name: spend}, budget: {maxTokens: 10}}\n",
+    );
+    let cache = tmp.path().to_path_buf();
+    let args = ["local", "run", file.as_str(), own.as_str(), "--no-cache", "-o", "json"].map(String::from);
+    let run =
+        tokio::task::spawn_blocking(move || volt(&cache, &args.each_ref().map(String::as_str))).await.expect("run");
+    assert_eq!(run.code, 1, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    let status = run.json();
+    assert!(
+        status["message"].as_str().is_some_and(|m| m.contains("the run's spec.budget: 0 tokens used")),
+        "{status:#}"
+    );
+    assert_eq!(stub.requests(), before, "no call went out");
+}

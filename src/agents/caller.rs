@@ -56,7 +56,7 @@ use super::budget::{BudgetError, Budgets, CallScope, Reservation, RunScope, Spen
 use super::limits::{Limits, Need, Permit, estimate_tokens};
 use super::mcp::{self, ToolError, ToolSet};
 use super::registry::{AgentEntry, Registry, Replica};
-use super::runs::{RunMeta, RunRef, RunSource};
+use super::runs::{RunMeta, RunRef};
 use super::secrets::{ApiKey, SecretError, SecretSource};
 use super::transcript::{Entry, Transcript};
 use crate::telemetry::CallSpan;
@@ -365,28 +365,33 @@ pub struct LlmCaller {
     max_reply: usize,
     limits: Arc<Limits>,
     budgets: Arc<Budgets>,
-    runs: Option<Arc<dyn RunSource>>,
     /// MCP sessions kept across steps.
     mcp: Arc<mcp::Sessions>,
 }
 
-/// The run an agent step belongs to, as its calls need it.
+/// The run an agent step belongs to, as its calls need it (none outside a run: tests).
 #[derive(Debug, Clone, Default)]
 struct CallRun {
     run: Option<RunRef>,
-    meta: RunMeta,
 }
 
+/// The meta of no run.
+static NO_RUN: RunMeta = RunMeta { workflow: None, priority: 0, budget: None, used: (0, 0.0) };
+
 impl CallRun {
+    fn meta(&self) -> &RunMeta {
+        self.run.as_ref().map_or(&NO_RUN, |r| &r.meta)
+    }
+
     fn scope(&self, agent: &AgentKey) -> CallScope {
         CallScope {
             namespace: agent.namespace.clone(),
-            workflow: self.meta.workflow.clone(),
+            workflow: self.meta().workflow.clone(),
             agent: agent.name.clone(),
             run: self.run.as_ref().map(|r| RunScope {
                 uid: r.uid.clone(),
-                budget: self.meta.budget.clone(),
-                used_before: Spend { tokens: self.meta.used.0, cost: self.meta.used.1 },
+                budget: r.meta.budget.clone(),
+                used_before: Spend { tokens: r.meta.used.0, cost: r.meta.used.1 },
             }),
             slot: self.run.as_ref().and_then(|r| r.slot),
         }
@@ -628,7 +633,6 @@ impl LlmCaller {
             max_reply: MAX_REPLY_BYTES,
             limits: Arc::new(Limits::default()),
             budgets: Arc::new(Budgets::default()),
-            runs: None,
             mcp: Arc::new(mcp::Sessions::default()),
         }
     }
@@ -636,12 +640,6 @@ impl LlmCaller {
     /// Counts calls against `budgets` (the Budget controller's ledger).
     pub fn with_budgets(mut self, budgets: Arc<Budgets>) -> Self {
         self.budgets = budgets;
-        self
-    }
-
-    /// Reads the run of each step (priority, Workflow, `spec.budget`) from `runs`.
-    pub fn with_runs(mut self, runs: Arc<dyn RunSource>) -> Self {
-        self.runs = Some(runs);
         self
     }
 
@@ -656,13 +654,8 @@ impl LlmCaller {
     }
 
     /// The run of the attempt this task runs, with what the caller needs of it.
-    async fn call_run(&self) -> CallRun {
-        let Some(run) = super::runs::current() else { return CallRun::default() };
-        let meta = match &self.runs {
-            Some(source) => source.get(&run).await.unwrap_or_default(),
-            None => RunMeta::default(),
-        };
-        CallRun { run: Some(run), meta }
+    fn call_run(&self) -> CallRun {
+        CallRun { run: super::runs::current() }
     }
 
     /// Records calls, tokens and picks in `metrics`.
@@ -819,7 +812,7 @@ impl LlmCaller {
                 }
             }
         }
-        let run = self.call_run().await;
+        let run = self.call_run();
         let result = self.converse(&agents, strategy, deadline, &mut conv, &tools, validator.as_ref(), llm, &run).await;
         close_all(tools).await;
         result.map(|(text, info)| Output { info: conv.info(info, "Succeeded", None), text }).map_err(|mut f| {
@@ -1035,7 +1028,7 @@ impl LlmCaller {
         let permit = match limiter {
             Some(l) => {
                 let need = Need { requests: 1.0, tokens: tokens as f64 };
-                match l.acquire(need, run.meta.priority, deadline).await {
+                match l.acquire(need, run.meta().priority, deadline).await {
                     Ok(p) => {
                         if let Some(m) = &self.metrics {
                             m.rate_limit_wait
@@ -1244,7 +1237,7 @@ impl LlmCaller {
     /// Tokens and cost of a settled call, by namespace, workflow and agent.
     fn count_usage(&self, entry: &AgentEntry, run: &CallRun, tokens: Option<TokenUsage>) {
         let (Some(m), Some(t)) = (&self.metrics, tokens) else { return };
-        let workflow = run.meta.workflow.as_deref().unwrap_or_default();
+        let workflow = run.meta().workflow.as_deref().unwrap_or_default();
         let labels = |kind| [entry.key.namespace.as_str(), workflow, entry.key.name.as_str(), kind];
         m.usage_tokens.with_label_values(&labels("input")).inc_by(t.prompt);
         m.usage_tokens.with_label_values(&labels("output")).inc_by(t.completion);

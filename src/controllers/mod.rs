@@ -147,8 +147,7 @@ pub async fn run(
         args.lb_strategy,
     )
     .with_metrics(metrics.llm.clone())
-    .with_budgets(budgets.clone())
-    .with_runs(crate::agents::runs::KubeRuns::new(client.clone()));
+    .with_budgets(budgets.clone());
     let limits = caller.limits().clone();
     let agents: Option<Arc<dyn AgentCaller>> = Some(Arc::new(caller));
     let events = crate::events::EventSink::start(client.clone(), metrics.clone());

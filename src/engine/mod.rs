@@ -19,5 +19,6 @@ mod scheduler_tests;
 
 pub use dag::{Dag, InvalidSpec, ValidationError, validate};
 pub use scheduler::{
-    Action, Decision, Event, Input, LlmWork, Phase, RunInfo, Settings, TaskInfo, TaskStart, Transition, Work, advance,
+    Action, Decision, Event, Input, LlmWork, Phase, RunInfo, RunMeta, Settings, TaskInfo, TaskStart, Transition, Work,
+    advance,
 };

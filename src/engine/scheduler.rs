@@ -60,6 +60,33 @@ pub struct RunInfo {
     pub traceparent: Option<String>,
     /// The run's `volt.dev/shard` label (with `--shards`), copied to its pods and child runs.
     pub shard: Option<String>,
+    /// What its agent calls need of the run: priority, Workflow, `spec.budget`, usage.
+    pub meta: RunMeta,
+}
+
+/// What a run's agent calls need to know of it, read by the pass from the run it has in hand.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunMeta {
+    /// The run's `workflowRef` (none for an inline Workflow): Budget selectors and metrics.
+    pub workflow: Option<String>,
+    /// `spec.priority`: its calls' place in rate-limit queues.
+    pub priority: i32,
+    pub budget: Option<crate::api::RunBudget>,
+    /// The run's `status.usage` when read (tokens, cost): after a restart, what its budget has
+    /// already spent.
+    pub used: (u64, f64),
+}
+
+impl RunMeta {
+    pub fn of(spec: &crate::api::WorkflowRunSpec, status: Option<&crate::api::WorkflowRunStatus>) -> Self {
+        let usage = status.and_then(|s| s.usage).unwrap_or_default();
+        RunMeta {
+            workflow: spec.workflow_ref.as_ref().map(|w| w.name.clone()),
+            priority: spec.priority,
+            budget: spec.budget.clone(),
+            used: (usage.input_tokens + usage.output_tokens, usage.cost),
+        }
+    }
 }
 
 /// Most runs in a chain of `workflow` steps (a run, its child, its grandchild...).

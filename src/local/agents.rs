@@ -6,14 +6,18 @@
 //! client) are the cluster's: [`crate::agents::LlmCaller`] over a
 //! [`crate::agents::Registry`] built from the static list of Agents; local mode only hands it
 //! the keys it read from the environment.
+//!
+//! Budgets from the files count the run's calls as in the cluster ([`crate::agents::Budgets`]),
+//! from nothing spent: a local run is its own window. `onExceeded: Suspend` fails the step
+//! instead, since a local run cannot be suspended and resumed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::ResourceExt;
 
-use crate::agents::{BalancerConfig, LlmCaller, Registry, RetrySettings, StaticSecrets};
-use crate::api::{Agent, SecretKeyRef, Strategy};
+use crate::agents::{BalancerConfig, Budgets, LlmCaller, Registry, RetrySettings, StaticSecrets};
+use crate::api::{Agent, Budget, OnExceeded, SecretKeyRef, Strategy};
 use crate::executors::AgentCaller;
 
 /// Annotation naming the environment variable that holds an Agent's API key in local mode.
@@ -49,10 +53,28 @@ pub struct AgentSetup {
 /// Name of the stand-in Secret that holds the keys read from the environment.
 const ENV_SECRET: &str = "local-environment";
 
-/// Builds the agent caller for the Agents of a run (their namespace already set). Each
-/// Agent's `apiKeySecretRef` (a cluster Secret, not read here) is replaced by the key from the
-/// environment, or dropped when the variable is unset.
-pub fn setup(agents: &[Agent], strategy: Strategy) -> AgentSetup {
+/// The ledger of a local run: its Budgets, each from nothing spent (`Suspend` acting as `Fail`).
+fn budgets(budgets: &[Budget], notes: &mut Vec<String>) -> Arc<Budgets> {
+    let ledger = Budgets::default();
+    let now = jiff::Timestamp::now();
+    for b in budgets {
+        let mut spec = b.spec.clone();
+        if spec.on_exceeded == OnExceeded::Suspend {
+            notes.push(format!(
+                "Budget/{}: onExceeded Suspend fails the step in local mode (a local run is not suspended)",
+                b.name_any()
+            ));
+            spec.on_exceeded = OnExceeded::Fail;
+        }
+        ledger.upsert(&b.namespace().unwrap_or_default(), &b.name_any(), &spec, None, now);
+    }
+    Arc::new(ledger)
+}
+
+/// Builds the agent caller for the Agents and Budgets of a run (their namespace already set).
+/// Each Agent's `apiKeySecretRef` (a cluster Secret, not read here) is replaced by the key from
+/// the environment, or dropped when the variable is unset.
+pub fn setup(agents: &[Agent], budgets_in_files: &[Budget], strategy: Strategy) -> AgentSetup {
     let mut notes = Vec::new();
     let mut secrets = StaticSecrets::new();
     let mut prepared = Vec::with_capacity(agents.len());
@@ -88,7 +110,9 @@ pub fn setup(agents: &[Agent], strategy: Strategy) -> AgentSetup {
         Ok(registry) => {
             // The list is fixed: an unknown agent will not appear later, so do not wait for it.
             let retry = RetrySettings { resolve_grace: Duration::ZERO, ..RetrySettings::default() };
-            let caller = LlmCaller::new(Arc::new(registry), Arc::new(secrets), strategy).with_retry(retry);
+            let ledger = budgets(budgets_in_files, &mut notes);
+            let caller =
+                LlmCaller::new(Arc::new(registry), Arc::new(secrets), strategy).with_retry(retry).with_budgets(ledger);
             AgentSetup { caller: Some(Arc::new(caller)), unavailable: String::new(), notes }
         }
         Err(e) => AgentSetup { caller: None, unavailable: format!("agent steps cannot run: {e}"), notes },

@@ -68,7 +68,32 @@ pub fn check_bundle(bundle: &mut Bundle) {
             problems.push(Problem::error(&run.file, e).object(&label));
         }
     }
+    for budget in &bundle.budgets {
+        problems.extend(unselected(budget, bundle));
+    }
     bundle.problems.extend(problems);
+}
+
+/// What a Budget's selector names that is not in the files (in a cluster: its `Ready=False`).
+fn unselected(budget: &Loaded<crate::api::Budget>, bundle: &Bundle) -> Vec<Problem> {
+    let sel = &budget.object.spec.selector;
+    let lists = [
+        ("workflows", "Workflow", &sel.workflows, &bundle.workflows.iter().map(|w| &w.name).collect::<Vec<_>>()),
+        ("agents", "Agent", &sel.agents, &bundle.agents.iter().map(|a| &a.name).collect::<Vec<_>>()),
+    ];
+    let mut out = Vec::new();
+    for (field, kind, names, known) in lists {
+        for (i, name) in names.iter().enumerate() {
+            if !known.contains(&name) {
+                out.push(
+                    Problem::warning(&budget.file, format!("no {kind} {name:?} in the files: it counts nothing"))
+                        .object(budget.label("Budget"))
+                        .field(format!("spec.selector.{field}[{i}]")),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// Problems of one Workflow spec (`prefix` is where the spec is in its object).
@@ -191,6 +216,7 @@ fn duplicates(bundle: &Bundle) -> Vec<Problem> {
     }
     scan("Agent", &bundle.agents, &mut out);
     scan("Workflow", &bundle.workflows, &mut out);
+    scan("Budget", &bundle.budgets, &mut out);
     out
 }
 

@@ -58,9 +58,17 @@ impl LocalChildren {
                 chain,
                 traceparent: Some(crate::telemetry::child_traceparent(parent, &task.key)),
                 shard: None,
+                // As in the cluster: the child runs at its parent's priority, under Budgets
+                // that select its Workflow.
+                meta: crate::engine::RunMeta {
+                    workflow: Some(workflow.clone()),
+                    priority: parent.meta.priority,
+                    ..Default::default()
+                },
             },
             timeout: self.plan.timeout,
             agents: self.plan.agents.clone(),
+            budgets: self.plan.budgets.clone(),
             decisions: Default::default(),
             workflows: self.plan.workflows.clone(),
         })

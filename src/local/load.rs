@@ -1,4 +1,4 @@
-//! Reading Agents, Workflows and WorkflowRuns from YAML files (several documents per file,
+//! Reading Agents, Workflows, WorkflowRuns and Budgets from YAML files (several documents per file,
 //! directories of `*.yaml`/`*.yml`, `-` for standard input), with the API server's schema
 //! checks. Every problem names the file, the object, the step and the field.
 
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
-use crate::api::{Agent, GROUP, VERSION, Workflow, WorkflowRun};
+use crate::api::{Agent, Budget, GROUP, VERSION, Workflow, WorkflowRun};
 
 use super::schema;
 
@@ -112,6 +112,8 @@ pub struct Bundle {
     pub agents: Vec<Loaded<Agent>>,
     pub workflows: Vec<Loaded<Workflow>>,
     pub runs: Vec<Loaded<WorkflowRun>>,
+    /// Budgets: the run's agent calls count against those that select them.
+    pub budgets: Vec<Loaded<Budget>>,
     pub problems: Vec<Problem>,
     /// Files read, as given (directories expanded).
     pub files: Vec<String>,
@@ -200,21 +202,17 @@ fn load_doc(file: &str, n: usize, doc: Json, bundle: &mut Bundle) {
     let kind = map.get("kind").and_then(Json::as_str).unwrap_or_default().to_string();
     let api_version = map.get("apiVersion").and_then(Json::as_str).unwrap_or_default();
     let want_version = format!("{GROUP}/{VERSION}");
-    let volt_kind = matches!(kind.as_str(), "Agent" | "Workflow" | "WorkflowRun");
+    let volt_kind = matches!(kind.as_str(), "Agent" | "Workflow" | "WorkflowRun" | "Budget");
     if kind.is_empty() {
         bundle.problems.push(err("kind is missing".into()).field("kind"));
         return;
     }
-    // Kinds only a cluster acts on: checked against their types, not run.
-    if matches!(kind.as_str(), "Budget" | "WorkflowSchedule") && api_version == want_version {
+    // A kind only a cluster acts on: checked against its type, not run.
+    if kind == "WorkflowSchedule" && api_version == want_version {
         let name = doc.pointer("/metadata/name").and_then(Json::as_str).unwrap_or_default();
         let label = format!("{kind}/{name}");
         let mut problems = Vec::new();
-        let checked = match kind.as_str() {
-            "Budget" => typed::<crate::api::Budget>(file, &label, &doc, &mut problems).is_some(),
-            _ => typed::<crate::api::WorkflowSchedule>(file, &label, &doc, &mut problems).is_some(),
-        };
-        if checked {
+        if typed::<crate::api::WorkflowSchedule>(file, &label, &doc, &mut problems).is_some() {
             problems.push(
                 Problem::warning(file, format!("{kind} is checked here and acted on in a cluster only")).object(label),
             );
@@ -224,9 +222,9 @@ fn load_doc(file: &str, n: usize, doc: Json, bundle: &mut Bundle) {
     }
     if !volt_kind {
         if api_version.starts_with(&format!("{GROUP}/")) {
-            bundle
-                .problems
-                .push(err(format!("unknown kind {kind:?}: expected Agent, Workflow or WorkflowRun")).field("kind"));
+            bundle.problems.push(
+                err(format!("unknown kind {kind:?}: expected Agent, Workflow, WorkflowRun or Budget")).field("kind"),
+            );
         } else {
             bundle.problems.push(
                 Problem::warning(file, format!("ignored: {api_version} {kind} is not a volt.dev kind"))
@@ -291,6 +289,9 @@ fn load_doc(file: &str, n: usize, doc: Json, bundle: &mut Bundle) {
             .map(|object| bundle.agents.push(Loaded { object, name: shown_name, file: file.into(), raw: doc.clone() })),
         "Workflow" => typed::<Workflow>(file, &label, &doc, &mut problems).map(|object| {
             bundle.workflows.push(Loaded { object, name: shown_name, file: file.into(), raw: doc.clone() })
+        }),
+        "Budget" => typed::<Budget>(file, &label, &doc, &mut problems).map(|object| {
+            bundle.budgets.push(Loaded { object, name: shown_name, file: file.into(), raw: doc.clone() })
         }),
         _ => typed::<WorkflowRun>(file, &label, &doc, &mut problems)
             .map(|object| bundle.runs.push(Loaded { object, name: shown_name, file: file.into(), raw: doc.clone() })),

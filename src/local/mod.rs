@@ -122,13 +122,16 @@ pub fn validate(args: &LocalValidateArgs) -> u8 {
     print_problems(&bundle.problems);
     let errors = bundle.problems.iter().filter(|p| p.is_error()).count();
     let warnings = bundle.problems.len() - errors;
-    let counts = format!(
+    let mut counts = format!(
         "{}: {}, {}, {}",
         plural(bundle.files.len(), "file"),
         plural(bundle.agents.len(), "Agent"),
         plural(bundle.workflows.len(), "Workflow"),
         plural(bundle.runs.len(), "WorkflowRun")
     );
+    if !bundle.budgets.is_empty() {
+        counts.push_str(&format!(", {}", plural(bundle.budgets.len(), "Budget")));
+    }
     if errors > 0 {
         eprintln!("invalid: {}, {} ({counts})", plural(errors, "error"), plural(warnings, "warning"));
         EXIT_INVALID
@@ -245,9 +248,23 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
             agent
         })
         .collect();
+    let budgets = check::last_of_each(&bundle.budgets)
+        .into_iter()
+        .map(|b| {
+            let mut budget = b.object;
+            budget.metadata.namespace = Some(namespace.clone());
+            budget
+        })
+        .collect();
     let decisions = decisions_of(run.map(|r| (r.file.as_str(), &r.object.spec.decisions)), args, &spec, &dag)?;
     let chain = if workflow_name.is_empty() { vec![] } else { vec![workflow_name.clone()] };
     let workflows = Arc::new(workflows.iter().map(|w| (w.name.clone(), w.object.spec.clone())).collect());
+    // Its priority and `spec.budget` from the WorkflowRun, if any; a run of a named Workflow
+    // counts under Budgets that select it, as in the cluster.
+    let meta = engine::RunMeta {
+        workflow: Some(workflow_name.clone()).filter(|w| !w.is_empty()),
+        ..run.map(|r| engine::RunMeta::of(&r.object.spec, None)).unwrap_or_default()
+    };
     Ok(Plan {
         spec,
         dag,
@@ -261,9 +278,11 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
             chain,
             traceparent: std::env::var("TRACEPARENT").ok(),
             shard: None,
+            meta,
         },
         timeout,
         agents,
+        budgets,
         decisions,
         workflows,
     })
@@ -340,7 +359,7 @@ pub async fn run(args: LocalRunArgs) -> u8 {
         }
     };
     let uses_agents = plan.spec.steps.iter().chain(&plan.spec.finally).any(|s| s.agent.is_some());
-    let setup = agents::setup(&plan.agents, crate::api::Strategy::default());
+    let setup = agents::setup(&plan.agents, &plan.budgets, crate::api::Strategy::default());
     if uses_agents {
         for n in &setup.notes {
             eprintln!("note: {n}");

@@ -39,6 +39,8 @@ pub struct Plan {
     pub timeout: Duration,
     /// The Agents of the run (for the cache keys of agent steps).
     pub agents: Vec<Agent>,
+    /// The Budgets in the files, in the run's namespace: its agent calls count against them.
+    pub budgets: Vec<crate::api::Budget>,
     /// Decisions given on the command line (`--approve STEP`, `--reject STEP`).
     pub decisions: BTreeMap<String, crate::api::StepDecision>,
     /// The Workflows in the files, by name: what `workflow` steps run.

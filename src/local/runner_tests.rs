@@ -25,6 +25,7 @@ fn plan(yaml: &str) -> Plan {
         run: RunInfo { name: "w-local".into(), namespace: "default".into(), uid: "u".into(), ..Default::default() },
         timeout: Duration::from_secs(60),
         agents: vec![],
+        budgets: vec![],
         decisions: BTreeMap::new(),
         workflows: Default::default(),
     }

@@ -91,6 +91,8 @@ impl Children {
             WorkflowRunSpec {
                 workflow_ref: Some(WorkflowRef { name: workflow.clone() }),
                 params: params.clone(),
+                // Its calls wait in rate-limit queues at its parent's priority.
+                priority: run.meta.priority,
                 ..Default::default()
             },
         );

@@ -324,6 +324,7 @@ async fn reconcile(run: Arc<WorkflowRun>, ctx: Arc<Ctx>) -> Result<Action, Error
         chain: children::chain_of(&run, &status.workflow_name),
         traceparent: run.annotations().get(crate::naming::ANNOTATION_TRACEPARENT).cloned(),
         shard: run.labels().get(naming::LABEL_SHARD).cloned(),
+        meta: engine::RunMeta::of(&run.spec, Some(&status)),
     };
     let timeout = run.spec.timeout_seconds.map(|s| Duration::from_secs(u64::from(s))).unwrap_or(shared.default_timeout);
     let started = status.started_at.as_ref().map(|t| t.0).unwrap_or(now);
