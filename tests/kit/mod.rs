@@ -1,6 +1,6 @@
 //! The test kit: everything the suites share, in one place. Each test crate includes it with
-//! `#[path = "kit/mod.rs"] mod kit;` (`tests/local.rs`; `tests/e2e/main.rs` and `tests/chaos/main.rs`
-//! with `"../kit/mod.rs"`), and so do the examples (`#[path = "../tests/kit/mod.rs"]`): a
+//! `#[path = "../kit/mod.rs"] mod kit;` (`tests/e2e/main.rs`, `tests/chaos/main.rs`,
+//! `tests/local/main.rs`), and so do the examples (`#[path = "../tests/kit/mod.rs"]`): a
 //! module tree, not a crate, so that it sees the crate's `CARGO_BIN_EXE_volt-operator` and
 //! `CARGO_MANIFEST_DIR` and the Cargo manifest stays as it is. Not every crate uses every
 //! part, hence the dead-code allowance.
