@@ -240,22 +240,10 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
         .timeout
         .or_else(|| run.and_then(|r| r.object.spec.timeout_seconds).map(|s| Duration::from_secs(u64::from(s))))
         .unwrap_or(DEFAULT_RUN_TIMEOUT);
-    let agents: Vec<Agent> = agents
-        .into_iter()
-        .map(|a| {
-            let mut agent = a.object;
-            agent.metadata.namespace = Some(namespace.clone());
-            agent
-        })
-        .collect();
-    let budgets = check::last_of_each(&bundle.budgets)
-        .into_iter()
-        .map(|b| {
-            let mut budget = b.object;
-            budget.metadata.namespace = Some(namespace.clone());
-            budget
-        })
-        .collect();
+    // Local mode has one namespace: the run's.
+    let agents: Vec<Agent> = agents.into_iter().map(|a| in_namespace(a.object, &namespace)).collect();
+    let budgets =
+        check::last_of_each(&bundle.budgets).into_iter().map(|b| in_namespace(b.object, &namespace)).collect();
     let decisions = decisions_of(run.map(|r| (r.file.as_str(), &r.object.spec.decisions)), args, &spec, &dag)?;
     let chain = if workflow_name.is_empty() { vec![] } else { vec![workflow_name.clone()] };
     let workflows = Arc::new(workflows.iter().map(|w| (w.name.clone(), w.object.spec.clone())).collect());
@@ -286,6 +274,12 @@ pub fn plan(bundle: &Bundle, args: &LocalRunArgs) -> Result<Plan, Vec<Problem>> 
         decisions,
         workflows,
     })
+}
+
+/// `object`, moved into namespace `ns`.
+fn in_namespace<K: kube::Resource>(mut object: K, ns: &str) -> K {
+    object.meta_mut().namespace = Some(ns.to_string());
+    object
 }
 
 /// The run's decisions: its WorkflowRun's `spec.decisions`, then `--approve` and `--reject`.

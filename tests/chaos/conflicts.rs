@@ -2,30 +2,33 @@
 
 use super::*;
 
-/// Answers a share of the WorkflowRun status writes that pass through it with 409 Conflict
-/// (as the apiserver words it), without sending them: the write did not happen.
-#[derive(Clone)]
+/// The status writes seen and those answered 409.
+#[derive(Default)]
 struct Conflicts {
-    rng: Arc<Mutex<StdRng>>,
-    rate: f64,
-    writes: Arc<AtomicUsize>,
-    injected: Arc<AtomicUsize>,
+    writes: AtomicUsize,
+    injected: AtomicUsize,
 }
 
-impl<S> tower::Layer<S> for Conflicts {
-    type Service = ConflictService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        ConflictService { inner, faults: self.clone() }
-    }
+/// Answers a share (`rate`, seeded) of the WorkflowRun status writes with 409 Conflict (as the
+/// apiserver words it), without sending them: the write did not happen.
+fn conflicts(seed: u64, rate: f64) -> (Faults, Arc<Conflicts>) {
+    let rng = Mutex::new(StdRng::seed_from_u64(seed));
+    let counts = Arc::new(Conflicts::default());
+    let seen = counts.clone();
+    let faults = Faults::new(move |req| {
+        let path = req.uri().path();
+        if req.method() != http::Method::PATCH || !path.contains("/workflowruns/") || !path.ends_with("/status") {
+            return Fault::Pass;
+        }
+        seen.writes.fetch_add(1, Ordering::Relaxed);
+        if !rng.lock().unwrap_or_else(|p| p.into_inner()).random_bool(rate) {
+            return Fault::Pass;
+        }
+        seen.injected.fetch_add(1, Ordering::Relaxed);
+        Fault::Answer(conflict_response(path))
+    });
+    (faults, counts)
 }
-
-#[derive(Clone)]
-struct ConflictService<S> {
-    inner: S,
-    faults: Conflicts,
-}
-
-type Body = Box<kube::client::DynBody>;
 
 fn conflict_response(path: &str) -> http::Response<Body> {
     let name = path.trim_end_matches("/status").rsplit('/').next().unwrap_or_default();
@@ -41,33 +44,6 @@ fn conflict_response(path: &str) -> http::Response<Body> {
         .expect("a 409 response")
 }
 
-impl<S> tower::Service<http::Request<kube::client::Body>> for ConflictService<S>
-where
-    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<Body>, Error = tower::BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = tower::BoxError;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
-        let path = req.uri().path().to_string();
-        if req.method() == http::Method::PATCH && path.contains("/workflowruns/") && path.ends_with("/status") {
-            self.faults.writes.fetch_add(1, Ordering::Relaxed);
-            let hit = self.faults.rng.lock().unwrap_or_else(|p| p.into_inner()).random_bool(self.faults.rate);
-            if hit {
-                self.faults.injected.fetch_add(1, Ordering::Relaxed);
-                return Box::pin(futures::future::ready(Ok(conflict_response(&path))));
-            }
-        }
-        Box::pin(self.inner.call(req))
-    }
-}
-
 /// Two runs of many steps (40 agent calls fanned out, 12 pods, templates) while a third of the
 /// operator's status writes get 409 Conflict and another client keeps writing the same object:
 /// its labels and annotations, and a condition of its own in the status.
@@ -76,34 +52,19 @@ async fn status_conflicts_and_other_writers_lose_nothing() {
     let test_started = Instant::now();
     let seed = seed("conflicts");
     let cp = kit::shared();
-    let client = cp.client().await;
-    let ns = cp.namespace(&client, "chaos-conflict").await;
-    grant_operator(&client, &ns).await;
-    let stub = Stub::start("llm", Duration::from_millis(100)).await;
-    apply(&client, &ns, agent("writer", &stub.base_url())).await;
-    let ledger = PodLedger::start(client.clone(), &ns).await;
-    let watch = RunWatch::start(client.clone(), &ns).await;
-    let _kubelet = Kubelet::start(
-        client.clone(),
-        &ns,
-        Some("volt.dev/run".into()),
-        step_pods(Duration::from_millis(100), Duration::from_millis(400)),
-    );
+    let pods = (Duration::from_millis(100), Duration::from_millis(400));
+    let Scene { client, ns, stub, ledger, watch, _kubelet } =
+        Scene::start(cp, "chaos-conflict", Duration::from_millis(100), pods).await;
 
     // The operator in-process, as the operator user, its client behind the fault layer.
-    let conflicts = Conflicts {
-        rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
-        rate: 1.0 / 3.0,
-        writes: Arc::default(),
-        injected: Arc::default(),
-    };
+    let (faults, conflicts) = conflicts(seed, 1.0 / 3.0);
     let config = kit::kube_config(cp.operator_kubeconfig_path()).await;
     let metrics = volt_operator::metrics::Metrics::new();
     let counter = volt_operator::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
     let operator_client = kube::client::ClientBuilder::try_from(config)
         .expect("operator client")
         .with_layer(&counter)
-        .with_layer(&conflicts)
+        .with_layer(&faults)
         .build();
     // Every change written (no coalescing), so that many writes meet the injected conflicts.
     let op = kit::in_process::Operator::start_on(&ns, operator_client, metrics, |args| {

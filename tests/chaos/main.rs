@@ -96,6 +96,104 @@ fn start_operator(cp: &ControlPlane, ns: &str, log: PathBuf) -> OperatorProcess 
 }
 
 // ---------------------------------------------------------------------------------------------
+// The scene every test starts with, and the fault layer over the operator's client
+
+/// A namespace the operator user may work in (the chart's rights), an OpenAI stub answering in
+/// `call` behind the `writer` Agent, the pod ledger and the run watch, and the kubelet stand-in,
+/// whose pods run between `pods.0` and `pods.1`.
+struct Scene {
+    client: Client,
+    ns: String,
+    stub: Stub,
+    ledger: PodLedger,
+    watch: RunWatch,
+    _kubelet: Kubelet,
+}
+
+impl Scene {
+    async fn start(cp: &ControlPlane, name: &str, call: Duration, pods: (Duration, Duration)) -> Scene {
+        let client = cp.client().await;
+        let ns = cp.namespace(&client, name).await;
+        grant_operator(&client, &ns).await;
+        let stub = Stub::start("llm", call).await;
+        apply(&client, &ns, agent("writer", &stub.base_url())).await;
+        let ledger = PodLedger::start(client.clone(), &ns).await;
+        let watch = RunWatch::start(client.clone(), &ns).await;
+        let kubelet = Kubelet::start(client.clone(), &ns, Some("volt.dev/run".into()), step_pods(pods.0, pods.1));
+        Scene { client, ns, stub, ledger, watch, _kubelet: kubelet }
+    }
+}
+
+type Body = Box<kube::client::DynBody>;
+type Request = http::Request<kube::client::Body>;
+
+/// What a fault layer does with a request.
+enum Fault {
+    /// Send it and hand back its answer.
+    Pass,
+    /// Answer this instead, without sending it.
+    Answer(http::Response<Body>),
+    /// Hold it for ever, unsent.
+    Unsent,
+    /// Send it, and hold its answer for ever.
+    Unanswered,
+}
+
+/// A tower layer over the operator's client that asks `decide` what to do with each request.
+#[derive(Clone)]
+struct Faults {
+    decide: Arc<dyn Fn(&Request) -> Fault + Send + Sync>,
+}
+
+impl Faults {
+    fn new(decide: impl Fn(&Request) -> Fault + Send + Sync + 'static) -> Self {
+        Faults { decide: Arc::new(decide) }
+    }
+}
+
+impl<S> tower::Layer<S> for Faults {
+    type Service = FaultService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        FaultService { inner, faults: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct FaultService<S> {
+    inner: S,
+    faults: Faults,
+}
+
+impl<S> tower::Service<Request> for FaultService<S>
+where
+    S: tower::Service<Request, Response = http::Response<Body>, Error = tower::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = tower::BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        match (self.faults.decide)(&req) {
+            Fault::Pass => Box::pin(self.inner.call(req)),
+            Fault::Answer(response) => Box::pin(futures::future::ready(Ok(response))),
+            Fault::Unsent => Box::pin(futures::future::pending()),
+            Fault::Unanswered => {
+                let done = self.inner.call(req);
+                Box::pin(async move {
+                    let _answer = done.await;
+                    futures::future::pending().await
+                })
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Watches that see everything
 
 /// One pod as the ledger first saw it.

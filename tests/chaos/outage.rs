@@ -29,19 +29,9 @@ async fn apiserver_stopped_for_30s_mid_run() {
         .join()
         .expect("control plane start thread")
         .unwrap_or_else(|e| panic!("{e}"));
-    let client = cp.client().await;
-    let ns = cp.namespace(&client, "chaos-outage").await;
-    grant_operator(&client, &ns).await;
-    let stub = Stub::start("llm", Duration::from_millis(1500)).await;
-    apply(&client, &ns, agent("writer", &stub.base_url())).await;
-    let ledger = PodLedger::start(client.clone(), &ns).await;
-    let watch = RunWatch::start(client.clone(), &ns).await;
-    let _kubelet = Kubelet::start(
-        client.clone(),
-        &ns,
-        Some("volt.dev/run".into()),
-        step_pods(Duration::from_millis(1500), Duration::from_millis(2500)),
-    );
+    let pods = (Duration::from_millis(1500), Duration::from_millis(2500));
+    let Scene { client, ns, stub, ledger, watch, _kubelet } =
+        Scene::start(&cp, "chaos-outage", Duration::from_millis(1500), pods).await;
     let dir = LogDir::new("chaos-outage");
     let mut op = start_operator(&cp, &ns, dir.join("operator.log"));
     op.wait_ready(Duration::from_secs(60)).await;

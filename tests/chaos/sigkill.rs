@@ -93,19 +93,8 @@ async fn sigkill_at_random_moments_during_twenty_runs() {
     let seed = seed("sigkill");
     let mut rng = StdRng::seed_from_u64(seed);
     let cp = kit::shared();
-    let client = cp.client().await;
-    let ns = cp.namespace(&client, "chaos-kill").await;
-    grant_operator(&client, &ns).await;
-    let stub = Stub::start("llm", SLOW_CALL).await;
-    apply(&client, &ns, agent("writer", &stub.base_url())).await;
-    let ledger = PodLedger::start(client.clone(), &ns).await;
-    let watch = RunWatch::start(client.clone(), &ns).await;
-    let _kubelet = Kubelet::start(
-        client.clone(),
-        &ns,
-        Some("volt.dev/run".into()),
-        step_pods(Duration::from_millis(200), Duration::from_millis(700)),
-    );
+    let pods = (Duration::from_millis(200), Duration::from_millis(700));
+    let Scene { client, ns, stub, ledger, watch, _kubelet } = Scene::start(cp, "chaos-kill", SLOW_CALL, pods).await;
     let dir = LogDir::new("chaos-sigkill");
     let mut logs = vec![dir.join("operator-1.log")];
     let mut op = start_operator(cp, &ns, logs[0].clone());

@@ -10,69 +10,43 @@ use volt_operator::api_timeout::ApiTimeoutLayer;
 /// The bound the operator runs with here (60 s by default).
 const BOUND: Duration = Duration::from_secs(2);
 
-/// Holds a seeded share of the requests that pass through it forever (watches pass).
-#[derive(Clone)]
+/// The requests seen (all but watches), and those held.
+#[derive(Default)]
 struct Silence {
-    rng: Arc<Mutex<StdRng>>,
-    rate: f64,
-    requests: Arc<AtomicUsize>,
+    requests: AtomicUsize,
     /// Held before the API server saw them.
-    unsent: Arc<AtomicUsize>,
+    unsent: AtomicUsize,
     /// Done by the API server, their answer held.
-    unanswered: Arc<AtomicUsize>,
+    unanswered: AtomicUsize,
 }
 
-impl<S> tower::Layer<S> for Silence {
-    type Service = SilenceService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        SilenceService { inner, faults: self.clone() }
-    }
-}
-
-#[derive(Clone)]
-struct SilenceService<S> {
-    inner: S,
-    faults: Silence,
-}
-
-type Body = Box<kube::client::DynBody>;
-
-impl<S> tower::Service<http::Request<kube::client::Body>> for SilenceService<S>
-where
-    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<Body>, Error = tower::BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = tower::BoxError;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+/// Holds a share (`rate`, seeded) of the requests for ever, half unsent and half unanswered.
+fn silence(seed: u64, rate: f64) -> (Faults, Arc<Silence>) {
+    let rng = Mutex::new(StdRng::seed_from_u64(seed));
+    let counts = Arc::new(Silence::default());
+    let seen = counts.clone();
+    let faults = Faults::new(move |req| {
         if volt_operator::metrics::verb_of(req.method(), req.uri()) == "watch" {
-            return Box::pin(self.inner.call(req));
+            return Fault::Pass;
         }
-        self.faults.requests.fetch_add(1, Ordering::Relaxed);
+        seen.requests.fetch_add(1, Ordering::Relaxed);
         let (hit, before) = {
-            let mut rng = self.faults.rng.lock().unwrap_or_else(|p| p.into_inner());
-            (rng.random_bool(self.faults.rate), rng.random_bool(0.5))
+            let mut rng = rng.lock().unwrap_or_else(|p| p.into_inner());
+            (rng.random_bool(rate), rng.random_bool(0.5))
         };
-        if !hit {
-            return Box::pin(self.inner.call(req));
+        match (hit, before) {
+            (false, _) => Fault::Pass,
+            (true, true) => {
+                seen.unsent.fetch_add(1, Ordering::Relaxed);
+                Fault::Unsent
+            }
+            (true, false) => {
+                seen.unanswered.fetch_add(1, Ordering::Relaxed);
+                Fault::Unanswered
+            }
         }
-        if before {
-            self.faults.unsent.fetch_add(1, Ordering::Relaxed);
-            return Box::pin(futures::future::pending());
-        }
-        self.faults.unanswered.fetch_add(1, Ordering::Relaxed);
-        let done = self.inner.call(req);
-        Box::pin(async move {
-            let _answer = done.await;
-            futures::future::pending().await
-        })
-    }
+    });
+    (faults, counts)
 }
 
 /// Two runs of 27 steps (12 agent calls, 6 pods, templates and a child run) while one in eight
@@ -82,38 +56,22 @@ async fn api_requests_left_unanswered_are_retried_and_lose_nothing() {
     let test_started = Instant::now();
     let seed = seed("silence");
     let cp = kit::shared();
-    let client = cp.client().await;
-    let ns = cp.namespace(&client, "chaos-silence").await;
-    grant_operator(&client, &ns).await;
-    let stub = Stub::start("llm", Duration::from_millis(100)).await;
-    apply(&client, &ns, agent("writer", &stub.base_url())).await;
-    let ledger = PodLedger::start(client.clone(), &ns).await;
-    let watch = RunWatch::start(client.clone(), &ns).await;
-    let _kubelet = Kubelet::start(
-        client.clone(),
-        &ns,
-        Some("volt.dev/run".into()),
-        step_pods(Duration::from_millis(100), Duration::from_millis(400)),
-    );
+    let pods = (Duration::from_millis(100), Duration::from_millis(400));
+    let Scene { client, ns, stub, ledger, watch, _kubelet } =
+        Scene::start(cp, "chaos-silence", Duration::from_millis(100), pods).await;
     let child = json!({"apiVersion": "volt.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "child"},
         "spec": {"steps": [{"id": "ask", "agent": {"ref": "writer", "prompt": "{{ run.name }}/child"}}]}});
     apply(&client, &ns, child).await;
 
     // The operator in-process, as the operator user, its client behind the silence and the
     // operator's own bound, as `volt-operator run` builds it.
-    let silence = Silence {
-        rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
-        rate: 1.0 / 8.0,
-        requests: Arc::default(),
-        unsent: Arc::default(),
-        unanswered: Arc::default(),
-    };
+    let (faults, silence) = silence(seed, 1.0 / 8.0);
     let config = kit::kube_config(cp.operator_kubeconfig_path()).await;
     let metrics = volt_operator::metrics::Metrics::new();
     let counter = volt_operator::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
     let operator_client = kube::client::ClientBuilder::try_from(config)
         .expect("operator client")
-        .with_layer(&silence)
+        .with_layer(&faults)
         .with_layer(&ApiTimeoutLayer { timeout: Some(BOUND) })
         .with_layer(&counter)
         .build();
