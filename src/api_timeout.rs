@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::Either;
+use prometheus::IntCounterVec;
 use tower::BoxError;
 use tower_http::timeout::TimeoutBody;
 
@@ -24,16 +25,30 @@ pub struct ApiTimeout {
     pub timeout: Duration,
 }
 
-/// The layer; `None` leaves requests unbounded (kube's default).
-#[derive(Clone, Copy, Debug)]
+/// The layer; a `timeout` of `None` leaves requests unbounded (kube's default).
+#[derive(Clone, Debug)]
 pub struct ApiTimeoutLayer {
-    pub timeout: Option<Duration>,
+    timeout: Option<Duration>,
+    /// Requests past the bound, by verb (`volt_kube_api_timeouts_total`).
+    timeouts: Option<IntCounterVec>,
+}
+
+impl ApiTimeoutLayer {
+    pub fn new(timeout: Option<Duration>) -> Self {
+        ApiTimeoutLayer { timeout, timeouts: None }
+    }
+
+    /// Counts the requests past the bound in `timeouts`, by verb.
+    pub fn counting(mut self, timeouts: IntCounterVec) -> Self {
+        self.timeouts = Some(timeouts);
+        self
+    }
 }
 
 impl<S> tower::Layer<S> for ApiTimeoutLayer {
     type Service = ApiTimeoutService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ApiTimeoutService { inner, timeout: self.timeout }
+        ApiTimeoutService { inner, timeout: self.timeout, timeouts: self.timeouts.clone() }
     }
 }
 
@@ -41,6 +56,7 @@ impl<S> tower::Layer<S> for ApiTimeoutLayer {
 pub struct ApiTimeoutService<S> {
     inner: S,
     timeout: Option<Duration>,
+    timeouts: Option<IntCounterVec>,
 }
 
 /// True for requests that stay open by design: watches and followed logs.
@@ -70,6 +86,8 @@ where
     fn call(&mut self, req: http::Request<Req>) -> Self::Future {
         let timeout = self.timeout.filter(|_| !long_running(req.uri()));
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let counted =
+            self.timeouts.as_ref().map(|c| c.with_label_values(&[crate::metrics::verb_of(&method, req.uri())]));
         let response = self.inner.call(req);
         Box::pin(async move {
             let Some(timeout) = timeout else {
@@ -78,7 +96,12 @@ where
             match tokio::time::timeout(timeout, response).await {
                 Ok(Ok(r)) => Ok(r.map(|body| Either::Left(TimeoutBody::new(timeout, body)))),
                 Ok(Err(e)) => Err(e.into()),
-                Err(_) => Err(Box::new(ApiTimeout { method, path, timeout }) as BoxError),
+                Err(_) => {
+                    if let Some(c) = counted {
+                        c.inc();
+                    }
+                    Err(Box::new(ApiTimeout { method, path, timeout }) as BoxError)
+                }
             }
         })
     }
@@ -130,18 +153,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_with_no_answer_fails_naming_itself() {
-        let svc = ApiTimeoutLayer { timeout: BOUND }.layer(server(Duration::from_secs(3600), Duration::ZERO));
+    async fn a_request_with_no_answer_fails_naming_itself_and_is_counted() {
+        let metrics = crate::metrics::Metrics::new();
+        let layer = ApiTimeoutLayer::new(BOUND).counting(metrics.api_timeouts.clone());
+        let svc = layer.layer(server(Duration::from_secs(3600), Duration::ZERO));
         let err = read(svc, "/apis/volt.dev/v1alpha1/namespaces/a/workflowruns/r").await.expect_err("no answer");
         assert_eq!(
             err,
             "GET /apis/volt.dev/v1alpha1/namespaces/a/workflowruns/r: the API server did not answer within 10s"
         );
+        assert_eq!(metrics.api_timeouts.with_label_values(&["get_or_list"]).get(), 1);
+        assert_eq!(metrics.api_timeouts.with_label_values(&["patch"]).get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_body_that_stops_fails() {
-        let svc = ApiTimeoutLayer { timeout: BOUND }.layer(server(Duration::ZERO, Duration::from_secs(3600)));
+        let svc = ApiTimeoutLayer::new(BOUND).layer(server(Duration::ZERO, Duration::from_secs(3600)));
         let err = read(svc, "/api/v1/namespaces/a/pods").await.expect_err("a stalled body");
         assert!(err.contains("timed out") || err.contains("timeout"), "{err}");
     }
@@ -149,16 +176,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn slow_answers_within_the_bound_and_watches_pass() {
         let slow = server(Duration::from_secs(9), Duration::from_secs(9));
-        let svc = ApiTimeoutLayer { timeout: BOUND }.layer(slow);
+        let svc = ApiTimeoutLayer::new(BOUND).layer(slow);
         assert_eq!(read(svc, "/api/v1/pods").await, Ok(Bytes::from_static(b"{}")));
         // A quiet watch (an hour to the first event) and a followed log are not cut.
         for uri in ["/api/v1/pods?watch=true&resourceVersion=1", "/api/v1/namespaces/a/pods/p/log?follow=true"] {
             let quiet = server(Duration::ZERO, Duration::from_secs(3600));
-            let svc = ApiTimeoutLayer { timeout: BOUND }.layer(quiet);
+            let svc = ApiTimeoutLayer::new(BOUND).layer(quiet);
             assert_eq!(read(svc, uri).await, Ok(Bytes::from_static(b"{}")), "{uri}");
         }
         // Off: nothing is bounded.
-        let svc = ApiTimeoutLayer { timeout: None }.layer(server(Duration::from_secs(3600), Duration::ZERO));
+        let svc = ApiTimeoutLayer::new(None).layer(server(Duration::from_secs(3600), Duration::ZERO));
         assert_eq!(read(svc, "/api/v1/pods").await, Ok(Bytes::from_static(b"{}")));
     }
 }

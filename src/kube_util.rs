@@ -59,7 +59,7 @@ pub async fn client_with_metrics(
     timeout: Option<Duration>,
 ) -> Result<Client, kube::Error> {
     let counter = crate::metrics::ApiCounterLayer { counter: Arc::new(metrics.api_requests.clone()) };
-    let bound = crate::api_timeout::ApiTimeoutLayer { timeout };
+    let bound = crate::api_timeout::ApiTimeoutLayer::new(timeout).counting(metrics.api_timeouts.clone());
     let client = kube::client::ClientBuilder::try_from(config)?.with_layer(&bound).with_layer(&counter).build();
     Ok(client)
 }

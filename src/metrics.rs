@@ -27,6 +27,9 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub inprocess_tasks: IntGauge,
     pub api_requests: IntCounterVec,
+    /// `volt_kube_api_timeouts_total{verb}`: requests the API server did not answer within
+    /// `--api-timeout` ([`crate::api_timeout`]).
+    pub api_timeouts: IntCounterVec,
     pub status_writes: IntCounterVec,
     pub status_writes_deferred: IntCounter,
     pub events_dropped: IntCounterVec,
@@ -101,6 +104,12 @@ impl Metrics {
             "Requests the operator sent to the Kubernetes API, by verb.",
             &["verb"],
         );
+        let api_timeouts = counter(
+            &registry,
+            "volt_kube_api_timeouts_total",
+            "Requests to the Kubernetes API not answered within --api-timeout, by verb.",
+            &["verb"],
+        );
         let status_writes =
             counter(&registry, "volt_status_writes_total", "Status writes, by kind of object.", &["kind"]);
         let status_writes_deferred = IntCounter::new(
@@ -139,6 +148,7 @@ impl Metrics {
             queue_depth,
             inprocess_tasks,
             api_requests,
+            api_timeouts,
             status_writes,
             status_writes_deferred,
             events_dropped,

@@ -72,7 +72,7 @@ async fn api_requests_left_unanswered_are_retried_and_lose_nothing() {
     let operator_client = kube::client::ClientBuilder::try_from(config)
         .expect("operator client")
         .with_layer(&faults)
-        .with_layer(&ApiTimeoutLayer { timeout: Some(BOUND) })
+        .with_layer(&ApiTimeoutLayer::new(Some(BOUND)).counting(metrics.api_timeouts.clone()))
         .with_layer(&counter)
         .build();
     let op = kit::in_process::Operator::start_on(&ns, operator_client, metrics, |args| {
@@ -129,10 +129,16 @@ async fn api_requests_left_unanswered_are_retried_and_lose_nothing() {
         silence.unanswered.load(Ordering::Relaxed),
     );
     assert!(unsent >= 3 && unanswered >= 3, "only {unsent} + {unanswered} of {requests} requests held");
+    // Each held request timed out once, unless its caller gave it up first (a pass dropped).
+    let timeouts = kit::metrics::metric_sum(&op.metrics.render(), "volt_kube_api_timeouts_total") as usize;
+    assert!(
+        timeouts >= 1 && timeouts <= unsent + unanswered,
+        "{timeouts} timeouts counted for {unsent} + {unanswered}"
+    );
     drop(op);
     eprintln!(
         "[chaos] silence (seed {seed}): {} runs of {} steps Succeeded with {unsent} of {requests} requests \
-         never sent and {unanswered} never answered (bound {BOUND:?}); {} agent steps, {repeated} called again; \
+         never sent and {unanswered} never answered (bound {BOUND:?}, {timeouts} timeouts counted); {} agent steps, {repeated} called again; \
          {pods} pods, none twice; {versions} run versions watched, no result lost; test took {:.1}s",
         finals.len(),
         finals.values().map(|s| s.steps.len()).sum::<usize>(),
