@@ -61,8 +61,7 @@ pub struct ApiTimeoutService<S> {
 
 /// True for requests that stay open by design: watches and followed logs.
 fn long_running(uri: &http::Uri) -> bool {
-    let query = uri.query().unwrap_or("");
-    query.split('&').any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
+    crate::metrics::query_flag(uri, "watch") || crate::metrics::query_flag(uri, "follow")
 }
 
 /// A response body: bounded between its parts, or as it came (a watch's).
@@ -84,21 +83,22 @@ where
     }
 
     fn call(&mut self, req: http::Request<Req>) -> Self::Future {
-        let timeout = self.timeout.filter(|_| !long_running(req.uri()));
+        let Some(timeout) = self.timeout.filter(|_| !long_running(req.uri())) else {
+            let response = self.inner.call(req);
+            return Box::pin(async move { response.await.map(|r| r.map(Either::Right)).map_err(Into::into) });
+        };
+        // What a timeout reports: kept from the request, which the inner service takes.
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        let counted =
-            self.timeouts.as_ref().map(|c| c.with_label_values(&[crate::metrics::verb_of(&method, req.uri())]));
+        let verb = crate::metrics::verb_of(&method, req.uri());
+        let timeouts = self.timeouts.clone();
         let response = self.inner.call(req);
         Box::pin(async move {
-            let Some(timeout) = timeout else {
-                return response.await.map(|r| r.map(Either::Right)).map_err(Into::into);
-            };
             match tokio::time::timeout(timeout, response).await {
                 Ok(Ok(r)) => Ok(r.map(|body| Either::Left(TimeoutBody::new(timeout, body)))),
                 Ok(Err(e)) => Err(e.into()),
                 Err(_) => {
-                    if let Some(c) = counted {
-                        c.inc();
+                    if let Some(c) = timeouts {
+                        c.with_label_values(&[verb]).inc();
                     }
                     Err(Box::new(ApiTimeout { method, path, timeout }) as BoxError)
                 }

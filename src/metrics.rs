@@ -185,9 +185,15 @@ impl Drop for ReconcileTimer {
 }
 
 /// The verb of a Kubernetes API request, as the API server's audit log names it.
-pub fn verb_of(method: &http::Method, uri: &http::Uri) -> &'static str {
+/// Whether `uri`'s query sets `flag` (`flag=true` or `flag=1`), as kube writes `watch` and
+/// `follow`.
+pub fn query_flag(uri: &http::Uri, flag: &str) -> bool {
     let query = uri.query().unwrap_or("");
-    let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+    query.split('&').filter_map(|kv| kv.split_once('=')).any(|(k, v)| k == flag && matches!(v, "true" | "1"))
+}
+
+pub fn verb_of(method: &http::Method, uri: &http::Uri) -> &'static str {
+    let watch = query_flag(uri, "watch");
     match *method {
         http::Method::GET if watch => "watch",
         http::Method::GET => {
