@@ -267,12 +267,17 @@ impl Pass<'_, '_> {
                 ctx.steps.insert(id.to_string(), view(row));
             }
         }
+        self.set_run_vars(&mut ctx, phase);
+        ctx
+    }
+
+    /// `run.*` in templates: the run's name, namespace, uid and `phase`.
+    fn set_run_vars(&self, ctx: &mut Context, phase: RunPhase) {
         let run = self.input.run;
         ctx.run.insert("name".into(), run.name.clone());
         ctx.run.insert("namespace".into(), run.namespace.clone());
         ctx.run.insert("uid".into(), run.uid.clone());
         ctx.run.insert("phase".into(), phase.as_str().into());
-        ctx
     }
 
     fn update_progress(&mut self) {

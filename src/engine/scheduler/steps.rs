@@ -29,11 +29,7 @@ impl Pass<'_, '_> {
                 ctx.steps.insert(id.to_string(), view(row));
             }
         }
-        let run = self.input.run;
-        ctx.run.insert("name".into(), run.name.clone());
-        ctx.run.insert("namespace".into(), run.namespace.clone());
-        ctx.run.insert("uid".into(), run.uid.clone());
-        ctx.run.insert("phase".into(), finally_outcome.unwrap_or(RunPhase::Running).as_str().into());
+        self.set_run_vars(&mut ctx, finally_outcome.unwrap_or(RunPhase::Running));
         ctx
     }
 
